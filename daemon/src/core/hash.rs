@@ -27,7 +27,11 @@ pub enum HashError {
     #[error("invalid CID: {0}")]
     BadCid(String),
     #[error("CID has codec {codec:#x} / multihash {hash:#x}, expected raw/{expected:#x}")]
-    WrongCidKind { codec: u64, hash: u64, expected: u64 },
+    WrongCidKind {
+        codec: u64,
+        hash: u64,
+        expected: u64,
+    },
 }
 
 /// sha256 digest of a whole NAR (the narinfo's `NarHash`).
@@ -215,8 +219,8 @@ mod tests {
 
     #[test]
     fn nar_hash_forms() {
-        let h = NarHash::parse("sha256:1ddv0iqq47j0awyw7a8dmm8bz71c6ifrliq53kmmsfzjxf3rwvb8")
-            .unwrap();
+        let h =
+            NarHash::parse("sha256:1ddv0iqq47j0awyw7a8dmm8bz71c6ifrliq53kmmsfzjxf3rwvb8").unwrap();
         assert_eq!(
             h.to_string(),
             "sha256:1ddv0iqq47j0awyw7a8dmm8bz71c6ifrliq53kmmsfzjxf3rwvb8"
