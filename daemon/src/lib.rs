@@ -3,3 +3,5 @@
 //! See `docs/ARCHITECTURE.md` for the code map and invariants.
 
 pub mod core;
+pub mod import;
+pub mod store;

@@ -1,1 +1,254 @@
-fn main() {}
+//! `nix-p2p-cache-bench`: measures the core data path on a corpus made by `corpus/build.sh`
+//! (binary caches `cache-none` and `cache-xz` holding the same multi-generation closures).
+//!
+//! In one run, against references on the same bytes:
+//! - dedup of the candidate chunking parameters, with and without store-path normalisation;
+//! - ingest time of the real store vs `zstd -3` alone over the same uncompressed NARs;
+//! - stored bytes vs the `nix copy --to file://…?compression=xz` cache;
+//! - reassembly throughput vs reading the uncompressed NAR files.
+//!
+//! Usage: `nix-p2p-cache-bench --corpus DIR [--skip-params]`
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{self, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use nix_p2p_cache::core::chunker::{self, ChunkingParams};
+use nix_p2p_cache::core::normalise::Normaliser;
+use nix_p2p_cache::core::ChunkId;
+use nix_p2p_cache::import::{self, BinaryCache, Selection};
+use nix_p2p_cache::store::Store;
+
+struct Args {
+    corpus: PathBuf,
+    skip_params: bool,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut corpus = None;
+    let mut skip_params = false;
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--corpus" => corpus = it.next().map(PathBuf::from),
+            "--skip-params" => skip_params = true,
+            other => bail!("unknown argument {other:?}; usage: nix-p2p-cache-bench --corpus DIR [--skip-params]"),
+        }
+    }
+    Ok(Args {
+        corpus: corpus.context("--corpus DIR is required (made by corpus/build.sh)")?,
+        skip_params,
+    })
+}
+
+fn du(path: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(rd) = std::fs::read_dir(path) {
+        for e in rd.flatten() {
+            let p = e.path();
+            match e.metadata() {
+                Ok(m) if m.is_dir() => total += du(&p),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+fn nar_files(cache: &Path) -> Result<Vec<PathBuf>> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(cache.join("nar"))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "nar"))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+fn mbps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / 1e6 / d.as_secs_f64()
+}
+
+/// Dedup of one parameter set: (unique chunk bytes, zstd-3 bytes of unique chunks, chunks).
+fn measure_params(
+    nars: &[PathBuf],
+    params: ChunkingParams,
+    normalise: bool,
+) -> Result<(u64, u64, u64)> {
+    let mut seen = HashSet::new();
+    let (mut unique, mut compressed, mut count) = (0u64, 0u64, 0u64);
+    for p in nars {
+        let r = BufReader::with_capacity(1 << 20, File::open(p)?);
+        let source: Box<dyn Read> = if normalise {
+            Box::new(Normaliser::new(r))
+        } else {
+            Box::new(r)
+        };
+        for c in chunker::chunks(source, params) {
+            let c = c?;
+            count += 1;
+            if seen.insert(ChunkId::of(&c.data)) {
+                unique += c.data.len() as u64;
+                compressed += zstd::bulk::compress(&c.data, 3)?.len() as u64;
+            }
+        }
+    }
+    Ok((unique, compressed, count))
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    let none = args.corpus.join("cache-none");
+    let xz = args.corpus.join("cache-xz");
+    let nars = nar_files(&none).context("reading cache-none/nar")?;
+    let total: u64 = nars
+        .iter()
+        .map(|p| p.metadata().map(|m| m.len()).unwrap_or(0))
+        .sum();
+    println!(
+        "corpus {}: {} NARs, {:.1} MB uncompressed",
+        args.corpus.display(),
+        nars.len(),
+        total as f64 / 1e6
+    );
+
+    if !args.skip_params {
+        println!("\n## Chunking parameters (unique bytes after dedup; zstd -3 per chunk)");
+        println!("| avg chunk | normalised | chunks | unique MB | dedup × | zstd MB | vs raw × |");
+        println!("|---|---|---|---|---|---|---|");
+        for params in ChunkingParams::CANDIDATES {
+            for normalise in [false, true] {
+                let (unique, compressed, count) = measure_params(&nars, params, normalise)?;
+                println!(
+                    "| {} KiB | {} | {} | {:.1} | {:.2} | {:.1} | {:.2} |",
+                    params.avg / 1024,
+                    if normalise { "yes" } else { "no" },
+                    count,
+                    unique as f64 / 1e6,
+                    total as f64 / unique as f64,
+                    compressed as f64 / 1e6,
+                    total as f64 / compressed as f64
+                );
+            }
+        }
+    }
+
+    // Reference: zstd -3 alone over the same bytes (one process, all NARs).
+    let t = Instant::now();
+    let mut child = Command::new("zstd")
+        .args(["-3", "-q", "-c"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("running zstd (apt-get install zstd)")?;
+    {
+        let mut stdin = child.stdin.take().context("zstd stdin")?;
+        for p in &nars {
+            io::copy(&mut File::open(p)?, &mut stdin)?;
+        }
+    }
+    if !child.wait()?.success() {
+        bail!("zstd failed");
+    }
+    let zstd_time = t.elapsed();
+
+    // Ours: ingest the same uncompressed NARs (cache-none) into a fresh store.
+    let tmp = tempfile::tempdir()?;
+    let store = Store::open(tmp.path())?;
+    let cache = BinaryCache::open(&format!("file://{}", none.display()))?;
+    let t = Instant::now();
+    let report = import::import(&store, &cache, Selection::All, &[], |_, _| {})?;
+    let ingest_time = t.elapsed();
+    if !report.failed.is_empty() {
+        bail!(
+            "ingest refused {} paths: {}",
+            report.failed.len(),
+            report.failed[0]
+        );
+    }
+    let stats = store.stats()?;
+
+    println!("\n## Ingest (uncompressed NARs → store) vs zstd -3 on the same bytes");
+    println!("| | time s | MB/s |");
+    println!("|---|---|---|");
+    println!(
+        "| zstd -3 | {:.2} | {:.0} |",
+        zstd_time.as_secs_f64(),
+        mbps(total, zstd_time)
+    );
+    println!(
+        "| nix-p2p-cache ingest | {:.2} | {:.0} |",
+        ingest_time.as_secs_f64(),
+        mbps(total, ingest_time)
+    );
+    println!(
+        "ratio ingest / zstd -3 = {:.2} (target ≤ 1.3)",
+        ingest_time.as_secs_f64() / zstd_time.as_secs_f64()
+    );
+
+    let xz_bytes = du(&xz);
+    println!("\n## Stored bytes vs `nix copy --to file://…?compression=xz`");
+    println!("| | bytes | MB |");
+    println!("|---|---|---|");
+    println!(
+        "| xz binary cache (NARs + narinfos) | {xz_bytes} | {:.1} |",
+        xz_bytes as f64 / 1e6
+    );
+    println!(
+        "| nix-p2p-cache (packs + index) | {} | {:.1} |",
+        stats.stored_bytes,
+        stats.stored_bytes as f64 / 1e6
+    );
+    println!(
+        "ratio = {:.3} (target ≤ 0.45); dedup {:.2}×, unique chunk bytes {:.1} MB, zstd {:.1} MB",
+        stats.stored_bytes as f64 / xz_bytes as f64,
+        stats.nar_bytes as f64 / stats.unique_chunk_bytes.max(1) as f64,
+        stats.unique_chunk_bytes as f64 / 1e6,
+        stats.chunk_compressed_bytes as f64 / 1e6
+    );
+
+    // Reassembly vs reading the plain files.
+    let t = Instant::now();
+    for p in &nars {
+        io::copy(&mut File::open(p)?, &mut io::sink())?;
+    }
+    let plain_time = t.elapsed();
+    let t = Instant::now();
+    let mut out = 0u64;
+    for (_, rec) in store.narinfos()? {
+        out += io::copy(&mut store.nar_reader(&rec.nar_hash)?, &mut io::sink())?;
+    }
+    let reasm_time = t.elapsed();
+    println!("\n## Reassembly (verified: chunk ids + NarHash)");
+    println!("| | MB | MB/s |");
+    println!("|---|---|---|");
+    println!(
+        "| read plain NAR files (page cache) | {:.1} | {:.0} |",
+        total as f64 / 1e6,
+        mbps(total, plain_time)
+    );
+    println!(
+        "| nix-p2p-cache reassembly | {:.1} | {:.0} |",
+        out as f64 / 1e6,
+        mbps(out, reasm_time)
+    );
+
+    // Informational: import straight from the xz cache (xz decompression dominates).
+    let tmp2 = tempfile::tempdir()?;
+    let store2 = Store::open(tmp2.path())?;
+    let cache = BinaryCache::open(&format!("file://{}", xz.display()))?;
+    let t = Instant::now();
+    let r = import::import(&store2, &cache, Selection::All, &[], |_, _| {})?;
+    println!(
+        "\nimport from the xz cache: {} paths in {:.2} s ({:.0} MB/s of NAR)",
+        r.imported,
+        t.elapsed().as_secs_f64(),
+        mbps(r.nar_bytes, t.elapsed())
+    );
+    Ok(())
+}

@@ -1,0 +1,960 @@
+//! `Store`: the data directory — append-only pack files plus a redb index (design §3).
+//!
+//! Owns: `packs/` (chunk records, see [`pack`]) and `index.redb` (see [`tables`]). This is the
+//! only module that touches the database. Everything here is synchronous; async callers run it
+//! on `spawn_blocking`.
+//!
+//! Invariants:
+//! - one ingest at a time (the pack writer lock); each ingest is one write transaction;
+//! - pack bytes are fsynced before the transaction that points at them commits;
+//! - a refused NAR leaves nothing behind: its pack tail is truncated, nothing is committed;
+//! - a chunk's refcount is the number of manifest entries naming it; a manifest's refcount the
+//!   number of narinfos naming its NarHash;
+//! - every byte read back is checked against its chunk id; every NAR stream against NarHash.
+
+pub mod pack;
+pub mod tables;
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use nix_p2p_cache_proto::v1 as pb;
+use prost::Message;
+use redb::{Database, ReadableTable, ReadableTableMetadata};
+use sha2::{Digest, Sha256};
+
+use crate::core::chunker::{self, ChunkingParams};
+use crate::core::manifest::{ChunkEntry, Manifest, ManifestError};
+use crate::core::nar::{NarError, NarValidator};
+use crate::core::narinfo::NarInfo;
+use crate::core::normalise::Normaliser;
+use crate::core::signing::Trust;
+use crate::core::{ChunkId, NarHash};
+use pack::{Location, PackError, PackWriter};
+use tables::*;
+
+/// Default zstd level for chunk records.
+pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("index: {0}")]
+    Db(Box<redb::Error>),
+    #[error(transparent)]
+    Pack(Box<PackError>),
+    #[error("{store_path}: reading the NAR failed: {source}")]
+    NarRead {
+        store_path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{store_path}: malformed NAR: {source}")]
+    BadNar {
+        store_path: String,
+        #[source]
+        source: Box<NarError>,
+    },
+    #[error("{store_path}: NAR hashes to {actual}, but its narinfo says NarHash {expected}")]
+    NarHashMismatch {
+        store_path: String,
+        expected: NarHash,
+        actual: NarHash,
+    },
+    #[error("{store_path}: NAR is {actual} bytes, but its narinfo says NarSize {expected}")]
+    NarSizeMismatch {
+        store_path: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("NAR {0} is not in the store")]
+    NoSuchNar(NarHash),
+    #[error("manifest of {nar_hash} is damaged: {source}")]
+    BadManifest {
+        nar_hash: NarHash,
+        #[source]
+        source: Box<ManifestError>,
+    },
+    #[error("manifest of {nar_hash} names chunk {chunk}, which the index does not have")]
+    MissingChunk { nar_hash: NarHash, chunk: ChunkId },
+    #[error("stored narinfo for {0} is damaged")]
+    BadRecord(String),
+}
+
+macro_rules! db_errors {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Db(Box::new(e.into()))
+            }
+        }
+    )*};
+}
+impl From<PackError> for StoreError {
+    fn from(e: PackError) -> Self {
+        StoreError::Pack(Box::new(e))
+    }
+}
+
+db_errors!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Trust class of a stored narinfo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrustClass {
+    /// Signed by a trusted key (named): may be announced and served to peers.
+    Trusted(String),
+    /// No trusted signature: local use only.
+    Untrusted,
+}
+
+impl From<&Trust> for TrustClass {
+    fn from(t: &Trust) -> Self {
+        match t {
+            Trust::Trusted { key } => TrustClass::Trusted(key.clone()),
+            Trust::Untrusted => TrustClass::Untrusted,
+        }
+    }
+}
+
+/// A narinfo as stored.
+#[derive(Debug, Clone)]
+pub struct StoredNarInfo {
+    /// The original text, byte for byte.
+    pub text: String,
+    pub trust: TrustClass,
+    pub source: String,
+    pub nar_hash: NarHash,
+    pub added_unix: u64,
+}
+
+impl StoredNarInfo {
+    fn encode(&self) -> Vec<u8> {
+        let (trust, key) = match &self.trust {
+            TrustClass::Trusted(k) => (1, k.clone()),
+            TrustClass::Untrusted => (2, String::new()),
+        };
+        pb::StoredNarInfo {
+            text: self.text.clone(),
+            trust,
+            trusted_key: key,
+            source: self.source.clone(),
+            nar_hash: self.nar_hash.0.to_vec(),
+            added_unix: self.added_unix,
+        }
+        .encode_to_vec()
+    }
+
+    fn decode(hash: &str, b: &[u8]) -> Result<Self, StoreError> {
+        let bad = || StoreError::BadRecord(hash.to_string());
+        let r = pb::StoredNarInfo::decode(b).map_err(|_| bad())?;
+        let trust = match r.trust {
+            1 => TrustClass::Trusted(r.trusted_key),
+            2 => TrustClass::Untrusted,
+            _ => return Err(bad()),
+        };
+        Ok(Self {
+            text: r.text,
+            trust,
+            source: r.source,
+            nar_hash: NarHash::from_slice(&r.nar_hash).ok_or_else(bad)?,
+            added_unix: r.added_unix,
+        })
+    }
+}
+
+/// What an ingest did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IngestOutcome {
+    /// The narinfo was already stored with the same NarHash: nothing changed.
+    pub already_present: bool,
+    /// The NAR itself was new (false: another store path had the same NAR).
+    pub new_nar: bool,
+    pub nar_size: u64,
+    pub chunks: u64,
+    pub new_chunks: u64,
+    pub new_chunk_bytes: u64,
+    pub new_compressed_bytes: u64,
+}
+
+/// Sizes and counts (`nix-p2p-cache stats`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Stats {
+    pub narinfos: u64,
+    pub nars: u64,
+    pub nar_bytes: u64,
+    pub chunks: u64,
+    pub unique_chunk_bytes: u64,
+    /// zstd-compressed bytes of live chunk records.
+    pub chunk_compressed_bytes: u64,
+    pub packs: u64,
+    pub pack_bytes: u64,
+    pub index_bytes: u64,
+    /// Everything on disk: packs + index.
+    pub stored_bytes: u64,
+}
+
+/// Open pack files for reading, shared by readers.
+#[derive(Debug, Default)]
+struct PackFiles {
+    dir: PathBuf,
+    open: Mutex<HashMap<u32, Arc<File>>>,
+}
+
+impl PackFiles {
+    fn get(&self, pack: u32) -> Result<(Arc<File>, PathBuf), StoreError> {
+        let path = pack::pack_path(&self.dir, pack);
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = open.get(&pack) {
+            return Ok((f.clone(), path));
+        }
+        let f = Arc::new(File::open(&path).map_err(io_err(&path))?);
+        open.insert(pack, f.clone());
+        Ok((f, path))
+    }
+
+    fn read(&self, id: &ChunkId, loc: &Location) -> Result<Vec<u8>, StoreError> {
+        let (f, path) = self.get(loc.pack)?;
+        Ok(pack::read_chunk(&f, &path, loc, id)?)
+    }
+}
+
+/// The data directory.
+pub struct Store {
+    dir: PathBuf,
+    db: Database,
+    writer: Mutex<PackWriter>,
+    packs: Arc<PackFiles>,
+    params: ChunkingParams,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn loc_of(v: (u32, u64, u32, u32, u32)) -> (Location, u32) {
+    (
+        Location {
+            pack: v.0,
+            offset: v.1,
+            comp_len: v.2,
+            raw_len: v.3,
+        },
+        v.4,
+    )
+}
+
+fn add_counter(t: &mut redb::Table<&str, u64>, name: &str, delta: i64) -> Result<(), StoreError> {
+    let cur = t.get(name)?.map(|v| v.value()).unwrap_or(0);
+    t.insert(name, cur.saturating_add_signed(delta))?;
+    Ok(())
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(dir, DEFAULT_ZSTD_LEVEL)
+    }
+
+    pub fn open_with(dir: &Path, zstd_level: i32) -> Result<Self, StoreError> {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let pack_dir = dir.join("packs");
+        let db = Database::create(dir.join("index.redb"))?;
+        let txn = db.begin_write()?;
+        let last = {
+            // Create every table so readers never meet a missing one.
+            txn.open_table(CHUNKS)?;
+            txn.open_table(MANIFESTS)?;
+            txn.open_table(MANIFEST_REFS)?;
+            txn.open_table(NARINFOS)?;
+            txn.open_table(COUNTERS)?;
+            let packs = txn.open_table(PACKS)?;
+            let last = packs.last()?.map(|(k, v)| (k.value(), v.value()));
+            last
+        };
+        txn.commit()?;
+        let (pack, committed) = match last {
+            Some((p, len)) => (p, Some(len)),
+            None => (1, None),
+        };
+        let writer = PackWriter::open(&pack_dir, pack, committed, zstd_level)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            db,
+            writer: Mutex::new(writer),
+            packs: Arc::new(PackFiles {
+                dir: pack_dir,
+                open: Mutex::default(),
+            }),
+            params: ChunkingParams::V1,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The stored narinfo of a store-path hash.
+    pub fn narinfo(&self, hash: &str) -> Result<Option<StoredNarInfo>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(NARINFOS)?;
+        let Some(v) = t.get(hash)? else {
+            return Ok(None);
+        };
+        Ok(Some(StoredNarInfo::decode(hash, v.value())?))
+    }
+
+    /// All stored narinfos, by store-path hash.
+    pub fn narinfos(&self) -> Result<Vec<(String, StoredNarInfo)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(NARINFOS)?;
+        let mut out = Vec::new();
+        for r in t.iter()? {
+            let (k, v) = r?;
+            let hash = k.value().to_string();
+            let rec = StoredNarInfo::decode(&hash, v.value())?;
+            out.push((hash, rec));
+        }
+        Ok(out)
+    }
+
+    pub fn has_nar(&self, nar_hash: &NarHash) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(MANIFESTS)?;
+        Ok(t.get(nar_hash.0)?.is_some())
+    }
+
+    /// The manifest of a NAR, checked.
+    pub fn manifest(&self, nar_hash: &NarHash) -> Result<Option<Manifest>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(MANIFESTS)?;
+        let Some(v) = t.get(nar_hash.0)? else {
+            return Ok(None);
+        };
+        let m = Manifest::decode(v.value()).map_err(|source| StoreError::BadManifest {
+            nar_hash: *nar_hash,
+            source: Box::new(source),
+        })?;
+        Ok(Some(m))
+    }
+
+    /// Stores a narinfo and its NAR. `open_nar` is called only if the NAR is not stored yet;
+    /// it must yield the *uncompressed* NAR. The NAR is streamed: validated, hashed,
+    /// normalised, chunked, compressed into the current pack, then committed in one
+    /// transaction — or refused, leaving nothing behind.
+    pub fn ingest<R: Read>(
+        &self,
+        info: &NarInfo,
+        text: &str,
+        trust: &Trust,
+        source: &str,
+        open_nar: impl FnOnce() -> io::Result<R>,
+    ) -> Result<IngestOutcome, StoreError> {
+        let store_path = info.store_path.to_absolute();
+        let hash = info.store_path.hash().as_str().to_string();
+        let _span = tracing::info_span!("ingest", path = %store_path).entered();
+        let record = StoredNarInfo {
+            text: text.to_string(),
+            trust: trust.into(),
+            source: source.to_string(),
+            nar_hash: info.nar_hash,
+            added_unix: now_unix(),
+        };
+        if let Some(old) = self.narinfo(&hash)? {
+            if old.nar_hash == info.nar_hash && old.text == record.text && old.trust == record.trust
+            {
+                return Ok(IngestOutcome {
+                    already_present: true,
+                    nar_size: info.nar_size,
+                    ..Default::default()
+                });
+            }
+        }
+
+        let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut outcome = IngestOutcome {
+            nar_size: info.nar_size,
+            ..Default::default()
+        };
+        let mut new_chunks: HashMap<ChunkId, Location> = HashMap::new();
+        let mut manifest = None;
+        if !self.has_nar(&info.nar_hash)? {
+            writer.mark();
+            match self.write_chunks(&mut writer, info, &store_path, open_nar, &mut new_chunks) {
+                Ok(m) => {
+                    writer.sync()?;
+                    manifest = Some(m);
+                }
+                Err(e) => {
+                    writer.rollback()?;
+                    return Err(e);
+                }
+            }
+        }
+        let packs = if manifest.is_some() {
+            writer.touched_lengths()
+        } else {
+            Vec::new()
+        };
+        let commit = self.commit_ingest(
+            &hash,
+            &record,
+            manifest.as_ref(),
+            &new_chunks,
+            &packs,
+            &mut outcome,
+        );
+        if let Err(e) = commit {
+            if manifest.is_some() {
+                writer.rollback()?;
+            }
+            return Err(e);
+        }
+        tracing::debug!(?outcome, "ingested");
+        Ok(outcome)
+    }
+
+    /// Streams the NAR into the pack writer; returns its manifest once hash and size check.
+    fn write_chunks<R: Read>(
+        &self,
+        writer: &mut PackWriter,
+        info: &NarInfo,
+        store_path: &str,
+        open_nar: impl FnOnce() -> io::Result<R>,
+        new_chunks: &mut HashMap<ChunkId, Location>,
+    ) -> Result<Manifest, StoreError> {
+        let read_err = |source| StoreError::NarRead {
+            store_path: store_path.to_string(),
+            source,
+        };
+        let nar = open_nar().map_err(read_err)?;
+        let mut tee = CheckingReader::new(nar);
+        let mut norm = Normaliser::new(&mut tee);
+        let txn = self.db.begin_read()?;
+        let chunks_t = txn.open_table(CHUNKS)?;
+        let mut entries = Vec::new();
+        for c in chunker::chunks(&mut norm, self.params) {
+            let c = match c {
+                Ok(c) => c,
+                Err(e) => {
+                    return Err(match tee_error(&e) {
+                        Some(source) => StoreError::BadNar {
+                            store_path: store_path.to_string(),
+                            source: Box::new(source),
+                        },
+                        None => read_err(e),
+                    })
+                }
+            };
+            let id = c.id();
+            entries.push(ChunkEntry {
+                id,
+                size: c.data.len() as u32,
+            });
+            if new_chunks.contains_key(&id) || chunks_t.get(id.0)?.is_some() {
+                continue;
+            }
+            let loc = writer.append(&id, &c.data)?;
+            new_chunks.insert(id, loc);
+        }
+        let (_, slots) = norm.into_parts();
+        let (sha, size) = tee.finish().map_err(|source| StoreError::BadNar {
+            store_path: store_path.to_string(),
+            source: Box::new(source),
+        })?;
+        if size != info.nar_size {
+            return Err(StoreError::NarSizeMismatch {
+                store_path: store_path.to_string(),
+                expected: info.nar_size,
+                actual: size,
+            });
+        }
+        if sha != info.nar_hash {
+            return Err(StoreError::NarHashMismatch {
+                store_path: store_path.to_string(),
+                expected: info.nar_hash,
+                actual: sha,
+            });
+        }
+        Ok(Manifest {
+            nar_hash: sha,
+            nar_size: size,
+            chunking: self.params.id,
+            chunks: entries,
+            slots,
+        })
+    }
+
+    fn commit_ingest(
+        &self,
+        hash: &str,
+        record: &StoredNarInfo,
+        manifest: Option<&Manifest>,
+        new_chunks: &HashMap<ChunkId, Location>,
+        packs: &[(u32, u64)],
+        outcome: &mut IngestOutcome,
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut chunks_t = txn.open_table(CHUNKS)?;
+            let mut manifests = txn.open_table(MANIFESTS)?;
+            let mut refs = txn.open_table(MANIFEST_REFS)?;
+            let mut narinfos = txn.open_table(NARINFOS)?;
+            let mut counters = txn.open_table(COUNTERS)?;
+            let mut packs_t = txn.open_table(PACKS)?;
+            if let Some(m) = manifest {
+                outcome.new_nar = true;
+                outcome.chunks = m.chunks.len() as u64;
+                for c in &m.chunks {
+                    let existing = chunks_t.get(c.id.0)?.map(|v| v.value());
+                    match existing {
+                        Some(mut v) => {
+                            v.4 += 1;
+                            chunks_t.insert(c.id.0, v)?;
+                        }
+                        None => {
+                            let loc = new_chunks.get(&c.id).ok_or(StoreError::MissingChunk {
+                                nar_hash: m.nar_hash,
+                                chunk: c.id,
+                            })?;
+                            chunks_t.insert(
+                                c.id.0,
+                                (loc.pack, loc.offset, loc.comp_len, loc.raw_len, 1),
+                            )?;
+                            outcome.new_chunks += 1;
+                            outcome.new_chunk_bytes += loc.raw_len as u64;
+                            outcome.new_compressed_bytes += loc.comp_len as u64;
+                        }
+                    }
+                }
+                manifests.insert(m.nar_hash.0, m.encode().as_slice())?;
+                add_counter(&mut counters, C_NARS, 1)?;
+                add_counter(&mut counters, C_NAR_BYTES, m.nar_size as i64)?;
+                add_counter(&mut counters, C_CHUNKS, outcome.new_chunks as i64)?;
+                add_counter(
+                    &mut counters,
+                    C_UNIQUE_CHUNK_BYTES,
+                    outcome.new_chunk_bytes as i64,
+                )?;
+                add_counter(
+                    &mut counters,
+                    C_CHUNK_COMPRESSED_BYTES,
+                    outcome.new_compressed_bytes as i64,
+                )?;
+                for &(p, len) in packs {
+                    packs_t.insert(p, len)?;
+                }
+            }
+            let old = narinfos.get(hash)?.map(|v| v.value().to_vec());
+            match old {
+                Some(old) => {
+                    let old = StoredNarInfo::decode(hash, &old)?;
+                    if old.nar_hash != record.nar_hash {
+                        release_manifest(
+                            &mut manifests,
+                            &mut refs,
+                            &mut chunks_t,
+                            &mut counters,
+                            &old.nar_hash,
+                        )?;
+                        add_ref(&mut refs, &record.nar_hash)?;
+                    }
+                }
+                None => {
+                    add_counter(&mut counters, C_NARINFOS, 1)?;
+                    add_ref(&mut refs, &record.nar_hash)?;
+                }
+            }
+            narinfos.insert(hash, record.encode().as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// A streaming reader of the NAR with this hash: chunks are read one at a time, each
+    /// checked against its id, hashes restored; at the end the whole stream is checked against
+    /// NarHash and a mismatch is an error (never a silently wrong stream).
+    pub fn nar_reader(&self, nar_hash: &NarHash) -> Result<NarReader, StoreError> {
+        let txn = self.db.begin_read()?;
+        let manifests = txn.open_table(MANIFESTS)?;
+        let chunks_t = txn.open_table(CHUNKS)?;
+        let Some(v) = manifests.get(nar_hash.0)? else {
+            return Err(StoreError::NoSuchNar(*nar_hash));
+        };
+        let m = Manifest::decode(v.value()).map_err(|source| StoreError::BadManifest {
+            nar_hash: *nar_hash,
+            source: Box::new(source),
+        })?;
+        if m.nar_hash != *nar_hash {
+            return Err(StoreError::BadManifest {
+                nar_hash: *nar_hash,
+                source: Box::new(ManifestError::BadNarHash),
+            });
+        }
+        let mut locs = Vec::with_capacity(m.chunks.len());
+        for c in &m.chunks {
+            let Some(v) = chunks_t.get(c.id.0)? else {
+                return Err(StoreError::MissingChunk {
+                    nar_hash: *nar_hash,
+                    chunk: c.id,
+                });
+            };
+            locs.push((c.id, loc_of(v.value()).0));
+        }
+        Ok(NarReader {
+            packs: self.packs.clone(),
+            manifest: m,
+            locs,
+            next: 0,
+            offset: 0,
+            buf: Vec::new(),
+            pos: 0,
+            sha: Sha256::new(),
+            done: false,
+        })
+    }
+
+    /// Counts and sizes.
+    pub fn stats(&self) -> Result<Stats, StoreError> {
+        let txn = self.db.begin_read()?;
+        let c = txn.open_table(COUNTERS)?;
+        let get =
+            |k: &str| -> Result<u64, StoreError> { Ok(c.get(k)?.map(|v| v.value()).unwrap_or(0)) };
+        let mut s = Stats {
+            narinfos: get(C_NARINFOS)?,
+            nars: get(C_NARS)?,
+            nar_bytes: get(C_NAR_BYTES)?,
+            chunks: get(C_CHUNKS)?,
+            unique_chunk_bytes: get(C_UNIQUE_CHUNK_BYTES)?,
+            chunk_compressed_bytes: get(C_CHUNK_COMPRESSED_BYTES)?,
+            ..Default::default()
+        };
+        let packs = txn.open_table(PACKS)?;
+        s.packs = packs.len()?;
+        for r in packs.iter()? {
+            s.pack_bytes += r?.1.value();
+        }
+        s.index_bytes = fs::metadata(self.dir.join("index.redb"))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        s.stored_bytes = s.pack_bytes + s.index_bytes;
+        Ok(s)
+    }
+
+    /// Re-reads and re-hashes everything; returns the list of problems (empty: all good).
+    pub fn verify(&self, mut progress: impl FnMut(u64)) -> Result<Vec<String>, StoreError> {
+        let mut problems = Vec::new();
+        let txn = self.db.begin_read()?;
+        let chunks_t = txn.open_table(CHUNKS)?;
+        let manifests = txn.open_table(MANIFESTS)?;
+        let refs_t = txn.open_table(MANIFEST_REFS)?;
+        let narinfos = txn.open_table(NARINFOS)?;
+
+        // 1. Every chunk record: header, zstd frame, content hash.
+        let mut bad_chunks = std::collections::HashSet::new();
+        let mut chunk_refs: HashMap<ChunkId, u32> = HashMap::new();
+        for r in chunks_t.iter()? {
+            let (k, v) = r?;
+            let id = ChunkId(k.value());
+            let (loc, rc) = loc_of(v.value());
+            chunk_refs.insert(id, rc);
+            if let Err(e) = self.packs.read(&id, &loc) {
+                problems.push(format!("chunk {id}: {e}"));
+                bad_chunks.insert(id);
+            }
+            progress(loc.comp_len as u64);
+        }
+
+        // 2. Every manifest: decodes, names known chunks, reassembles to its NarHash.
+        let mut counted: HashMap<ChunkId, u32> = HashMap::new();
+        let mut nar_paths: HashMap<NarHash, Vec<String>> = HashMap::new();
+        let mut narinfo_recs = Vec::new();
+        for r in narinfos.iter()? {
+            let (k, v) = r?;
+            let hash = k.value().to_string();
+            match StoredNarInfo::decode(&hash, v.value()) {
+                Ok(rec) => narinfo_recs.push((hash, rec)),
+                Err(e) => problems.push(format!("narinfo {hash}: {e}")),
+            }
+        }
+        for (hash, rec) in &narinfo_recs {
+            let path = NarInfo::parse(&rec.text)
+                .map(|i| i.store_path.to_absolute())
+                .unwrap_or_else(|_| hash.clone());
+            nar_paths.entry(rec.nar_hash).or_default().push(path);
+        }
+        for r in manifests.iter()? {
+            let (k, v) = r?;
+            let nar_hash = NarHash(k.value());
+            let who = nar_paths
+                .get(&nar_hash)
+                .map(|p| p.join(", "))
+                .unwrap_or_else(|| format!("NAR {nar_hash} (no narinfo)"));
+            let m = match Manifest::decode(v.value()) {
+                Ok(m) => m,
+                Err(e) => {
+                    problems.push(format!("{who}: manifest damaged: {e}"));
+                    continue;
+                }
+            };
+            for c in &m.chunks {
+                *counted.entry(c.id).or_default() += 1;
+            }
+            if let Some(c) = m.chunks.iter().find(|c| bad_chunks.contains(&c.id)) {
+                problems.push(format!(
+                    "{who}: NAR {nar_hash} cannot be rebuilt: chunk {} is damaged",
+                    c.id
+                ));
+                continue;
+            }
+            match self.nar_reader(&nar_hash).and_then(|mut r| {
+                io::copy(&mut r, &mut io::sink()).map_err(|source| StoreError::NarRead {
+                    store_path: who.clone(),
+                    source,
+                })
+            }) {
+                Ok(n) if n == m.nar_size => {}
+                Ok(n) => problems.push(format!(
+                    "{who}: NAR rebuilt to {n} bytes, expected {}",
+                    m.nar_size
+                )),
+                Err(e) => problems.push(format!("{who}: {e}")),
+            }
+            let refs = refs_t.get(nar_hash.0)?.map(|v| v.value()).unwrap_or(0);
+            let expected = nar_paths.get(&nar_hash).map_or(0, |p| p.len() as u32);
+            if refs != expected {
+                problems.push(format!(
+                    "NAR {nar_hash}: manifest refcount {refs}, but {expected} narinfos point at it"
+                ));
+            }
+        }
+        for (id, rc) in &chunk_refs {
+            let n = counted.get(id).copied().unwrap_or(0);
+            if n != *rc {
+                problems.push(format!(
+                    "chunk {id}: refcount {rc}, but {n} manifest entries name it"
+                ));
+            }
+        }
+        for id in counted.keys() {
+            if !chunk_refs.contains_key(id) {
+                problems.push(format!(
+                    "chunk {id}: named by a manifest but missing from the index"
+                ));
+            }
+        }
+
+        // 3. Every narinfo: parses, matches its record, has its NAR.
+        for (hash, rec) in &narinfo_recs {
+            match NarInfo::parse(&rec.text) {
+                Ok(info) => {
+                    let p = info.store_path.to_absolute();
+                    if info.store_path.hash().as_str() != hash {
+                        problems.push(format!("{p}: stored under the wrong hash {hash}"));
+                    }
+                    if info.nar_hash != rec.nar_hash {
+                        problems.push(format!("{p}: NarHash differs from its record"));
+                    }
+                    if manifests.get(rec.nar_hash.0)?.is_none() {
+                        problems.push(format!("{p}: its NAR {} is missing", rec.nar_hash));
+                    }
+                }
+                Err(e) => problems.push(format!("narinfo {hash}: {e}")),
+            }
+        }
+        Ok(problems)
+    }
+}
+
+fn add_ref(refs: &mut redb::Table<[u8; 32], u32>, nar_hash: &NarHash) -> Result<(), StoreError> {
+    let cur = refs.get(nar_hash.0)?.map(|v| v.value()).unwrap_or(0);
+    refs.insert(nar_hash.0, cur + 1)?;
+    Ok(())
+}
+
+/// Drops one narinfo reference to a manifest; the last one removes the manifest and releases
+/// its chunks (chunk rows at refcount 0 go; their pack bytes await compaction).
+fn release_manifest(
+    manifests: &mut redb::Table<[u8; 32], &[u8]>,
+    refs: &mut redb::Table<[u8; 32], u32>,
+    chunks_t: &mut redb::Table<[u8; 32], (u32, u64, u32, u32, u32)>,
+    counters: &mut redb::Table<&str, u64>,
+    nar_hash: &NarHash,
+) -> Result<(), StoreError> {
+    let cur = refs.get(nar_hash.0)?.map(|v| v.value()).unwrap_or(0);
+    if cur > 1 {
+        refs.insert(nar_hash.0, cur - 1)?;
+        return Ok(());
+    }
+    refs.remove(nar_hash.0)?;
+    let Some(bytes) = manifests.remove(nar_hash.0)?.map(|v| v.value().to_vec()) else {
+        return Ok(());
+    };
+    let m = Manifest::decode(&bytes).map_err(|source| StoreError::BadManifest {
+        nar_hash: *nar_hash,
+        source: Box::new(source),
+    })?;
+    add_counter(counters, C_NARS, -1)?;
+    add_counter(counters, C_NAR_BYTES, -(m.nar_size as i64))?;
+    for c in &m.chunks {
+        let Some(mut v) = chunks_t.get(c.id.0)?.map(|v| v.value()) else {
+            continue;
+        };
+        if v.4 > 1 {
+            v.4 -= 1;
+            chunks_t.insert(c.id.0, v)?;
+        } else {
+            chunks_t.remove(c.id.0)?;
+            add_counter(counters, C_CHUNKS, -1)?;
+            add_counter(counters, C_UNIQUE_CHUNK_BYTES, -(v.3 as i64))?;
+            add_counter(counters, C_CHUNK_COMPRESSED_BYTES, -(v.2 as i64))?;
+        }
+    }
+    Ok(())
+}
+
+/// Tees the raw NAR into sha256 and the NAR validator as it is read.
+struct CheckingReader<R> {
+    inner: R,
+    sha: Sha256,
+    validator: NarValidator,
+    size: u64,
+}
+
+/// Carries a NAR validation error through `io::Error` (the chunker only speaks io).
+#[derive(Debug)]
+struct TeeError(NarError);
+
+impl std::fmt::Display for TeeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for TeeError {}
+
+fn tee_error(e: &io::Error) -> Option<NarError> {
+    e.get_ref()
+        .and_then(|i| i.downcast_ref::<TeeError>())
+        .map(|t| t.0.clone())
+}
+
+impl<R: Read> CheckingReader<R> {
+    fn new(inner: R) -> Self {
+        Self {
+            inner,
+            sha: Sha256::new(),
+            validator: NarValidator::new(),
+            size: 0,
+        }
+    }
+
+    fn finish(self) -> Result<(NarHash, u64), NarError> {
+        self.validator.finish()?;
+        Ok((NarHash(self.sha.finalize().into()), self.size))
+    }
+}
+
+impl<R: Read> Read for CheckingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let data = &buf[..n];
+        self.sha.update(data);
+        self.validator
+            .feed(data)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, TeeError(e)))?;
+        self.size += n as u64;
+        Ok(n)
+    }
+}
+
+/// Streams a stored NAR (see [`Store::nar_reader`]). Holds no database handle.
+pub struct NarReader {
+    packs: Arc<PackFiles>,
+    manifest: Manifest,
+    locs: Vec<(ChunkId, Location)>,
+    next: usize,
+    /// NAR offset of `buf[0]`.
+    offset: u64,
+    buf: Vec<u8>,
+    pos: usize,
+    sha: Sha256,
+    done: bool,
+}
+
+impl NarReader {
+    pub fn nar_size(&self) -> u64 {
+        self.manifest.nar_size
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+}
+
+impl Read for NarReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if out.is_empty() {
+            return Ok(0);
+        }
+        while self.pos == self.buf.len() {
+            if self.next == self.locs.len() {
+                if !self.done {
+                    self.done = true;
+                    let got = NarHash(std::mem::take(&mut self.sha).finalize().into());
+                    if got != self.manifest.nar_hash {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!(
+                                "NAR {} reassembled to {got}: refusing to end the stream",
+                                self.manifest.nar_hash
+                            ),
+                        ));
+                    }
+                }
+                return Ok(0);
+            }
+            let (id, loc) = self.locs[self.next];
+            self.offset += self.buf.len() as u64;
+            let mut data = self
+                .packs
+                .read(&id, &loc)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+            self.manifest.slots.restore(self.offset, &mut data);
+            self.sha.update(&data);
+            self.buf = data;
+            self.pos = 0;
+            self.next += 1;
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}

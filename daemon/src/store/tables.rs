@@ -1,0 +1,24 @@
+//! The index tables (redb). Versioned names: a format change is a new table name.
+
+use redb::TableDefinition;
+
+/// Chunk BLAKE3 digest → (pack, record offset, compressed len, raw len, refcount).
+pub const CHUNKS: TableDefinition<[u8; 32], (u32, u64, u32, u32, u32)> =
+    TableDefinition::new("chunks-v1");
+/// NarHash digest (the NAR key) → prost `NarManifest`.
+pub const MANIFESTS: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("manifests-v1");
+/// NarHash digest → number of narinfos that point at the manifest.
+pub const MANIFEST_REFS: TableDefinition<[u8; 32], u32> = TableDefinition::new("manifest-refs-v1");
+/// Store-path hash (32 nix-base32 chars) → prost `StoredNarInfo`.
+pub const NARINFOS: TableDefinition<&str, &[u8]> = TableDefinition::new("narinfos-v1");
+/// Pack id → committed length (bytes past it are an uncommitted tail).
+pub const PACKS: TableDefinition<u32, u64> = TableDefinition::new("packs-v1");
+/// Counters kept in step with the tables above.
+pub const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters-v1");
+
+pub const C_NARS: &str = "nars";
+pub const C_NAR_BYTES: &str = "nar_bytes";
+pub const C_CHUNKS: &str = "chunks";
+pub const C_UNIQUE_CHUNK_BYTES: &str = "unique_chunk_bytes";
+pub const C_CHUNK_COMPRESSED_BYTES: &str = "chunk_compressed_bytes";
+pub const C_NARINFOS: &str = "narinfos";
