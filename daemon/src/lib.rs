@@ -2,6 +2,10 @@
 //!
 //! See `docs/ARCHITECTURE.md` for the code map and invariants.
 
+pub mod config;
 pub mod core;
+pub mod daemon;
+pub mod http;
 pub mod import;
+pub mod metrics;
 pub mod store;

@@ -7,8 +7,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use nix_p2p_cache::core::signing::{PublicKey, CACHE_NIXOS_ORG_KEY};
+use nix_p2p_cache::config::{default_data_dir, DaemonConfig};
 use nix_p2p_cache::core::store_path::parse_hash_or_path;
+use nix_p2p_cache::daemon::trusted_keys;
 use nix_p2p_cache::import::{self, BinaryCache, Selection};
 use nix_p2p_cache::store::{Store, DEFAULT_ZSTD_LEVEL};
 
@@ -32,6 +33,27 @@ struct DataDir {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the daemon: the localhost substituter Nix uses (and, later, the P2P node).
+    Daemon {
+        /// TOML config file (keys as the long flags); flags override it.
+        #[arg(long, env = "NIX_P2P_CACHE_CONFIG")]
+        config: Option<PathBuf>,
+        /// Data directory [default: $XDG_DATA_HOME/nix-p2p-cache].
+        #[arg(long, env = "NIX_P2P_CACHE_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// HTTP listen address [default: 127.0.0.1:7420].
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// A trusted public key (name:base64); cache.nixos.org-1 is always trusted.
+        #[arg(long = "trusted-public-key")]
+        trusted_public_keys: Vec<String>,
+        /// File holding the upload token (the HTTP basic password Nix sends from its netrc).
+        #[arg(long)]
+        upload_token_file: Option<PathBuf>,
+        /// Largest NAR upload accepted, in bytes.
+        #[arg(long)]
+        max_upload_size: Option<u64>,
+    },
     /// Import narinfos and NARs from a file:// binary cache.
     Import {
         #[command(flatten)]
@@ -76,19 +98,26 @@ enum Command {
     },
 }
 
-fn default_data_dir() -> PathBuf {
-    std::env::var_os("XDG_DATA_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
-        .unwrap_or_else(|| PathBuf::from("."))
-        .join("nix-p2p-cache")
-}
-
-fn trusted_keys(extra: &[String]) -> Result<Vec<PublicKey>> {
-    std::iter::once(CACHE_NIXOS_ORG_KEY)
-        .chain(extra.iter().map(String::as_str))
-        .map(|k| PublicKey::parse(k).with_context(|| format!("bad --trusted-public-key {k:?}")))
-        .collect()
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
 }
 
 fn progress_bar() -> ProgressBar {
@@ -130,6 +159,43 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Daemon {
+            config,
+            data_dir,
+            listen,
+            trusted_public_keys,
+            upload_token_file,
+            max_upload_size,
+        } => {
+            let mut cfg = match &config {
+                Some(f) => DaemonConfig::from_file(f)?,
+                None => DaemonConfig::default(),
+            };
+            if let Some(d) = data_dir {
+                cfg.data_dir = d;
+            }
+            if let Some(l) = listen {
+                cfg.listen = l;
+            }
+            cfg.trusted_public_keys.extend(trusted_public_keys);
+            if upload_token_file.is_some() {
+                cfg.upload_token_file = upload_token_file;
+            }
+            if let Some(m) = max_upload_size {
+                cfg.max_upload_size = m;
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            rt.block_on(nix_p2p_cache::daemon::run(cfg, shutdown_signal(), |addr| {
+                use std::io::Write as _;
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "listening http://{addr}");
+                let _ = out.flush();
+            }))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Import {
             data,
             from,

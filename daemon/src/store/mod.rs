@@ -627,17 +627,7 @@ impl Store {
             };
             locs.push((c.id, loc_of(v.value()).0));
         }
-        Ok(NarReader {
-            packs: self.packs.clone(),
-            manifest: m,
-            locs,
-            next: 0,
-            offset: 0,
-            buf: Vec::new(),
-            pos: 0,
-            sha: Sha256::new(),
-            done: false,
-        })
+        Ok(NarReader::new(self.packs.clone(), m, locs))
     }
 
     /// Counts and sizes.
@@ -895,20 +885,44 @@ impl<R: Read> Read for CheckingReader<R> {
 }
 
 /// Streams a stored NAR (see [`Store::nar_reader`]). Holds no database handle.
+///
+/// Every chunk is checked against its id before any of its bytes are handed out. Reading the
+/// whole NAR also checks NarHash *before the last chunk is handed out*, so a damaged NAR never
+/// yields its complete length: the reader errors instead.
 pub struct NarReader {
     packs: Arc<PackFiles>,
     manifest: Manifest,
     locs: Vec<(ChunkId, Location)>,
+    /// NAR offset of each chunk.
+    offsets: Vec<u64>,
     next: usize,
-    /// NAR offset of `buf[0]`.
-    offset: u64,
     buf: Vec<u8>,
     pos: usize,
-    sha: Sha256,
-    done: bool,
+    /// Bytes still to hand out (a range may end before the NAR does).
+    remaining: u64,
+    /// `None` once the reader serves a range: then only chunk ids are checked.
+    sha: Option<Sha256>,
+    /// Bytes to skip in the next chunk loaded (start of a range).
+    pending_skip: Option<usize>,
 }
 
 impl NarReader {
+    fn new(packs: Arc<PackFiles>, manifest: Manifest, locs: Vec<(ChunkId, Location)>) -> Self {
+        let offsets = manifest.chunk_offsets().map(|(o, _)| o).collect();
+        Self {
+            packs,
+            remaining: manifest.nar_size,
+            manifest,
+            locs,
+            offsets,
+            next: 0,
+            buf: Vec::new(),
+            pos: 0,
+            sha: Some(Sha256::new()),
+            pending_skip: None,
+        }
+    }
+
     pub fn nar_size(&self) -> u64 {
         self.manifest.nar_size
     }
@@ -916,45 +930,78 @@ impl NarReader {
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
     }
+
+    /// Restricts the stream to `start..end` of the NAR (for HTTP ranges). A range is checked
+    /// chunk by chunk (ids), not against NarHash. Must be called before the first read.
+    pub fn set_range(&mut self, start: u64, end: u64) {
+        let end = end.min(self.manifest.nar_size);
+        let start = start.min(end);
+        self.sha = None;
+        self.next = self
+            .offsets
+            .partition_point(|&o| o <= start)
+            .saturating_sub(1);
+        self.remaining = end - start;
+        self.buf.clear();
+        self.pos = 0;
+        if self.next < self.locs.len() {
+            // The chunk holding `start` is loaded on the first read and skipped into.
+            self.pending_skip = Some((start - self.offsets[self.next]) as usize);
+        }
+    }
+
+    fn load_next(&mut self) -> io::Result<()> {
+        let (id, loc) = self.locs[self.next];
+        let mut data = self
+            .packs
+            .read(&id, &loc)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        self.manifest
+            .slots
+            .restore(self.offsets[self.next], &mut data);
+        self.next += 1;
+        if let Some(sha) = self.sha.as_mut() {
+            sha.update(&data);
+            if self.next == self.locs.len() {
+                let got = NarHash(std::mem::take(sha).finalize().into());
+                if got != self.manifest.nar_hash {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "NAR {} reassembles to {got}: refusing to hand out its end",
+                            self.manifest.nar_hash
+                        ),
+                    ));
+                }
+            }
+        }
+        self.buf = data;
+        self.pos = self.pending_skip.take().unwrap_or(0);
+        Ok(())
+    }
 }
 
 impl Read for NarReader {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        if out.is_empty() {
+        if out.is_empty() || self.remaining == 0 {
             return Ok(0);
         }
-        while self.pos == self.buf.len() {
+        while self.pos >= self.buf.len() {
             if self.next == self.locs.len() {
-                if !self.done {
-                    self.done = true;
-                    let got = NarHash(std::mem::take(&mut self.sha).finalize().into());
-                    if got != self.manifest.nar_hash {
-                        return Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            format!(
-                                "NAR {} reassembled to {got}: refusing to end the stream",
-                                self.manifest.nar_hash
-                            ),
-                        ));
-                    }
-                }
-                return Ok(0);
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "manifest ends before nar_size",
+                ));
             }
-            let (id, loc) = self.locs[self.next];
-            self.offset += self.buf.len() as u64;
-            let mut data = self
-                .packs
-                .read(&id, &loc)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-            self.manifest.slots.restore(self.offset, &mut data);
-            self.sha.update(&data);
-            self.buf = data;
-            self.pos = 0;
-            self.next += 1;
+            self.load_next()?;
         }
-        let n = out.len().min(self.buf.len() - self.pos);
+        let n = out
+            .len()
+            .min(self.buf.len() - self.pos)
+            .min(self.remaining.min(usize::MAX as u64) as usize);
         out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
         self.pos += n;
+        self.remaining -= n as u64;
         Ok(n)
     }
 }

@@ -1,0 +1,158 @@
+//! The localhost substituter (design §6): the HTTP binary-cache protocol that stock Nix speaks,
+//! served from the store, plus uploads (`nix copy --to http://…`) and `/metrics`.
+//!
+//! Owns: routing, request parsing, the upload staging dir (`<data-dir>/uploads`). Store calls
+//! run on `spawn_blocking`; NAR bodies stream through a bounded channel. Bad requests get 4xx,
+//! internal failures a 500 without internals; a NAR stream that meets damage is aborted, never
+//! ended as if complete.
+
+mod error;
+mod nar;
+mod upload;
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::Router;
+
+use crate::core::narinfo::NarInfo;
+use crate::core::signing::PublicKey;
+use crate::core::store_path::StorePathHash;
+use crate::metrics::Metrics;
+use crate::store::Store;
+pub use error::HttpError;
+
+/// Everything the handlers share.
+pub struct HttpState {
+    pub store: Arc<Store>,
+    pub metrics: Arc<Metrics>,
+    /// The upload token (HTTP basic password); `None` disables uploads.
+    pub upload_token: Option<String>,
+    pub trusted: Vec<PublicKey>,
+    /// Where uploaded NARs wait for their narinfo.
+    pub staging: PathBuf,
+    /// Largest NAR upload accepted, in bytes.
+    pub max_upload: u64,
+}
+
+/// The `/nix-cache-info` body.
+pub const CACHE_INFO: &str = "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n";
+
+/// Builds the router.
+pub fn router(state: Arc<HttpState>) -> Router {
+    Router::new()
+        .route("/nix-cache-info", get(cache_info).put(upload::put_ignored))
+        .route("/metrics", get(metrics))
+        .route("/nar/{file}", get(nar::get_nar).put(upload::put_nar))
+        .route("/log/{file}", put(upload::put_ignored))
+        .route("/realisations/{file}", put(upload::put_ignored))
+        .route("/{file}", get(get_narinfo).put(upload::put_narinfo))
+        .fallback(fallback)
+        .with_state(state)
+}
+
+/// Records the request in the metrics and turns errors into responses.
+fn finish(state: &HttpState, route: &'static str, r: Result<Response, HttpError>) -> Response {
+    let resp = r.unwrap_or_else(IntoResponse::into_response);
+    state.metrics.request(route, resp.status().as_u16());
+    resp
+}
+
+async fn fallback(State(state): State<Arc<HttpState>>) -> Response {
+    finish(&state, "other", Err(HttpError::NotFound))
+}
+
+async fn cache_info(State(state): State<Arc<HttpState>>) -> Response {
+    let resp = (
+        [(header::CONTENT_TYPE, "text/x-nix-cache-info")],
+        CACHE_INFO,
+    )
+        .into_response();
+    finish(&state, "nix-cache-info", Ok(resp))
+}
+
+async fn metrics(State(state): State<Arc<HttpState>>) -> Response {
+    let store = state.store.clone();
+    let stats = tokio::task::spawn_blocking(move || store.stats())
+        .await
+        .ok()
+        .and_then(Result::ok);
+    let body = state.metrics.render(stats.as_ref());
+    let resp = ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response();
+    finish(&state, "metrics", Ok(resp))
+}
+
+/// Runs a store call off the async runtime.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, HttpError> + Send + 'static,
+) -> Result<T, HttpError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| HttpError::Internal(format!("task failed: {e}")))?
+}
+
+/// `GET`/`HEAD /<hash>.narinfo`: the stored narinfo with its signatures unchanged and only
+/// `URL`, `Compression`, `FileHash`, `FileSize` rewritten to what this server serves.
+async fn get_narinfo(
+    State(state): State<Arc<HttpState>>,
+    method: Method,
+    Path(file): Path<String>,
+) -> Response {
+    let r = async {
+        let hash = file
+            .strip_suffix(".narinfo")
+            .ok_or(HttpError::NotFound)
+            .and_then(|h| {
+                StorePathHash::parse(h)
+                    .map_err(|_| HttpError::BadRequest(format!("{h:?} is not a store path hash")))
+            })?;
+        let store = state.store.clone();
+        let rec = blocking(move || Ok(store.narinfo(hash.as_str())?)).await?;
+        let Some(rec) = rec else {
+            Metrics::inc(&state.metrics.narinfo_misses, 1);
+            return Err(HttpError::NotFound);
+        };
+        Metrics::inc(&state.metrics.narinfo_hits, 1);
+        let text = served_narinfo(&rec.text)?;
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            "text/x-nix-narinfo".parse().expect("static"),
+        );
+        if method == Method::HEAD {
+            headers.insert(header::CONTENT_LENGTH, text.len().into());
+            return Ok((StatusCode::OK, headers, Body::empty()).into_response());
+        }
+        Ok((StatusCode::OK, headers, text).into_response())
+    }
+    .await;
+    finish(&state, "narinfo", r)
+}
+
+/// The narinfo as served: the stored text with the fields the signature does not cover
+/// pointing at our uncompressed NAR.
+pub fn served_narinfo(stored: &str) -> Result<String, HttpError> {
+    let mut info = NarInfo::parse(stored)
+        .map_err(|e| HttpError::Internal(format!("stored narinfo does not parse: {e}")))?;
+    info.url = nar_url(&info);
+    info.compression = Some("none".into());
+    info.file_hash = Some(info.nar_hash.to_string());
+    info.file_size = Some(info.nar_size);
+    Ok(info.to_text())
+}
+
+/// `nar/<NarHash in nix-base32>.nar`.
+pub fn nar_url(info: &NarInfo) -> String {
+    format!("nar/{}.nar", info.nar_hash.to_base32())
+}
+
+/// Convenience for counters.
+pub(crate) fn add(counter: &std::sync::atomic::AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}

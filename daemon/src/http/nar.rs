@@ -1,0 +1,195 @@
+//! `GET`/`HEAD /nar/<NarHash>.nar`: the NAR reassembled from chunks and streamed.
+//!
+//! The body is produced on a blocking thread, 256 KiB at a time, through a channel of 4
+//! buffers (bounded memory whatever the NAR size). A read error (damaged chunk, NarHash
+//! mismatch) is sent down the body stream, which makes hyper abort the connection: with a
+//! `Content-Length` set, the client sees a short body and fails, never a complete wrong one.
+
+use std::io::Read;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use super::{add, blocking, finish, HttpError, HttpState};
+use crate::core::NarHash;
+use crate::metrics::Metrics;
+
+const BUF: usize = 256 * 1024;
+const QUEUE: usize = 4;
+
+/// Parses `<52-char nix-base32 NarHash>.nar`.
+pub fn parse_nar_file(file: &str) -> Result<NarHash, HttpError> {
+    let digest = file.strip_suffix(".nar").ok_or_else(|| {
+        HttpError::BadRequest(format!("{file:?}: only uncompressed .nar is served"))
+    })?;
+    NarHash::parse_digest(digest)
+        .map_err(|_| HttpError::BadRequest(format!("{file:?} is not a NAR hash")))
+}
+
+/// A parsed `Range` header: `start..end` (end exclusive), or `None` for the whole body.
+pub fn parse_range(value: &str, size: u64) -> Result<Option<(u64, u64)>, HttpError> {
+    let unsat = HttpError::RangeNotSatisfiable { size };
+    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+        return Ok(None); // unknown unit: ignore, serve everything
+    };
+    if spec.contains(',') {
+        return Ok(None); // multiple ranges: serve the whole body (allowed by RFC 9110)
+    }
+    let (a, b) = spec
+        .split_once('-')
+        .ok_or(HttpError::BadRequest("malformed Range".into()))?;
+    let num = |s: &str| -> Result<u64, HttpError> {
+        s.trim()
+            .parse()
+            .map_err(|_| HttpError::BadRequest("malformed Range".into()))
+    };
+    let (start, end) = match (a.trim().is_empty(), b.trim().is_empty()) {
+        (true, true) => return Err(HttpError::BadRequest("malformed Range".into())),
+        (true, false) => {
+            let n = num(b)?;
+            if n == 0 {
+                return Err(unsat);
+            }
+            (size.saturating_sub(n), size)
+        }
+        (false, true) => (num(a)?, size),
+        (false, false) => {
+            let (s, e) = (num(a)?, num(b)?);
+            if e < s {
+                return Err(HttpError::BadRequest("malformed Range".into()));
+            }
+            (s, e.saturating_add(1).min(size))
+        }
+    };
+    if start >= size {
+        return Err(unsat);
+    }
+    Ok(Some((start, end)))
+}
+
+pub async fn get_nar(
+    State(state): State<Arc<HttpState>>,
+    method: Method,
+    headers: HeaderMap,
+    Path(file): Path<String>,
+) -> Response {
+    let r = serve(&state, method, &headers, &file).await;
+    finish(&state, "nar", r)
+}
+
+async fn serve(
+    state: &Arc<HttpState>,
+    method: Method,
+    headers: &HeaderMap,
+    file: &str,
+) -> Result<Response, HttpError> {
+    let nar_hash = parse_nar_file(file)?;
+    let store = state.store.clone();
+    let mut reader = match blocking(move || Ok(store.nar_reader(&nar_hash)?)).await {
+        Ok(r) => r,
+        Err(HttpError::NotFound) => {
+            Metrics::inc(&state.metrics.nar_misses, 1);
+            return Err(HttpError::NotFound);
+        }
+        Err(e) => return Err(e),
+    };
+    Metrics::inc(&state.metrics.nar_hits, 1);
+    let size = reader.nar_size();
+    let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+        Some(v) => parse_range(v, size)?,
+        None => None,
+    };
+    let mut resp_headers = HeaderMap::new();
+    resp_headers.insert(
+        header::CONTENT_TYPE,
+        "application/x-nix-nar".parse().expect("static"),
+    );
+    resp_headers.insert(header::ACCEPT_RANGES, "bytes".parse().expect("static"));
+    let (status, len) = match range {
+        Some((start, end)) => {
+            reader.set_range(start, end);
+            let v = format!("bytes {start}-{}/{size}", end - 1);
+            resp_headers.insert(
+                header::CONTENT_RANGE,
+                v.parse()
+                    .map_err(|_| HttpError::Internal("content-range".into()))?,
+            );
+            (StatusCode::PARTIAL_CONTENT, end - start)
+        }
+        None => (StatusCode::OK, size),
+    };
+    resp_headers.insert(header::CONTENT_LENGTH, len.into());
+    if method == Method::HEAD {
+        return Ok((status, resp_headers, Body::empty()).into_response());
+    }
+
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(QUEUE);
+    let metrics = state.metrics.clone();
+    let span = tracing::info_span!("nar", nar = %nar_hash, len);
+    tokio::task::spawn_blocking(move || {
+        let _e = span.enter();
+        loop {
+            let mut buf = vec![0u8; BUF];
+            let item = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    buf.truncate(n);
+                    add(&metrics.nar_bytes_served, n as u64);
+                    Ok(Bytes::from(buf))
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "aborting NAR stream");
+                    add(&metrics.nar_aborted, 1);
+                    Err(e)
+                }
+            };
+            let failed = item.is_err();
+            if tx.blocking_send(item).is_err() || failed {
+                break; // client gone, or stream aborted
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Ok((status, resp_headers, Body::from_stream(stream)).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100).unwrap(), Some((0, 10)));
+        assert_eq!(parse_range("bytes=90-", 100).unwrap(), Some((90, 100)));
+        assert_eq!(parse_range("bytes=-10", 100).unwrap(), Some((90, 100)));
+        assert_eq!(parse_range("bytes=-1000", 100).unwrap(), Some((0, 100)));
+        assert_eq!(parse_range("bytes=50-1000", 100).unwrap(), Some((50, 100)));
+        assert_eq!(parse_range("bytes=0-1,5-6", 100).unwrap(), None);
+        assert_eq!(parse_range("items=0-1", 100).unwrap(), None);
+        assert!(matches!(
+            parse_range("bytes=100-", 100),
+            Err(HttpError::RangeNotSatisfiable { size: 100 })
+        ));
+        assert!(matches!(
+            parse_range("bytes=5-1", 100),
+            Err(HttpError::BadRequest(_))
+        ));
+        assert!(matches!(
+            parse_range("bytes=x-1", 100),
+            Err(HttpError::BadRequest(_))
+        ));
+    }
+
+    #[test]
+    fn nar_files() {
+        let h = "1ddv0iqq47j0awyw7a8dmm8bz71c6ifrliq53kmmsfzjxf3rwvb8";
+        assert!(parse_nar_file(&format!("{h}.nar")).is_ok());
+        assert!(parse_nar_file(&format!("{h}.nar.xz")).is_err());
+        assert!(parse_nar_file("..%2f..%2fetc%2fpasswd.nar").is_err());
+    }
+}
