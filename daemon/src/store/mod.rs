@@ -34,8 +34,11 @@ use crate::core::narinfo::NarInfo;
 use crate::core::normalise::Normaliser;
 use crate::core::signing::Trust;
 use crate::core::{ChunkId, NarHash};
-use pack::{Location, PackError, PackWriter};
+use pack::{Check, Location, PackError, PackWriter};
 use tables::*;
+
+/// Chunks waiting for the compressor thread during an ingest.
+const COMPRESS_QUEUE: usize = 16;
 
 /// Default zstd level for chunk records.
 pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
@@ -236,9 +239,9 @@ impl PackFiles {
         Ok((f, path))
     }
 
-    fn read(&self, id: &ChunkId, loc: &Location) -> Result<Vec<u8>, StoreError> {
+    fn read(&self, id: &ChunkId, loc: &Location, check: Check) -> Result<Vec<u8>, StoreError> {
         let (f, path) = self.get(loc.pack)?;
-        Ok(pack::read_chunk(&f, &path, loc, id)?)
+        Ok(pack::read_chunk(&f, &path, loc, id, check)?)
     }
 }
 
@@ -459,30 +462,54 @@ impl Store {
         let txn = self.db.begin_read()?;
         let chunks_t = txn.open_table(CHUNKS)?;
         let mut entries = Vec::new();
-        for c in chunker::chunks(&mut norm, self.params) {
-            let c = match c {
-                Ok(c) => c,
-                Err(e) => {
-                    return Err(match tee_error(&e) {
+        // Compression and pack writes run on a second thread, fed through a bounded queue,
+        // while this one reads, hashes, normalises and cuts.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(ChunkId, Vec<u8>)>(COMPRESS_QUEUE);
+        let (cut, written) = std::thread::scope(|s| {
+            let compressor = s.spawn(move || {
+                let mut locs = HashMap::new();
+                for (id, data) in rx {
+                    let loc = writer.append(&id, &data)?;
+                    locs.insert(id, loc);
+                }
+                Ok::<_, PackError>(locs)
+            });
+            let cut = (|| {
+                let mut queued = std::collections::HashSet::new();
+                for c in chunker::chunks(&mut norm, self.params) {
+                    let c = c.map_err(|e| match tee_error(&e) {
                         Some(source) => StoreError::BadNar {
                             store_path: store_path.to_string(),
                             source: Box::new(source),
                         },
                         None => read_err(e),
-                    })
+                    })?;
+                    let id = c.id();
+                    entries.push(ChunkEntry {
+                        id,
+                        size: c.data.len() as u32,
+                    });
+                    if queued.contains(&id) || chunks_t.get(id.0)?.is_some() {
+                        continue;
+                    }
+                    queued.insert(id);
+                    if tx.send((id, c.data)).is_err() {
+                        break; // the compressor failed; its error is reported below
+                    }
                 }
-            };
-            let id = c.id();
-            entries.push(ChunkEntry {
-                id,
-                size: c.data.len() as u32,
+                drop(tx);
+                Ok::<_, StoreError>(())
+            })();
+            let written = compressor.join().unwrap_or_else(|_| {
+                Err(PackError::Io {
+                    path: self.dir.join("packs"),
+                    source: io::Error::other("compressor thread panicked"),
+                })
             });
-            if new_chunks.contains_key(&id) || chunks_t.get(id.0)?.is_some() {
-                continue;
-            }
-            let loc = writer.append(&id, &c.data)?;
-            new_chunks.insert(id, loc);
-        }
+            (cut, written)
+        });
+        *new_chunks = written?;
+        cut?;
         let (_, slots) = norm.into_parts();
         let (sha, size) = tee.finish().map_err(|source| StoreError::BadNar {
             store_path: store_path.to_string(),
@@ -674,7 +701,7 @@ impl Store {
             let id = ChunkId(k.value());
             let (loc, rc) = loc_of(v.value());
             chunk_refs.insert(id, rc);
-            if let Err(e) = self.packs.read(&id, &loc) {
+            if let Err(e) = self.packs.read(&id, &loc, Check::Full) {
                 problems.push(format!("chunk {id}: {e}"));
                 bad_chunks.insert(id);
             }
@@ -886,9 +913,9 @@ impl<R: Read> Read for CheckingReader<R> {
 
 /// Streams a stored NAR (see [`Store::nar_reader`]). Holds no database handle.
 ///
-/// Every chunk is checked against its id before any of its bytes are handed out. Reading the
-/// whole NAR also checks NarHash *before the last chunk is handed out*, so a damaged NAR never
-/// yields its complete length: the reader errors instead.
+/// Reading the whole NAR checks NarHash *before the last chunk is handed out*, so a damaged NAR
+/// never yields its complete length: the reader errors instead. A range read (which cannot be
+/// checked against NarHash) checks every chunk against its id before any of its bytes go out.
 pub struct NarReader {
     packs: Arc<PackFiles>,
     manifest: Manifest,
@@ -952,9 +979,16 @@ impl NarReader {
 
     fn load_next(&mut self) -> io::Result<()> {
         let (id, loc) = self.locs[self.next];
+        // A whole-NAR read is checked against NarHash (before its last chunk goes out), so
+        // per-chunk BLAKE3 would hash every byte twice; a range read checks every chunk.
+        let check = if self.sha.is_some() {
+            Check::Frame
+        } else {
+            Check::Full
+        };
         let mut data = self
             .packs
-            .read(&id, &loc)
+            .read(&id, &loc, check)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
         self.manifest
             .slots
