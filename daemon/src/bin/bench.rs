@@ -26,22 +26,26 @@ use nix_p2p_cache::store::Store;
 struct Args {
     corpus: PathBuf,
     skip_params: bool,
+    levels: bool,
 }
 
 fn parse_args() -> Result<Args> {
     let mut corpus = None;
     let mut skip_params = false;
+    let mut levels = false;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--corpus" => corpus = it.next().map(PathBuf::from),
             "--skip-params" => skip_params = true,
-            other => bail!("unknown argument {other:?}; usage: nix-p2p-cache-bench --corpus DIR [--skip-params]"),
+            "--levels" => levels = true,
+            other => bail!("unknown argument {other:?}; usage: nix-p2p-cache-bench --corpus DIR [--skip-params] [--levels]"),
         }
     }
     Ok(Args {
         corpus: corpus.context("--corpus DIR is required (made by corpus/build.sh)")?,
         skip_params,
+        levels,
     })
 }
 
@@ -101,6 +105,45 @@ fn measure_params(
     Ok((unique, compressed, count))
 }
 
+/// zstd level vs size and single-thread speed, over the unique v1 chunks.
+fn measure_levels(nars: &[PathBuf], total: u64) -> Result<()> {
+    let mut seen = HashSet::new();
+    let mut unique: Vec<Vec<u8>> = Vec::new();
+    for p in nars {
+        let r = Normaliser::new(BufReader::with_capacity(1 << 20, File::open(p)?));
+        for c in chunker::chunks(r, ChunkingParams::V1) {
+            let c = c?;
+            if seen.insert(ChunkId::of(&c.data)) {
+                unique.push(c.data);
+            }
+        }
+    }
+    let bytes: u64 = unique.iter().map(|c| c.len() as u64).sum();
+    println!(
+        "\n## zstd level per chunk (v1 unique chunks: {:.1} MB of {:.1} MB)",
+        bytes as f64 / 1e6,
+        total as f64 / 1e6
+    );
+    println!("| level | compressed MB | ratio × | MB/s (1 thread) |");
+    println!("|---|---|---|---|");
+    for level in [1, 3, 6, 9, 12, 15, 19] {
+        let mut c = zstd::bulk::Compressor::new(level)?;
+        let t = Instant::now();
+        let mut out = 0u64;
+        for chunk in &unique {
+            out += c.compress(chunk)?.len() as u64;
+        }
+        let d = t.elapsed();
+        println!(
+            "| {level} | {:.1} | {:.2} | {:.0} |",
+            out as f64 / 1e6,
+            bytes as f64 / out as f64,
+            mbps(bytes, d)
+        );
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = parse_args()?;
     let none = args.corpus.join("cache-none");
@@ -136,6 +179,10 @@ fn main() -> Result<()> {
                 );
             }
         }
+    }
+
+    if args.levels {
+        measure_levels(&nars, total)?;
     }
 
     // Reference: zstd -3 alone over the same bytes (one process, all NARs).

@@ -20,13 +20,42 @@ use crate::metrics::Metrics;
 const BUF: usize = 256 * 1024;
 const QUEUE: usize = 4;
 
-/// Parses `<52-char nix-base32 NarHash>.nar`.
-pub fn parse_nar_file(file: &str) -> Result<NarHash, HttpError> {
-    let digest = file.strip_suffix(".nar").ok_or_else(|| {
-        HttpError::BadRequest(format!("{file:?}: only uncompressed .nar is served"))
-    })?;
-    NarHash::parse_digest(digest)
-        .map_err(|_| HttpError::BadRequest(format!("{file:?} is not a NAR hash")))
+/// What a `/nar/<file>` request names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NarFile {
+    /// `<NarHash>.nar`: the uncompressed NAR, the only URL our narinfos give.
+    Plain(NarHash),
+    /// `<digest>.nar.<ext>`: a compressed file name some uploaded or imported narinfo used.
+    /// Served (recompressed on the fly) only if the store knows the name; Nix asks for it when
+    /// it cached that original narinfo, and HEADs it before an upload.
+    Compressed { name: String, ext: String },
+}
+
+/// Parses a `/nar/` file name.
+pub fn parse_nar_file(file: &str) -> Result<NarFile, HttpError> {
+    let bad = || HttpError::BadRequest(format!("{file:?} is not a NAR file name"));
+    let (digest, ext) = file.split_once(".nar").ok_or_else(bad)?;
+    let hash = NarHash::parse_digest(digest).map_err(|_| bad())?;
+    match ext.strip_prefix('.') {
+        None if ext.is_empty() => Ok(NarFile::Plain(hash)),
+        Some(e) if !e.is_empty() && e.bytes().all(|c| c.is_ascii_alphanumeric()) => {
+            Ok(NarFile::Compressed {
+                name: file.to_string(),
+                ext: e.to_string(),
+            })
+        }
+        _ => Err(bad()),
+    }
+}
+
+/// Wraps a NAR stream in the compressor a file extension names.
+fn compressor(ext: &str, r: crate::store::NarReader) -> Option<Box<dyn Read + Send>> {
+    Some(match ext {
+        "xz" => Box::new(xz2::read::XzEncoder::new(r, 1)),
+        "zst" | "zstd" => Box::new(zstd::stream::read::Encoder::new(r, 1).ok()?),
+        "bz2" => Box::new(bzip2::read::BzEncoder::new(r, bzip2::Compression::fast())),
+        _ => return None,
+    })
 }
 
 /// A parsed `Range` header: `start..end` (end exclusive), or `None` for the whole body.
@@ -86,7 +115,19 @@ async fn serve(
     headers: &HeaderMap,
     file: &str,
 ) -> Result<Response, HttpError> {
-    let nar_hash = parse_nar_file(file)?;
+    let (nar_hash, ext) = match parse_nar_file(file)? {
+        NarFile::Plain(h) => (h, None),
+        NarFile::Compressed { name, ext } => {
+            let store = state.store.clone();
+            match blocking(move || Ok(store.nar_hash_by_file(&name)?)).await? {
+                Some(h) => (h, Some(ext)),
+                None => {
+                    Metrics::inc(&state.metrics.nar_misses, 1);
+                    return Err(HttpError::NotFound);
+                }
+            }
+        }
+    };
     let store = state.store.clone();
     let mut reader = match blocking(move || Ok(store.nar_reader(&nar_hash)?)).await {
         Ok(r) => r,
@@ -97,6 +138,19 @@ async fn serve(
         Err(e) => return Err(e),
     };
     Metrics::inc(&state.metrics.nar_hits, 1);
+    if let Some(ext) = ext {
+        // Recompressed: length unknown up front, no ranges.
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONTENT_TYPE,
+            "application/x-nix-nar".parse().expect("static"),
+        );
+        if method == Method::HEAD {
+            return Ok((StatusCode::OK, h, Body::empty()).into_response());
+        }
+        let r = compressor(&ext, reader).ok_or(HttpError::NotFound)?;
+        return Ok((StatusCode::OK, h, stream_body(state, nar_hash, r)).into_response());
+    }
     let size = reader.nar_size();
     let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
         Some(v) => parse_range(v, size)?,
@@ -126,9 +180,15 @@ async fn serve(
         return Ok((status, resp_headers, Body::empty()).into_response());
     }
 
+    let body = stream_body(state, nar_hash, Box::new(reader));
+    Ok((status, resp_headers, body).into_response())
+}
+
+/// Streams `reader` into a response body from a blocking thread; a read error aborts the body.
+fn stream_body(state: &HttpState, nar_hash: NarHash, mut reader: Box<dyn Read + Send>) -> Body {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(QUEUE);
     let metrics = state.metrics.clone();
-    let span = tracing::info_span!("nar", nar = %nar_hash, len);
+    let span = tracing::info_span!("nar", nar = %nar_hash);
     tokio::task::spawn_blocking(move || {
         let _e = span.enter();
         loop {
@@ -155,7 +215,7 @@ async fn serve(
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     });
-    Ok((status, resp_headers, Body::from_stream(stream)).into_response())
+    Body::from_stream(stream)
 }
 
 #[cfg(test)]
@@ -188,8 +248,25 @@ mod tests {
     #[test]
     fn nar_files() {
         let h = "1ddv0iqq47j0awyw7a8dmm8bz71c6ifrliq53kmmsfzjxf3rwvb8";
-        assert!(parse_nar_file(&format!("{h}.nar")).is_ok());
-        assert!(parse_nar_file(&format!("{h}.nar.xz")).is_err());
+        assert!(matches!(
+            parse_nar_file(&format!("{h}.nar")),
+            Ok(NarFile::Plain(_))
+        ));
+        assert_eq!(
+            parse_nar_file(&format!("{h}.nar.xz")).unwrap(),
+            NarFile::Compressed {
+                name: format!("{h}.nar.xz"),
+                ext: "xz".into()
+            }
+        );
+        assert!(matches!(
+            parse_nar_file(&format!("{h}.nar.")),
+            Err(HttpError::BadRequest(_))
+        ));
+        assert!(matches!(
+            parse_nar_file(&format!("{h}.nar.x/y")),
+            Err(HttpError::BadRequest(_))
+        ));
         assert!(parse_nar_file("..%2f..%2fetc%2fpasswd.nar").is_err());
     }
 }

@@ -297,6 +297,7 @@ impl Store {
             txn.open_table(MANIFEST_REFS)?;
             txn.open_table(NARINFOS)?;
             txn.open_table(COUNTERS)?;
+            txn.open_table(NAR_FILES)?;
             let packs = txn.open_table(PACKS)?;
             let last = packs.last()?.map(|(k, v)| (k.value(), v.value()));
             last
@@ -345,6 +346,13 @@ impl Store {
             out.push((hash, rec));
         }
         Ok(out)
+    }
+
+    /// The NarHash of a NAR file name some narinfo was received with (see `NAR_FILES`).
+    pub fn nar_hash_by_file(&self, name: &str) -> Result<Option<NarHash>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(NAR_FILES)?;
+        Ok(t.get(name)?.map(|v| NarHash(v.value())))
     }
 
     pub fn has_nar(&self, nar_hash: &NarHash) -> Result<bool, StoreError> {
@@ -425,8 +433,13 @@ impl Store {
         } else {
             Vec::new()
         };
+        let nar_file = Path::new(&info.url)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .filter(|n| n.contains(".nar"));
         let commit = self.commit_ingest(
             &hash,
+            nar_file,
             &record,
             manifest.as_ref(),
             &new_chunks,
@@ -538,9 +551,11 @@ impl Store {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn commit_ingest(
         &self,
         hash: &str,
+        nar_file: Option<&str>,
         record: &StoredNarInfo,
         manifest: Option<&Manifest>,
         new_chunks: &HashMap<ChunkId, Location>,
@@ -619,6 +634,9 @@ impl Store {
                 }
             }
             narinfos.insert(hash, record.encode().as_slice())?;
+            if let Some(f) = nar_file {
+                txn.open_table(NAR_FILES)?.insert(f, record.nar_hash.0)?;
+            }
         }
         txn.commit()?;
         Ok(())

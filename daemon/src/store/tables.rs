@@ -11,6 +11,9 @@ pub const MANIFESTS: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("ma
 pub const MANIFEST_REFS: TableDefinition<[u8; 32], u32> = TableDefinition::new("manifest-refs-v1");
 /// Store-path hash (32 nix-base32 chars) → prost `StoredNarInfo`.
 pub const NARINFOS: TableDefinition<&str, &[u8]> = TableDefinition::new("narinfos-v1");
+/// NAR file name a narinfo was received with (`<FileHash>.nar.xz`, …) → NarHash digest, so
+/// a client that cached the original narinfo can still fetch its NAR (recompressed).
+pub const NAR_FILES: TableDefinition<&str, [u8; 32]> = TableDefinition::new("nar-files-v1");
 /// Pack id → committed length (bytes past it are an uncommitted tail).
 pub const PACKS: TableDefinition<u32, u64> = TableDefinition::new("packs-v1");
 /// Counters kept in step with the tables above.
