@@ -10,6 +10,9 @@ use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 
+/// Served narinfos (and misses) kept in memory: ~1 KiB each at most.
+const NARINFO_CACHE_ENTRIES: usize = 16 * 1024;
+
 /// Errors that stop the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -66,6 +69,7 @@ pub async fn run(
         trusted,
         staging: config.data_dir.join("uploads"),
         max_upload: config.max_upload_size,
+        narinfo_cache: http::NarinfoCache::new(NARINFO_CACHE_ENTRIES),
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -74,6 +78,12 @@ pub async fn run(
             source,
         })?;
     let addr = listener.local_addr().map_err(DaemonError::Serve)?;
+    // Responses are written in large blocks; Nagle would only delay their tails.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY");
+        }
+    });
     on_listen(addr);
     tracing::info!(%addr, data_dir = %config.data_dir.display(), "serving");
     axum::serve(listener, http::router(state))

@@ -230,7 +230,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .collect::<Result<Vec<_>>>()?;
                 Selection::Paths { roots, closure }
             };
-            let store = Store::open_with(&data.data_dir, zstd_level)
+            let mut store = Store::open_with(&data.data_dir, zstd_level)
                 .with_context(|| format!("opening store {}", data.data_dir.display()))?;
             let pb = progress_bar();
             let mut bytes = 0u64;
@@ -240,6 +240,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 pb.set_message(human(bytes));
             })?;
             pb.finish_and_clear();
+            if report.imported > 0 {
+                store.compact().context("compacting the index")?;
+            }
             println!(
                 "imported {} paths ({} already present), {} of NARs, {} of new chunks stored as {}",
                 report.imported,
@@ -288,7 +291,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     human(s.pack_bytes),
                     s.packs
                 );
-                println!("  index             {}", human(s.index_bytes));
+                println!(
+                    "  index             {} ({} of manifests)",
+                    human(s.index_bytes),
+                    human(s.manifest_bytes)
+                );
                 if s.unique_chunk_bytes > 0 {
                     println!(
                         "dedup {:.2}x, compression {:.2}x, overall {:.2}x",

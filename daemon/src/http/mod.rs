@@ -10,9 +10,10 @@ mod error;
 mod nar;
 mod upload;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -39,6 +40,49 @@ pub struct HttpState {
     pub staging: PathBuf,
     /// Largest NAR upload accepted, in bytes.
     pub max_upload: u64,
+    /// Served narinfo texts and misses, so the hot path (Nix asks for every path of a
+    /// closure) needs no store call.
+    pub narinfo_cache: NarinfoCache,
+}
+
+/// Bounded cache of served narinfos (`Some(text)`) and misses (`None`) by store-path hash.
+/// Cleared when full; an upload drops its hash's entry. Only this process writes the store
+/// (the index file is locked), so nothing else can make an entry stale.
+pub struct NarinfoCache {
+    map: Mutex<HashMap<String, Option<Arc<str>>>>,
+    cap: usize,
+}
+
+impl NarinfoCache {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            map: Mutex::new(HashMap::new()),
+            cap,
+        }
+    }
+
+    fn get(&self, hash: &str) -> Option<Option<Arc<str>>> {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(hash)
+            .cloned()
+    }
+
+    fn put(&self, hash: &str, v: Option<Arc<str>>) {
+        let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() >= self.cap {
+            m.clear();
+        }
+        m.insert(hash.to_string(), v);
+    }
+
+    pub fn forget(&self, hash: &str) {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(hash);
+    }
 }
 
 /// The `/nix-cache-info` body.
@@ -112,14 +156,25 @@ async fn get_narinfo(
                 StorePathHash::parse(h)
                     .map_err(|_| HttpError::BadRequest(format!("{h:?} is not a store path hash")))
             })?;
-        let store = state.store.clone();
-        let rec = blocking(move || Ok(store.narinfo(hash.as_str())?)).await?;
-        let Some(rec) = rec else {
+        let cached = match state.narinfo_cache.get(hash.as_str()) {
+            Some(c) => c,
+            None => {
+                let store = state.store.clone();
+                let h = hash.clone();
+                let text = blocking(move || match store.narinfo(h.as_str())? {
+                    Some(rec) => Ok(Some(Arc::<str>::from(served_narinfo(&rec.text)?))),
+                    None => Ok(None),
+                })
+                .await?;
+                state.narinfo_cache.put(hash.as_str(), text.clone());
+                text
+            }
+        };
+        let Some(text) = cached else {
             Metrics::inc(&state.metrics.narinfo_misses, 1);
             return Err(HttpError::NotFound);
         };
         Metrics::inc(&state.metrics.narinfo_hits, 1);
-        let text = served_narinfo(&rec.text)?;
         let mut headers = HeaderMap::new();
         headers.insert(
             header::CONTENT_TYPE,
@@ -129,7 +184,7 @@ async fn get_narinfo(
             headers.insert(header::CONTENT_LENGTH, text.len().into());
             return Ok((StatusCode::OK, headers, Body::empty()).into_response());
         }
-        Ok((StatusCode::OK, headers, text).into_response())
+        Ok((StatusCode::OK, headers, text.to_string()).into_response())
     }
     .await;
     finish(&state, "narinfo", r)

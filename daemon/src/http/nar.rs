@@ -18,7 +18,7 @@ use crate::core::NarHash;
 use crate::metrics::Metrics;
 
 const BUF: usize = 256 * 1024;
-const QUEUE: usize = 4;
+const QUEUE: usize = 8;
 
 /// What a `/nar/<file>` request names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,7 +149,12 @@ async fn serve(
             return Ok((StatusCode::OK, h, Body::empty()).into_response());
         }
         let r = compressor(&ext, reader).ok_or(HttpError::NotFound)?;
-        return Ok((StatusCode::OK, h, stream_body(state, nar_hash, r)).into_response());
+        return Ok((
+            StatusCode::OK,
+            h,
+            stream_body(state, nar_hash, Source::Reader(r)),
+        )
+            .into_response());
     }
     let size = reader.nar_size();
     let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
@@ -180,25 +185,53 @@ async fn serve(
         return Ok((status, resp_headers, Body::empty()).into_response());
     }
 
-    let body = stream_body(state, nar_hash, Box::new(reader));
+    let body = stream_body(state, nar_hash, Source::Nar(Box::new(reader)));
     Ok((status, resp_headers, body).into_response())
 }
 
-/// Streams `reader` into a response body from a blocking thread; a read error aborts the body.
-fn stream_body(state: &HttpState, nar_hash: NarHash, mut reader: Box<dyn Read + Send>) -> Body {
+/// Where a response body's bytes come from.
+enum Source {
+    /// A stored NAR, handed out a whole chunk at a time (no copies).
+    Nar(Box<crate::store::NarReader>),
+    /// Anything else (a recompressed NAR), read into full buffers.
+    Reader(Box<dyn Read + Send>),
+}
+
+impl Source {
+    fn next(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+        match self {
+            Source::Nar(r) => r.next_block(),
+            Source::Reader(r) => {
+                let mut buf = vec![0u8; BUF];
+                let mut n = 0;
+                while n < BUF {
+                    match r.read(&mut buf[n..]) {
+                        Ok(0) => break,
+                        Ok(k) => n += k,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                buf.truncate(n);
+                Ok((n > 0).then_some(buf))
+            }
+        }
+    }
+}
+
+/// Streams `source` into a response body from a blocking thread; a read error aborts the body.
+fn stream_body(state: &HttpState, nar_hash: NarHash, mut source: Source) -> Body {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(QUEUE);
     let metrics = state.metrics.clone();
     let span = tracing::info_span!("nar", nar = %nar_hash);
     tokio::task::spawn_blocking(move || {
         let _e = span.enter();
         loop {
-            let mut buf = vec![0u8; BUF];
-            let item = match reader.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    buf.truncate(n);
-                    add(&metrics.nar_bytes_served, n as u64);
-                    Ok(Bytes::from(buf))
+            let item = match source.next() {
+                Ok(None) => break,
+                Ok(Some(block)) => {
+                    add(&metrics.nar_bytes_served, block.len() as u64);
+                    Ok(Bytes::from(block))
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "aborting NAR stream");

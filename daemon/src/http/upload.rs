@@ -173,7 +173,10 @@ pub async fn put_narinfo(
         let text = String::from_utf8(bytes.to_vec())
             .map_err(|_| HttpError::BadRequest("narinfo is not UTF-8".into()))?;
         let state2 = state.clone();
-        blocking(move || ingest_upload(&state2, &hash, &text)).await?;
+        let h = hash.clone();
+        let result = blocking(move || ingest_upload(&state2, &h, &text)).await;
+        state.narinfo_cache.forget(hash.as_str());
+        result?;
         add(&state.metrics.uploads, 1);
         Ok(StatusCode::OK.into_response())
     }

@@ -213,6 +213,8 @@ pub struct Stats {
     pub unique_chunk_bytes: u64,
     /// zstd-compressed bytes of live chunk records.
     pub chunk_compressed_bytes: u64,
+    /// Bytes of all manifests (chunk lists and store-path slot tables) in the index.
+    pub manifest_bytes: u64,
     pub packs: u64,
     pub pack_bytes: u64,
     pub index_bytes: u64,
@@ -239,9 +241,15 @@ impl PackFiles {
         Ok((f, path))
     }
 
-    fn read(&self, id: &ChunkId, loc: &Location, check: Check) -> Result<Vec<u8>, StoreError> {
+    fn read(
+        &self,
+        id: &ChunkId,
+        loc: &Location,
+        check: Check,
+        dctx: &mut zstd::bulk::Decompressor<'static>,
+    ) -> Result<Vec<u8>, StoreError> {
         let (f, path) = self.get(loc.pack)?;
-        Ok(pack::read_chunk(&f, &path, loc, id, check)?)
+        Ok(pack::read_chunk(&f, &path, loc, id, check, dctx)?)
     }
 }
 
@@ -672,7 +680,19 @@ impl Store {
             };
             locs.push((c.id, loc_of(v.value()).0));
         }
-        Ok(NarReader::new(self.packs.clone(), m, locs))
+        Ok(NarReader::new(
+            self.packs.clone(),
+            m,
+            locs,
+            new_dctx(&self.dir)?,
+        ))
+    }
+
+    /// Compacts the index file (reclaims free pages after a large import). Needs exclusive use.
+    pub fn compact(&mut self) -> Result<bool, StoreError> {
+        self.db
+            .compact()
+            .map_err(|e| StoreError::Db(Box::new(e.into())))
     }
 
     /// Counts and sizes.
@@ -690,6 +710,9 @@ impl Store {
             chunk_compressed_bytes: get(C_CHUNK_COMPRESSED_BYTES)?,
             ..Default::default()
         };
+        for r in txn.open_table(MANIFESTS)?.iter()? {
+            s.manifest_bytes += r?.1.value().len() as u64;
+        }
         let packs = txn.open_table(PACKS)?;
         s.packs = packs.len()?;
         for r in packs.iter()? {
@@ -711,6 +734,7 @@ impl Store {
         let refs_t = txn.open_table(MANIFEST_REFS)?;
         let narinfos = txn.open_table(NARINFOS)?;
 
+        let mut dctx = new_dctx(&self.dir)?;
         // 1. Every chunk record: header, zstd frame, content hash.
         let mut bad_chunks = std::collections::HashSet::new();
         let mut chunk_refs: HashMap<ChunkId, u32> = HashMap::new();
@@ -719,7 +743,7 @@ impl Store {
             let id = ChunkId(k.value());
             let (loc, rc) = loc_of(v.value());
             chunk_refs.insert(id, rc);
-            if let Err(e) = self.packs.read(&id, &loc, Check::Full) {
+            if let Err(e) = self.packs.read(&id, &loc, Check::Full, &mut dctx) {
                 problems.push(format!("chunk {id}: {e}"));
                 bad_chunks.insert(id);
             }
@@ -825,6 +849,10 @@ impl Store {
         }
         Ok(problems)
     }
+}
+
+fn new_dctx(dir: &Path) -> Result<zstd::bulk::Decompressor<'static>, StoreError> {
+    zstd::bulk::Decompressor::new().map_err(io_err(dir))
 }
 
 fn add_ref(refs: &mut redb::Table<[u8; 32], u32>, nar_hash: &NarHash) -> Result<(), StoreError> {
@@ -949,12 +977,19 @@ pub struct NarReader {
     sha: Option<Sha256>,
     /// Bytes to skip in the next chunk loaded (start of a range).
     pending_skip: Option<usize>,
+    dctx: zstd::bulk::Decompressor<'static>,
 }
 
 impl NarReader {
-    fn new(packs: Arc<PackFiles>, manifest: Manifest, locs: Vec<(ChunkId, Location)>) -> Self {
+    fn new(
+        packs: Arc<PackFiles>,
+        manifest: Manifest,
+        locs: Vec<(ChunkId, Location)>,
+        dctx: zstd::bulk::Decompressor<'static>,
+    ) -> Self {
         let offsets = manifest.chunk_offsets().map(|(o, _)| o).collect();
         Self {
+            dctx,
             packs,
             remaining: manifest.nar_size,
             manifest,
@@ -1006,7 +1041,7 @@ impl NarReader {
         };
         let mut data = self
             .packs
-            .read(&id, &loc, check)
+            .read(&id, &loc, check, &mut self.dctx)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
         self.manifest
             .slots
@@ -1030,6 +1065,35 @@ impl NarReader {
         self.buf = data;
         self.pos = self.pending_skip.take().unwrap_or(0);
         Ok(())
+    }
+}
+
+impl NarReader {
+    /// The next piece of the stream, as an owned buffer (a whole chunk where possible: no copy
+    /// for whole-NAR reads). `None` at the end.
+    pub fn next_block(&mut self) -> io::Result<Option<Vec<u8>>> {
+        if self.remaining == 0 {
+            return Ok(None);
+        }
+        while self.pos >= self.buf.len() {
+            if self.next == self.locs.len() {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "manifest ends before nar_size",
+                ));
+            }
+            self.load_next()?;
+        }
+        let mut block = std::mem::take(&mut self.buf);
+        if self.pos > 0 {
+            block.drain(..self.pos);
+        }
+        self.pos = 0;
+        if block.len() as u64 > self.remaining {
+            block.truncate(self.remaining as usize);
+        }
+        self.remaining -= block.len() as u64;
+        Ok(Some(block))
     }
 }
 

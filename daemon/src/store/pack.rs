@@ -135,6 +135,7 @@ pub fn read_chunk(
     loc: &Location,
     id: &ChunkId,
     check: Check,
+    dctx: &mut zstd::bulk::Decompressor<'static>,
 ) -> Result<Vec<u8>, PackError> {
     let mut rec = vec![0u8; loc.record_len() as usize];
     file.read_exact_at(&mut rec, loc.offset)
@@ -150,7 +151,7 @@ pub fn read_chunk(
     if h.id != *id || h.raw_len != loc.raw_len || h.comp_len != loc.comp_len {
         return Err(bad("record header does not match the index".into()));
     }
-    let data = decompress(&rec[RECORD_HEADER_LEN..], loc.raw_len as usize)
+    let data = decompress(dctx, &rec[RECORD_HEADER_LEN..], loc.raw_len as usize)
         .map_err(|e| bad(format!("zstd: {e}")))?;
     if check == Check::Full && ChunkId::of(&data) != *id {
         return Err(bad("content does not hash to its id".into()));
@@ -158,8 +159,12 @@ pub fn read_chunk(
     Ok(data)
 }
 
-fn decompress(frame: &[u8], raw_len: usize) -> io::Result<Vec<u8>> {
-    let out = zstd::bulk::decompress(frame, raw_len)?;
+fn decompress(
+    dctx: &mut zstd::bulk::Decompressor<'static>,
+    frame: &[u8],
+    raw_len: usize,
+) -> io::Result<Vec<u8>> {
+    let out = dctx.decompress(frame, raw_len)?;
     if out.len() != raw_len {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -409,10 +414,17 @@ mod tests {
         w.sync().unwrap();
         let path = pack_path(dir.path(), 1);
         let f = File::open(&path).unwrap();
-        assert_eq!(read_chunk(&f, &path, &la, &ida, Check::Full).unwrap(), a);
-        assert_eq!(read_chunk(&f, &path, &lb, &idb, Check::Full).unwrap(), b);
+        let mut dctx = zstd::bulk::Decompressor::new().unwrap();
+        assert_eq!(
+            read_chunk(&f, &path, &la, &ida, Check::Full, &mut dctx).unwrap(),
+            a
+        );
+        assert_eq!(
+            read_chunk(&f, &path, &lb, &idb, Check::Full, &mut dctx).unwrap(),
+            b
+        );
         assert!(matches!(
-            read_chunk(&f, &path, &lb, &ida, Check::Full),
+            read_chunk(&f, &path, &lb, &ida, Check::Full, &mut dctx),
             Err(PackError::BadChunk { .. })
         ));
         let recs = scan(dir.path(), 1).unwrap();
@@ -432,7 +444,7 @@ mod tests {
         bytes[last] ^= 0x40;
         fs::write(&path, &bytes).unwrap();
         let f = File::open(&path).unwrap();
-        assert!(read_chunk(&f, &path, &la, &ida, Check::Full).is_err());
+        assert!(read_chunk(&f, &path, &la, &ida, Check::Full, &mut dctx).is_err());
     }
 
     #[test]
