@@ -149,13 +149,7 @@ async fn get_narinfo(
     Path(file): Path<String>,
 ) -> Response {
     let r = async {
-        let hash = file
-            .strip_suffix(".narinfo")
-            .ok_or(HttpError::NotFound)
-            .and_then(|h| {
-                StorePathHash::parse(h)
-                    .map_err(|_| HttpError::BadRequest(format!("{h:?} is not a store path hash")))
-            })?;
+        let hash = parse_narinfo_file(&file)?;
         let cached = match state.narinfo_cache.get(hash.as_str()) {
             Some(c) => c,
             None => {
@@ -188,6 +182,13 @@ async fn get_narinfo(
     }
     .await;
     finish(&state, "narinfo", r)
+}
+
+/// Parses `<store-path hash>.narinfo`: another name is not ours (404), a bad hash is a 400.
+pub(crate) fn parse_narinfo_file(file: &str) -> Result<StorePathHash, HttpError> {
+    let h = file.strip_suffix(".narinfo").ok_or(HttpError::NotFound)?;
+    StorePathHash::parse(h)
+        .map_err(|_| HttpError::BadRequest(format!("{h:?} is not a store path hash")))
 }
 
 /// The narinfo as served: the stored text with the fields the signature does not cover

@@ -15,7 +15,7 @@ use base64::Engine as _;
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 
-use super::{add, blocking, finish, HttpError, HttpState};
+use super::{add, blocking, finish, parse_narinfo_file, HttpError, HttpState};
 use crate::core::store_path::StorePathHash;
 use crate::import::{check_narinfo, decompressor, ImportError};
 
@@ -160,13 +160,7 @@ pub async fn put_narinfo(
         if file.ends_with(".ls") {
             return Ok(StatusCode::OK.into_response());
         }
-        let hash = file
-            .strip_suffix(".narinfo")
-            .ok_or(HttpError::NotFound)
-            .and_then(|h| {
-                StorePathHash::parse(h)
-                    .map_err(|_| HttpError::BadRequest(format!("{h:?} is not a store path hash")))
-            })?;
+        let hash = parse_narinfo_file(&file)?;
         let bytes = axum::body::to_bytes(body, MAX_NARINFO)
             .await
             .map_err(|e| HttpError::BadRequest(format!("narinfo body: {e}")))?;

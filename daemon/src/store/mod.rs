@@ -1069,12 +1069,8 @@ impl NarReader {
 }
 
 impl NarReader {
-    /// The next piece of the stream, as an owned buffer (a whole chunk where possible: no copy
-    /// for whole-NAR reads). `None` at the end.
-    pub fn next_block(&mut self) -> io::Result<Option<Vec<u8>>> {
-        if self.remaining == 0 {
-            return Ok(None);
-        }
+    /// Makes sure `buf[pos..]` holds bytes (the caller has checked `remaining > 0`).
+    fn fill(&mut self) -> io::Result<()> {
         while self.pos >= self.buf.len() {
             if self.next == self.locs.len() {
                 return Err(io::Error::new(
@@ -1084,6 +1080,16 @@ impl NarReader {
             }
             self.load_next()?;
         }
+        Ok(())
+    }
+
+    /// The next piece of the stream, as an owned buffer (a whole chunk where possible: no copy
+    /// for whole-NAR reads). `None` at the end.
+    pub fn next_block(&mut self) -> io::Result<Option<Vec<u8>>> {
+        if self.remaining == 0 {
+            return Ok(None);
+        }
+        self.fill()?;
         let mut block = std::mem::take(&mut self.buf);
         if self.pos > 0 {
             block.drain(..self.pos);
@@ -1102,15 +1108,7 @@ impl Read for NarReader {
         if out.is_empty() || self.remaining == 0 {
             return Ok(0);
         }
-        while self.pos >= self.buf.len() {
-            if self.next == self.locs.len() {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "manifest ends before nar_size",
-                ));
-            }
-            self.load_next()?;
-        }
+        self.fill()?;
         let n = out
             .len()
             .min(self.buf.len() - self.pos)
