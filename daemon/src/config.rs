@@ -35,6 +35,8 @@ pub struct DaemonConfig {
     pub upload_token_file: Option<PathBuf>,
     /// Largest NAR upload accepted, in bytes.
     pub max_upload_size: u64,
+    /// Upstream HTTP binary caches asked, in order, for what the store does not have.
+    pub upstream: Vec<String>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
@@ -47,6 +49,7 @@ impl Default for DaemonConfig {
             trusted_public_keys: Vec::new(),
             upload_token_file: None,
             max_upload_size: 64 << 30,
+            upstream: Vec::new(),
         }
     }
 }
@@ -98,12 +101,13 @@ mod tests {
     #[test]
     fn parses_toml_and_refuses_unknown_keys() {
         let c: DaemonConfig = toml::from_str(
-            "data-dir = \"/tmp/x\"\nlisten = \"127.0.0.1:9999\"\ntrusted-public-keys = [\"a:b\"]\n",
+            "data-dir = \"/tmp/x\"\nlisten = \"127.0.0.1:9999\"\ntrusted-public-keys = [\"a:b\"]\nupstream = [\"http://x\"]\n",
         )
         .unwrap();
         assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
         assert_eq!(c.listen.port(), 9999);
         assert_eq!(c.trusted_public_keys, vec!["a:b".to_string()]);
+        assert_eq!(c.upstream, vec!["http://x".to_string()]);
         assert!(toml::from_str::<DaemonConfig>("bogus = 1\n").is_err());
     }
 }

@@ -9,6 +9,7 @@ use crate::core::signing::{PublicKey, SigningError, CACHE_NIXOS_ORG_KEY};
 use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
+use crate::upstream::{Upstream, UpstreamError};
 
 /// Served narinfos (and misses) kept in memory: ~1 KiB each at most.
 const NARINFO_CACHE_ENTRIES: usize = 16 * 1024;
@@ -32,6 +33,8 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
     #[error("serving HTTP: {0}")]
     Serve(#[source] std::io::Error),
 }
@@ -62,6 +65,13 @@ pub async fn run(
         .await
         .map_err(|e| DaemonError::Serve(std::io::Error::other(e)))?
         .map_err(Box::new)?;
+    let upstream = if config.upstream.is_empty() {
+        None
+    } else {
+        let u = Upstream::new(&config.upstream, trusted.clone())?;
+        tracing::info!(upstreams = ?config.upstream, "upstream caches");
+        Some(Arc::new(u))
+    };
     let state = Arc::new(HttpState {
         store: Arc::new(store),
         metrics: Arc::new(Metrics::default()),
@@ -70,6 +80,7 @@ pub async fn run(
         staging: config.data_dir.join("uploads"),
         max_upload: config.max_upload_size,
         narinfo_cache: http::NarinfoCache::new(NARINFO_CACHE_ENTRIES),
+        upstream,
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -53,6 +53,10 @@ enum Command {
         /// Largest NAR upload accepted, in bytes.
         #[arg(long)]
         max_upload_size: Option<u64>,
+        /// An upstream HTTP binary cache asked for what the store lacks (repeatable; tried in
+        /// order), e.g. https://cache.nixos.org.
+        #[arg(long = "upstream")]
+        upstream: Vec<String>,
     },
     /// Import narinfos and NARs from a file:// binary cache.
     Import {
@@ -166,6 +170,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             trusted_public_keys,
             upload_token_file,
             max_upload_size,
+            upstream,
         } => {
             let mut cfg = match &config {
                 Some(f) => DaemonConfig::from_file(f)?,
@@ -184,6 +189,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(m) = max_upload_size {
                 cfg.max_upload_size = m;
             }
+            cfg.upstream.extend(upstream);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

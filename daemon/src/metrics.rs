@@ -22,6 +22,7 @@ pub struct Metrics {
     pub nar_aborted: AtomicU64,
     pub uploads: AtomicU64,
     pub upload_bytes: AtomicU64,
+    pub upstream_nars: AtomicU64,
 }
 
 impl Metrics {
@@ -88,6 +89,11 @@ impl Metrics {
                 "upload_bytes_total",
                 "Bytes received in NAR uploads.",
                 &self.upload_bytes,
+            ),
+            (
+                "upstream_nars_total",
+                "NAR requests answered after fetching the NAR from an upstream cache.",
+                &self.upstream_nars,
             ),
         ];
         for (name, help, c) in counters {

@@ -19,6 +19,8 @@ pub enum HttpError {
     TooLarge(String),
     #[error("range not satisfiable")]
     RangeNotSatisfiable { size: u64 },
+    #[error("bad gateway: {0}")]
+    BadGateway(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -44,6 +46,7 @@ impl IntoResponse for HttpError {
             HttpError::Forbidden(_) => StatusCode::FORBIDDEN,
             HttpError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             HttpError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
+            HttpError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             HttpError::Internal(msg) => {
                 tracing::error!(error = %msg, "internal error");
                 return (StatusCode::INTERNAL_SERVER_ERROR, "internal error\n").into_response();

@@ -43,6 +43,8 @@ pub struct HttpState {
     /// Served narinfo texts and misses, so the hot path (Nix asks for every path of a
     /// closure) needs no store call.
     pub narinfo_cache: NarinfoCache,
+    /// Upstream binary caches for local misses (`--upstream`), if any.
+    pub upstream: Option<Arc<crate::upstream::Upstream>>,
 }
 
 /// Bounded cache of served narinfos (`Some(text)`) and misses (`None`) by store-path hash.
@@ -155,11 +157,27 @@ async fn get_narinfo(
             None => {
                 let store = state.store.clone();
                 let h = hash.clone();
-                let text = blocking(move || match store.narinfo(h.as_str())? {
+                let mut text = blocking(move || match store.narinfo(h.as_str())? {
                     Some(rec) => Ok(Some(Arc::<str>::from(served_narinfo(&rec.text)?))),
                     None => Ok(None),
                 })
                 .await?;
+                let upstream = if text.is_none() {
+                    state.upstream.as_ref()
+                } else {
+                    None
+                };
+                if let Some(up) = upstream {
+                    match up.narinfo(&hash).await {
+                        Ok(Some(t)) => text = Some(Arc::from(served_narinfo(&t)?)),
+                        Ok(None) => {}
+                        Err(_) => {
+                            // Transient (already logged): a miss now, not remembered.
+                            Metrics::inc(&state.metrics.narinfo_misses, 1);
+                            return Err(HttpError::NotFound);
+                        }
+                    }
+                }
                 state.narinfo_cache.put(hash.as_str(), text.clone());
                 text
             }

@@ -16,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use super::{add, blocking, finish, HttpError, HttpState};
 use crate::core::NarHash;
 use crate::metrics::Metrics;
+use crate::upstream::NarFetch;
 
 const BUF: usize = 256 * 1024;
 const QUEUE: usize = 8;
@@ -131,6 +132,15 @@ async fn serve(
     let store = state.store.clone();
     let mut reader = match blocking(move || Ok(store.nar_reader(&nar_hash)?)).await {
         Ok(r) => r,
+        Err(HttpError::NotFound) if state.upstream.is_some() => {
+            match from_upstream(state, &nar_hash).await? {
+                Some(r) => r,
+                None => {
+                    Metrics::inc(&state.metrics.nar_misses, 1);
+                    return Err(HttpError::NotFound);
+                }
+            }
+        }
         Err(HttpError::NotFound) => {
             Metrics::inc(&state.metrics.nar_misses, 1);
             return Err(HttpError::NotFound);
@@ -187,6 +197,32 @@ async fn serve(
 
     let body = stream_body(state, nar_hash, Source::Nar(Box::new(reader)));
     Ok((status, resp_headers, body).into_response())
+}
+
+/// A NAR the store lacks, fetched from the upstream whose narinfo named it (ingested, then
+/// read back from the store like any other). `None`: no pending upstream narinfo names it.
+async fn from_upstream(
+    state: &Arc<HttpState>,
+    nar_hash: &NarHash,
+) -> Result<Option<crate::store::NarReader>, HttpError> {
+    let Some(up) = &state.upstream else {
+        return Ok(None);
+    };
+    match up.fetch_nar(&state.store, nar_hash).await {
+        NarFetch::NotPending => Ok(None),
+        NarFetch::Stored => {
+            add(&state.metrics.upstream_nars, 1);
+            let store = state.store.clone();
+            let h = *nar_hash;
+            Ok(Some(blocking(move || Ok(store.nar_reader(&h)?)).await?))
+        }
+        // Already logged with its cause; never a wrong 200. The served narinfo goes too, so
+        // the next lookup asks the upstreams again.
+        NarFetch::Failed { path, error } => {
+            state.narinfo_cache.forget(path.as_str());
+            Err(HttpError::BadGateway(error.to_string()))
+        }
+    }
 }
 
 /// Where a response body's bytes come from.
