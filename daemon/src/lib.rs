@@ -8,4 +8,5 @@ pub mod daemon;
 pub mod http;
 pub mod import;
 pub mod metrics;
+pub mod net;
 pub mod store;
