@@ -1,6 +1,10 @@
 //! Compiles the .proto files with `protox` (pure Rust), so no system `protoc` is needed.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/manifest.proto", "proto/store.proto"];
+    let files = [
+        "proto/manifest.proto",
+        "proto/store.proto",
+        "proto/exchange.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -8,5 +8,6 @@ pub mod daemon;
 pub mod http;
 pub mod import;
 pub mod metrics;
+pub mod net;
 pub mod store;
 pub mod upstream;

@@ -6,3 +6,15 @@
 pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/nixp2p.v1.rs"));
 }
+
+/// Protocol id of the request-response exchange (`Request` / `Response`).
+pub const EXCHANGE_PROTOCOL: &str = "/nix-p2p-cache/exchange/1.0.0";
+
+/// Protocol id of our Kademlia DHT (never the public IPFS DHT).
+pub const KAD_PROTOCOL: &str = "/nix-p2p-cache/kad/1.0.0";
+
+/// Largest exchange message (request or response), without its length prefix.
+pub const MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
+
+/// Most want-list entries one request may carry.
+pub const MAX_WANTS_PER_REQUEST: usize = 64;

@@ -15,7 +15,7 @@
 pub mod pack;
 pub mod tables;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
@@ -381,6 +381,66 @@ impl Store {
             source: Box::new(source),
         })?;
         Ok(Some(m))
+    }
+
+    /// The stored manifest bytes (prost `NarManifest`) of a NAR, checked by decoding them and
+    /// matching their NarHash: what a peer is sent.
+    pub fn manifest_bytes(&self, nar_hash: &NarHash) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(MANIFESTS)?;
+        let Some(v) = t.get(nar_hash.0)? else {
+            return Ok(None);
+        };
+        let bytes = v.value().to_vec();
+        let bad = |source| StoreError::BadManifest {
+            nar_hash: *nar_hash,
+            source: Box::new(source),
+        };
+        let m = Manifest::decode(&bytes).map_err(bad)?;
+        if m.nar_hash != *nar_hash {
+            return Err(bad(ManifestError::BadNarHash));
+        }
+        Ok(Some(bytes))
+    }
+
+    /// Whether a chunk is stored (index only; the bytes are checked when read).
+    pub fn has_chunk(&self, id: &ChunkId) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(CHUNKS)?;
+        Ok(t.get(id.0)?.is_some())
+    }
+
+    /// The zstd frame of a stored chunk, exactly as its pack record holds it, after a full check
+    /// (record header, frame, BLAKE3 of the content against `id`): what a peer is sent.
+    /// `None` if the chunk is not stored.
+    pub fn chunk_frame(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, StoreError> {
+        let loc = {
+            let txn = self.db.begin_read()?;
+            let t = txn.open_table(CHUNKS)?;
+            let Some(v) = t.get(id.0)? else {
+                return Ok(None);
+            };
+            loc_of(v.value()).0
+        };
+        let (f, path) = self.packs.get(loc.pack)?;
+        let mut dctx = new_dctx(&self.dir)?;
+        Ok(Some(pack::read_frame(&f, &path, &loc, id, &mut dctx)?))
+    }
+
+    /// NarHashes named by at least one narinfo with a trusted signature: the NARs that may be
+    /// announced and served to peers (design §5). One scan of the narinfo table.
+    pub fn shareable_nars(&self) -> Result<HashSet<NarHash>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(NARINFOS)?;
+        let mut out = HashSet::new();
+        for r in t.iter()? {
+            let (k, v) = r?;
+            let rec = StoredNarInfo::decode(k.value(), v.value())?;
+            if matches!(rec.trust, TrustClass::Trusted(_)) {
+                out.insert(rec.nar_hash);
+            }
+        }
+        Ok(out)
     }
 
     /// Stores a narinfo and its NAR. `open_nar` is called only if the NAR is not stored yet;
@@ -1117,5 +1177,146 @@ impl Read for NarReader {
         self.pos += n;
         self.remaining -= n as u64;
         Ok(n)
+    }
+}
+
+/// Fixtures shared by the store's and the network's tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::collections::BTreeMap;
+    use std::io::Cursor;
+
+    use super::*;
+    use crate::core::nar::{write_nar, Node};
+    use crate::core::signing::{verify_narinfo, SecretKey};
+
+    /// `len` pseudo-random bytes from `seed` (incompressible, so chunks stay distinct).
+    pub fn noise(seed: u8, len: usize) -> Vec<u8> {
+        let mut out = vec![0u8; len];
+        blake3::Hasher::new()
+            .update(&[seed])
+            .finalize_xof()
+            .fill(&mut out);
+        out
+    }
+
+    /// A NAR of a few hundred KiB (several chunks) that mentions another store path.
+    pub fn sample_nar(seed: u8) -> Vec<u8> {
+        let mut entries = BTreeMap::new();
+        entries.insert(
+            "blob".to_string(),
+            Node::Regular {
+                executable: false,
+                contents: noise(seed, 700 * 1024),
+            },
+        );
+        let mut script = b"#!/nix/store/0123456789abcdfghijklmnpqrsvwxyz-bash/bin/sh\n".to_vec();
+        script.extend_from_slice(&noise(seed.wrapping_add(1), 4096));
+        entries.insert(
+            "run".to_string(),
+            Node::Regular {
+                executable: true,
+                contents: script,
+            },
+        );
+        let mut nar = Vec::new();
+        write_nar(&mut nar, &Node::Directory(entries)).expect("valid tree");
+        nar
+    }
+
+    /// Ingests `nar` as `/nix/store/<hash>-sample`, signed by `key` when given; trusted iff
+    /// `key`'s public half is in `trusted`.
+    pub fn ingest(
+        store: &Store,
+        hash: &str,
+        nar: &[u8],
+        key: Option<&SecretKey>,
+        trusted: &[crate::core::signing::PublicKey],
+    ) -> NarInfo {
+        let nar_hash = NarHash::digest(nar);
+        let text = format!(
+            "StorePath: /nix/store/{hash}-sample\nURL: nar/{}.nar\nCompression: none\n\
+             NarHash: {nar_hash}\nNarSize: {}\nReferences: \n",
+            nar_hash.to_base32(),
+            nar.len()
+        );
+        let mut info = NarInfo::parse(&text).expect("valid narinfo");
+        if let Some(k) = key {
+            info.sigs.push(k.sign(&info.fingerprint()));
+        }
+        let text = info.to_text();
+        let trust = verify_narinfo(&info, trusted).expect("verifiable");
+        store
+            .ingest(&info, &text, &trust, "test", || {
+                Ok(Cursor::new(nar.to_vec()))
+            })
+            .expect("ingest");
+        info
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+    use crate::core::signing::SecretKey;
+
+    #[test]
+    fn chunk_frames_manifests_and_shareable_nars() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let key = SecretKey::generate("test-1", [7; 32]);
+        let trusted = [key.public_key()];
+        let nar = sample_nar(1);
+        let info = ingest(&store, &"a".repeat(32), &nar, Some(&key), &trusted);
+        let private = sample_nar(2);
+        let pinfo = ingest(&store, &"b".repeat(32), &private, None, &trusted);
+
+        let m = store.manifest(&info.nar_hash).unwrap().unwrap();
+        assert!(m.chunks.len() >= 2, "sample should span chunks");
+        let mut rebuilt = Vec::new();
+        for (off, c) in m.chunk_offsets() {
+            assert!(store.has_chunk(&c.id).unwrap());
+            let frame = store.chunk_frame(&c.id).unwrap().unwrap();
+            let mut data = zstd::bulk::decompress(&frame, c.size as usize).unwrap();
+            assert_eq!(ChunkId::of(&data), c.id);
+            m.slots.restore(off, &mut data);
+            rebuilt.extend_from_slice(&data);
+        }
+        assert_eq!(rebuilt, nar);
+
+        let bytes = store.manifest_bytes(&info.nar_hash).unwrap().unwrap();
+        assert_eq!(Manifest::decode(&bytes).unwrap(), m);
+        assert_eq!(store.manifest_bytes(&NarHash([9; 32])).unwrap(), None);
+        assert_eq!(store.chunk_frame(&ChunkId([9; 32])).unwrap(), None);
+        assert!(!store.has_chunk(&ChunkId([9; 32])).unwrap());
+
+        let shareable = store.shareable_nars().unwrap();
+        assert!(shareable.contains(&info.nar_hash));
+        assert!(!shareable.contains(&pinfo.nar_hash));
+        assert_eq!(shareable.len(), 1);
+    }
+
+    #[test]
+    fn chunk_frame_refuses_a_damaged_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let nar = sample_nar(3);
+        let info = ingest(&store, &"c".repeat(32), &nar, None, &[]);
+        let m = store.manifest(&info.nar_hash).unwrap().unwrap();
+        // Flip a byte in the middle of the pack: some chunk record is hit.
+        let pack = pack::pack_path(&dir.path().join("packs"), 1);
+        let mut bytes = std::fs::read(&pack).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+        std::fs::write(&pack, bytes).unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        let errors = m
+            .chunks
+            .iter()
+            .filter(|c| store.chunk_frame(&c.id).is_err())
+            .count();
+        assert_eq!(errors, 1);
     }
 }

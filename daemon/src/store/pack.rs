@@ -137,6 +137,32 @@ pub fn read_chunk(
     check: Check,
     dctx: &mut zstd::bulk::Decompressor<'static>,
 ) -> Result<Vec<u8>, PackError> {
+    read_record(file, path, loc, id, check, dctx).map(|(_, data)| data)
+}
+
+/// Reads the record at `loc` and checks it fully (header, zstd frame, BLAKE3 of the content
+/// against `id`), then returns its zstd frame as stored: what a peer is sent.
+pub fn read_frame(
+    file: &File,
+    path: &Path,
+    loc: &Location,
+    id: &ChunkId,
+    dctx: &mut zstd::bulk::Decompressor<'static>,
+) -> Result<Vec<u8>, PackError> {
+    let (mut rec, _) = read_record(file, path, loc, id, Check::Full, dctx)?;
+    rec.drain(..RECORD_HEADER_LEN);
+    Ok(rec)
+}
+
+/// The whole record (header + frame) and the decompressed chunk, checked per `check`.
+fn read_record(
+    file: &File,
+    path: &Path,
+    loc: &Location,
+    id: &ChunkId,
+    check: Check,
+    dctx: &mut zstd::bulk::Decompressor<'static>,
+) -> Result<(Vec<u8>, Vec<u8>), PackError> {
     let mut rec = vec![0u8; loc.record_len() as usize];
     file.read_exact_at(&mut rec, loc.offset)
         .map_err(io_err(path))?;
@@ -156,7 +182,7 @@ pub fn read_chunk(
     if check == Check::Full && ChunkId::of(&data) != *id {
         return Err(bad("content does not hash to its id".into()));
     }
-    Ok(data)
+    Ok((rec, data))
 }
 
 fn decompress(

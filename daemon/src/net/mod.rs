@@ -1,0 +1,556 @@
+//! The P2P layer (design §4): libp2p swarm, DHT, and the request-response exchange.
+//!
+//! Owns the `Swarm`. [`EventLoop`] is the only code that touches it: one task runs one
+//! `select!` over swarm events, a bounded command channel from [`Client`]s and the answers of
+//! inbound requests. [`Client`] is a cloneable handle; each method sends a [`Command`] with a
+//! `oneshot` reply and waits. Inbound exchange requests are answered by a [`Responder`] (the
+//! store-backed one is [`StoreResponder`]) on their own tasks, bounded by a semaphore, so a slow
+//! store never stalls the swarm. This module does not decide where a NAR comes from (that is
+//! `fetch`) and does not check what peers send: callers check every block against its id
+//! and every NAR against its NarHash.
+
+pub mod behaviour;
+pub mod codec;
+pub mod responder;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use libp2p::core::transport::ListenerId;
+use libp2p::futures::StreamExt;
+use libp2p::identity::Keypair;
+use libp2p::kad::{self, QueryId, QueryResult, RecordKey};
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{identify, mdns, noise, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm};
+use nix_p2p_cache_proto::v1 as pb;
+use nix_p2p_cache_proto::KAD_PROTOCOL;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::core::NarKey;
+pub use behaviour::{Behaviour, BehaviourConfig, BehaviourEvent};
+pub use responder::{Responder, StoreResponder};
+
+/// Commands queued from clients to the event loop.
+pub const COMMAND_QUEUE: usize = 64;
+/// Inbound exchange requests being answered at once, over all peers.
+pub const MAX_INBOUND_REQUESTS: usize = 64;
+/// Connections close after this long without a stream.
+pub const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Errors of the network layer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NetError {
+    #[error("the network event loop has stopped")]
+    Stopped,
+    #[error("address {0} does not end in /p2p/<peer id>")]
+    NoPeerId(Multiaddr),
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: Multiaddr, reason: String },
+    #[error("dialing {peer}: {reason}")]
+    Dial { peer: PeerId, reason: String },
+    #[error("request to {peer}: {reason}")]
+    Request { peer: PeerId, reason: String },
+    #[error("DHT: {0}")]
+    Kad(String),
+    #[error("transport setup: {0}")]
+    Setup(String),
+}
+
+type Reply<T> = oneshot::Sender<Result<T, NetError>>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What a [`Client`] asks the event loop to do.
+#[derive(Debug)]
+pub enum Command {
+    Listen {
+        addr: Multiaddr,
+        reply: Reply<Multiaddr>,
+    },
+    Dial {
+        addr: Multiaddr,
+        reply: Reply<PeerId>,
+    },
+    Bootstrap {
+        reply: Reply<()>,
+    },
+    StartProviding {
+        key: NarKey,
+        reply: Reply<()>,
+    },
+    GetProviders {
+        key: NarKey,
+        reply: Reply<HashSet<PeerId>>,
+    },
+    Request {
+        peer: PeerId,
+        request: pb::Request,
+        reply: Reply<pb::Response>,
+    },
+    ConnectedPeers {
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
+}
+
+/// A cloneable handle on the event loop.
+#[derive(Debug, Clone)]
+pub struct Client {
+    peer_id: PeerId,
+    commands: mpsc::Sender<Command>,
+}
+
+impl Client {
+    pub fn local_peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, NetError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(make(tx))
+            .await
+            .map_err(|_| NetError::Stopped)?;
+        rx.await.map_err(|_| NetError::Stopped)?
+    }
+
+    /// Starts listening; answers with the first address the listener reports (with port 0
+    /// resolved), without the `/p2p/` suffix.
+    pub async fn listen(&self, addr: Multiaddr) -> Result<Multiaddr, NetError> {
+        self.call(|reply| Command::Listen { addr, reply }).await
+    }
+
+    /// Connects to `addr`, which must end in `/p2p/<peer id>`; the address is also added to
+    /// the DHT routing table (a bootstrap node).
+    pub async fn dial(&self, addr: Multiaddr) -> Result<PeerId, NetError> {
+        self.call(|reply| Command::Dial { addr, reply }).await
+    }
+
+    /// Walks the DHT towards our own id to fill the routing table.
+    pub async fn bootstrap(&self) -> Result<(), NetError> {
+        self.call(|reply| Command::Bootstrap { reply }).await
+    }
+
+    /// Announces that this node serves the NAR `key` (its multihash bytes are the DHT key).
+    pub async fn start_providing(&self, key: NarKey) -> Result<(), NetError> {
+        self.call(|reply| Command::StartProviding { key, reply })
+            .await
+    }
+
+    /// Peers the DHT names as providers of the NAR `key` (may include ourselves).
+    pub async fn get_providers(&self, key: NarKey) -> Result<HashSet<PeerId>, NetError> {
+        self.call(|reply| Command::GetProviders { key, reply })
+            .await
+    }
+
+    /// Sends one exchange request and waits for its response (dialing the peer if its address
+    /// is known).
+    pub async fn request(
+        &self,
+        peer: PeerId,
+        request: pb::Request,
+    ) -> Result<pb::Response, NetError> {
+        self.call(|reply| Command::Request {
+            peer,
+            request,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn connected_peers(&self) -> Result<Vec<PeerId>, NetError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::ConnectedPeers { reply: tx })
+            .await
+            .map_err(|_| NetError::Stopped)?;
+        rx.await.map_err(|_| NetError::Stopped)
+    }
+}
+
+/// Which transport a node uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// TCP + noise + yamux (the real network).
+    Tcp,
+    /// libp2p's in-process memory transport + noise + yamux (tests).
+    Memory,
+}
+
+/// Options of a node.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    pub transport: Transport,
+    pub behaviour: BehaviourConfig,
+}
+
+/// Builds a swarm and its event loop. Run [`EventLoop::run`] on a task; use the [`Client`].
+pub fn new(
+    key: Keypair,
+    config: &NetConfig,
+    responder: Arc<dyn Responder>,
+) -> Result<(Client, EventLoop), NetError> {
+    let setup = |e: &dyn std::fmt::Display| NetError::Setup(e.to_string());
+    let peer_id = key.public().to_peer_id();
+    let builder = libp2p::SwarmBuilder::with_existing_identity(key).with_tokio();
+    let behaviour_config = config.behaviour.clone();
+    let make_behaviour = move |key: &Keypair| {
+        Behaviour::new(key, &behaviour_config).map_err(|e| Box::new(e) as BoxError)
+    };
+    let swarm_config =
+        |c: libp2p::swarm::Config| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT);
+    let swarm = match config.transport {
+        Transport::Tcp => builder
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .map_err(|e| setup(&e))?
+            .with_behaviour(make_behaviour)
+            .map_err(|e| setup(&e))?
+            .with_swarm_config(swarm_config)
+            .build(),
+        Transport::Memory => builder
+            .with_other_transport(|key| {
+                use libp2p::core::upgrade::Version;
+                use libp2p::Transport as _;
+                Ok::<_, BoxError>(
+                    libp2p::core::transport::MemoryTransport::default()
+                        .upgrade(Version::V1)
+                        .authenticate(noise::Config::new(key)?)
+                        .multiplex(yamux::Config::default())
+                        .boxed(),
+                )
+            })
+            .map_err(|e| setup(&e))?
+            .with_behaviour(make_behaviour)
+            .map_err(|e| setup(&e))?
+            .with_swarm_config(swarm_config)
+            .build(),
+    };
+    let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+    let (answers_tx, answers_rx) = mpsc::channel(MAX_INBOUND_REQUESTS);
+    let client = Client {
+        peer_id,
+        commands: tx,
+    };
+    let event_loop = EventLoop {
+        swarm,
+        commands: rx,
+        responder,
+        inbound: Arc::new(Semaphore::new(MAX_INBOUND_REQUESTS)),
+        answers_tx,
+        answers_rx,
+        pending_listen: HashMap::new(),
+        pending_dial: HashMap::new(),
+        pending_bootstrap: HashMap::new(),
+        pending_start_providing: HashMap::new(),
+        pending_get_providers: HashMap::new(),
+        pending_requests: HashMap::new(),
+    };
+    Ok((client, event_loop))
+}
+
+type Answer = (PeerId, ResponseChannel<pb::Response>, pb::Response);
+
+/// Owns the swarm; see the module docs.
+pub struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    responder: Arc<dyn Responder>,
+    inbound: Arc<Semaphore>,
+    answers_tx: mpsc::Sender<Answer>,
+    answers_rx: mpsc::Receiver<Answer>,
+    pending_listen: HashMap<ListenerId, (Multiaddr, Reply<Multiaddr>)>,
+    pending_dial: HashMap<PeerId, Vec<Reply<PeerId>>>,
+    pending_bootstrap: HashMap<QueryId, Reply<()>>,
+    pending_start_providing: HashMap<QueryId, Reply<()>>,
+    pending_get_providers: HashMap<QueryId, (HashSet<PeerId>, Reply<HashSet<PeerId>>)>,
+    pending_requests: HashMap<OutboundRequestId, (PeerId, Reply<pb::Response>)>,
+}
+
+impl EventLoop {
+    /// Runs until every [`Client`] is dropped.
+    pub async fn run(mut self) {
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                command = self.commands.recv() => match command {
+                    Some(c) => self.on_command(c),
+                    None => break,
+                },
+                Some((peer, channel, response)) = self.answers_rx.recv() => {
+                    if self.swarm.behaviour_mut().exchange.send_response(channel, response).is_err() {
+                        tracing::debug!(%peer, "inbound request: peer gone before the answer");
+                    }
+                }
+            }
+        }
+        tracing::debug!("network event loop stopped");
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Listen { addr, reply } => match self.swarm.listen_on(addr.clone()) {
+                Ok(id) => {
+                    self.pending_listen.insert(id, (addr, reply));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(NetError::Listen {
+                        addr,
+                        reason: e.to_string(),
+                    }));
+                }
+            },
+            Command::Dial { addr, reply } => {
+                let Some(Protocol::P2p(peer)) = addr.iter().last() else {
+                    let _ = reply.send(Err(NetError::NoPeerId(addr)));
+                    return;
+                };
+                let transport_addr: Multiaddr = addr
+                    .iter()
+                    .filter(|p| !matches!(p, Protocol::P2p(_)))
+                    .collect();
+                self.swarm
+                    .behaviour_mut()
+                    .kad
+                    .add_address(&peer, transport_addr);
+                if self.swarm.is_connected(&peer) {
+                    let _ = reply.send(Ok(peer));
+                    return;
+                }
+                match self.swarm.dial(addr) {
+                    Ok(()) => self.pending_dial.entry(peer).or_default().push(reply),
+                    Err(e) => {
+                        let _ = reply.send(Err(NetError::Dial {
+                            peer,
+                            reason: e.to_string(),
+                        }));
+                    }
+                }
+            }
+            Command::Bootstrap { reply } => match self.swarm.behaviour_mut().kad.bootstrap() {
+                Ok(id) => {
+                    self.pending_bootstrap.insert(id, reply);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(NetError::Kad(e.to_string())));
+                }
+            },
+            Command::StartProviding { key, reply } => {
+                let key = RecordKey::new(&key.multihash_bytes());
+                match self.swarm.behaviour_mut().kad.start_providing(key) {
+                    Ok(id) => {
+                        self.pending_start_providing.insert(id, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(NetError::Kad(e.to_string())));
+                    }
+                }
+            }
+            Command::GetProviders { key, reply } => {
+                let key = RecordKey::new(&key.multihash_bytes());
+                let id = self.swarm.behaviour_mut().kad.get_providers(key);
+                self.pending_get_providers
+                    .insert(id, (HashSet::new(), reply));
+            }
+            Command::Request {
+                peer,
+                request,
+                reply,
+            } => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .exchange
+                    .send_request(&peer, request);
+                self.pending_requests.insert(id, (peer, reply));
+            }
+            Command::ConnectedPeers { reply } => {
+                let _ = reply.send(self.swarm.connected_peers().copied().collect());
+            }
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr {
+                listener_id,
+                address,
+            } => {
+                tracing::info!(%address, peer = %self.swarm.local_peer_id(), "p2p listening");
+                if let Some((_, reply)) = self.pending_listen.remove(&listener_id) {
+                    let _ = reply.send(Ok(address));
+                }
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => {
+                if let Some((addr, reply)) = self.pending_listen.remove(&listener_id) {
+                    let reason = match reason {
+                        Ok(()) => "closed".to_string(),
+                        Err(e) => e.to_string(),
+                    };
+                    let _ = reply.send(Err(NetError::Listen { addr, reason }));
+                }
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                tracing::debug!(peer = %peer_id, "connected");
+                for reply in self.pending_dial.remove(&peer_id).unwrap_or_default() {
+                    let _ = reply.send(Ok(peer_id));
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(peer),
+                error,
+                ..
+            } => {
+                for reply in self.pending_dial.remove(&peer).unwrap_or_default() {
+                    let _ = reply.send(Err(NetError::Dial {
+                        peer,
+                        reason: error.to_string(),
+                    }));
+                }
+            }
+            SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
+            _ => {}
+        }
+    }
+
+    fn on_behaviour_event(&mut self, event: BehaviourEvent) {
+        match event {
+            // rust-libp2p's kad does not learn listen addresses by itself: feed it those of
+            // peers that speak our DHT protocol.
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })
+                if info.protocols.contains(&StreamProtocol::new(KAD_PROTOCOL)) =>
+            {
+                let kad = &mut self.swarm.behaviour_mut().kad;
+                for addr in info.listen_addrs {
+                    kad.add_address(&peer_id, addr);
+                }
+            }
+            BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                for (peer, addr) in found {
+                    tracing::debug!(%peer, %addr, "mDNS: discovered");
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, addr.clone());
+                    if !self.swarm.is_connected(&peer) {
+                        let _ = self.swarm.dial(addr);
+                    }
+                }
+            }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id, result, step, ..
+            }) => self.on_query_progress(id, result, step),
+            BehaviourEvent::Exchange(event) => self.on_exchange_event(event),
+            _ => {}
+        }
+    }
+
+    fn on_query_progress(&mut self, id: QueryId, result: QueryResult, step: kad::ProgressStep) {
+        match result {
+            QueryResult::Bootstrap(r) => {
+                let done = match &r {
+                    Ok(ok) => ok.num_remaining == 0 || step.last,
+                    Err(_) => true,
+                };
+                if done {
+                    if let Some(reply) = self.pending_bootstrap.remove(&id) {
+                        let _ = reply.send(r.map(|_| ()).map_err(|e| NetError::Kad(e.to_string())));
+                    }
+                }
+            }
+            QueryResult::StartProviding(r) => {
+                if let Some(reply) = self.pending_start_providing.remove(&id) {
+                    let _ = reply.send(r.map(|_| ()).map_err(|e| NetError::Kad(e.to_string())));
+                }
+            }
+            QueryResult::GetProviders(r) => {
+                let Some((found, _)) = self.pending_get_providers.get_mut(&id) else {
+                    return;
+                };
+                let failed = match r {
+                    Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
+                        found.extend(providers);
+                        None
+                    }
+                    Ok(kad::GetProvidersOk::FinishedWithNoAdditionalRecord { .. }) => None,
+                    Err(e) => Some(e),
+                };
+                if step.last || failed.is_some() {
+                    if let Some((found, reply)) = self.pending_get_providers.remove(&id) {
+                        // A timeout after some providers were found still answers them.
+                        let result = match failed {
+                            Some(e) if found.is_empty() => Err(NetError::Kad(e.to_string())),
+                            _ => Ok(found),
+                        };
+                        let _ = reply.send(result);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_exchange_event(&mut self, event: request_response::Event<pb::Request, pb::Response>) {
+        use request_response::{Event, Message};
+        match event {
+            Event::Message {
+                peer,
+                message:
+                    Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                let Ok(permit) = self.inbound.clone().try_acquire_owned() else {
+                    // Over the global bound: dropping the channel fails the peer's request.
+                    tracing::debug!(%peer, "inbound request refused: too many in flight");
+                    return;
+                };
+                let responder = self.responder.clone();
+                let answers = self.answers_tx.clone();
+                tokio::spawn(async move {
+                    let response = responder.respond(peer, request).await;
+                    let _ = answers.send((peer, channel, response)).await;
+                    drop(permit);
+                });
+            }
+            Event::Message {
+                message:
+                    Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some((_, reply)) = self.pending_requests.remove(&request_id) {
+                    let _ = reply.send(Ok(response));
+                }
+            }
+            Event::OutboundFailure {
+                request_id, error, ..
+            } => {
+                if let Some((peer, reply)) = self.pending_requests.remove(&request_id) {
+                    let _ = reply.send(Err(NetError::Request {
+                        peer,
+                        reason: error.to_string(),
+                    }));
+                }
+            }
+            Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "inbound request failed");
+            }
+            Event::ResponseSent { .. } => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

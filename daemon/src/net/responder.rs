@@ -1,0 +1,202 @@
+//! Answers inbound exchange requests: the [`Responder`] trait the event loop calls, and
+//! [`StoreResponder`], which answers from a [`Store`].
+//!
+//! What is shared (design §5): narinfos only with a trusted signature; manifests only of NARs
+//! a trusted narinfo names. Chunks are served by id without a trust check (see
+//! `docs/protocol.md`, "Verification"): a chunk id is only learnt from a manifest, and
+//! manifests of private NARs are never sent. Every chunk is checked against its id before it
+//! is sent. Store calls run on `spawn_blocking`; nothing here touches the swarm.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use nix_p2p_cache_proto::v1 as pb;
+use nix_p2p_cache_proto::MAX_MESSAGE_SIZE;
+use prost::Message;
+
+use crate::core::{ChunkId, NarHash};
+use crate::store::{Store, StoreError, TrustClass};
+
+/// A boxed, sendable future of a response.
+pub type ResponseFuture = Pin<Box<dyn Future<Output = pb::Response> + Send + 'static>>;
+
+/// Answers one inbound request. Must not fail: what it cannot answer it leaves out.
+pub trait Responder: Send + Sync + 'static {
+    fn respond(&self, peer: PeerId, request: pb::Request) -> ResponseFuture;
+}
+
+/// Bytes kept free under `MAX_MESSAGE_SIZE` for framing of the fields around the blocks.
+const RESPONSE_MARGIN: usize = 64 * 1024;
+
+/// A NAR that is stored but not (yet) known as shareable triggers a rescan of the narinfos at
+/// most this often (so requests for private NARs cannot make us scan continuously).
+const RESCAN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Answers from a store (see the module docs for what is shared).
+#[derive(Clone)]
+pub struct StoreResponder {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<Store>,
+    /// NarHashes named by a trusted narinfo, and when they were last scanned.
+    shareable: Mutex<(HashSet<NarHash>, Option<Instant>)>,
+}
+
+impl StoreResponder {
+    pub fn new(store: Arc<Store>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                shareable: Mutex::new((HashSet::new(), None)),
+            }),
+        }
+    }
+}
+
+impl Responder for StoreResponder {
+    fn respond(&self, peer: PeerId, request: pb::Request) -> ResponseFuture {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let task = tokio::task::spawn_blocking(move || inner.answer(request));
+            match task.await {
+                Ok(Ok(response)) => response,
+                Ok(Err(e)) => {
+                    tracing::warn!(%peer, error = %e, "answering a peer: store error");
+                    pb::Response::default()
+                }
+                Err(e) => {
+                    tracing::error!(%peer, error = %e, "answering a peer: task failed");
+                    pb::Response::default()
+                }
+            }
+        })
+    }
+}
+
+fn presence(cid: Vec<u8>, t: pb::response::PresenceType) -> pb::response::BlockPresence {
+    pb::response::BlockPresence {
+        cid,
+        r#type: t as i32,
+    }
+}
+
+impl Inner {
+    fn answer(&self, request: pb::Request) -> Result<pb::Response, StoreError> {
+        use pb::request::Kind;
+        match request.kind {
+            Some(Kind::Wantlist(w)) => self.wantlist(w),
+            Some(Kind::Manifest(m)) => self.manifest(&m.nar_key),
+            Some(Kind::Narinfo(n)) => self.narinfo(&n.store_path_hash),
+            None => Ok(pb::Response::default()),
+        }
+    }
+
+    fn wantlist(&self, w: pb::Wantlist) -> Result<pb::Response, StoreError> {
+        use pb::response::PresenceType::{DontHave, Have};
+        use pb::wantlist::WantType;
+        let mut entries = w.entries;
+        entries.retain(|e| !e.cancel);
+        entries.sort_by_key(|e| std::cmp::Reverse(e.priority));
+        let mut response = pb::Response::default();
+        let mut budget = MAX_MESSAGE_SIZE - RESPONSE_MARGIN;
+        for e in entries {
+            let Ok(id) = ChunkId::from_cid_bytes(&e.cid) else {
+                if e.send_dont_have {
+                    response.block_presences.push(presence(e.cid, DontHave));
+                }
+                continue;
+            };
+            let want_block = e.want_type == WantType::Block as i32;
+            let found = if want_block {
+                match self.store.chunk_frame(&id) {
+                    Ok(f) => f.map(Some),
+                    Err(err) => {
+                        // A damaged record is never sent; the peer asks someone else.
+                        tracing::warn!(chunk = %id, error = %err, "not serving a damaged chunk");
+                        None
+                    }
+                }
+            } else {
+                self.store.has_chunk(&id)?.then_some(None)
+            };
+            match found {
+                Some(Some(data)) => {
+                    let block = pb::response::Block { cid: e.cid, data };
+                    let len = block.encoded_len() + 8;
+                    if len <= budget {
+                        budget -= len;
+                        response.blocks.push(block);
+                    } else {
+                        // Does not fit this response: say we have it, the peer asks again.
+                        response.block_presences.push(presence(block.cid, Have));
+                    }
+                }
+                Some(None) => response.block_presences.push(presence(e.cid, Have)),
+                None if e.send_dont_have => {
+                    response.block_presences.push(presence(e.cid, DontHave))
+                }
+                None => {}
+            }
+        }
+        Ok(response)
+    }
+
+    fn is_shareable(&self, nar_hash: &NarHash) -> Result<bool, StoreError> {
+        let mut guard = self.shareable.lock().unwrap_or_else(|e| e.into_inner());
+        let (set, scanned) = &mut *guard;
+        if set.contains(nar_hash) {
+            return Ok(true);
+        }
+        let stale = match scanned {
+            Some(t) => t.elapsed() >= RESCAN_INTERVAL,
+            None => true,
+        };
+        if stale && self.store.has_nar(nar_hash)? {
+            *set = self.store.shareable_nars()?;
+            *scanned = Some(Instant::now());
+            return Ok(set.contains(nar_hash));
+        }
+        Ok(false)
+    }
+
+    fn manifest(&self, nar_key: &[u8]) -> Result<pb::Response, StoreError> {
+        let nar_hash = match nar_key {
+            [0x12, 0x20, digest @ ..] => NarHash::from_slice(digest),
+            _ => None,
+        };
+        let mut response = pb::Response::default();
+        let Some(nar_hash) = nar_hash else {
+            return Ok(response);
+        };
+        if !self.is_shareable(&nar_hash)? {
+            return Ok(response);
+        }
+        if let Some(bytes) = self.store.manifest_bytes(&nar_hash)? {
+            if bytes.len() <= MAX_MESSAGE_SIZE - RESPONSE_MARGIN {
+                response.manifest = Some(bytes);
+            } else {
+                tracing::warn!(nar = %nar_hash, len = bytes.len(), "manifest too large to send");
+            }
+        }
+        Ok(response)
+    }
+
+    fn narinfo(&self, hash: &str) -> Result<pb::Response, StoreError> {
+        let mut response = pb::Response::default();
+        if hash.len() != 32 || !hash.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Ok(response);
+        }
+        if let Some(info) = self.store.narinfo(hash)? {
+            if matches!(info.trust, TrustClass::Trusted(_)) {
+                response.narinfo = Some(info.text);
+            }
+        }
+        Ok(response)
+    }
+}
