@@ -124,6 +124,17 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+/// Opens a store that must already exist (read-side commands never create one).
+fn open_existing(dir: &std::path::Path) -> Result<Store> {
+    if !dir.join("index.redb").is_file() {
+        bail!(
+            "no store in {} (nothing imported or uploaded there yet)",
+            dir.display()
+        );
+    }
+    Store::open(dir).with_context(|| format!("opening store {}", dir.display()))
+}
+
 fn progress_bar() -> ProgressBar {
     let pb = ProgressBar::new_spinner();
     pb.set_style(
@@ -268,8 +279,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Stats { data, json } => {
-            let store = Store::open(&data.data_dir)
-                .with_context(|| format!("opening store {}", data.data_dir.display()))?;
+            let store = open_existing(&data.data_dir)?;
             let s = store.stats()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
@@ -316,8 +326,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Nar { data, store_path } => {
             let hash = parse_hash_or_path(&store_path)
                 .with_context(|| format!("bad store path {store_path:?}"))?;
-            let store = Store::open(&data.data_dir)
-                .with_context(|| format!("opening store {}", data.data_dir.display()))?;
+            let store = open_existing(&data.data_dir)?;
             let rec = store
                 .narinfo(hash.as_str())?
                 .with_context(|| format!("{store_path}: not in the store"))?;
@@ -329,8 +338,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify { data } => {
-            let store = Store::open(&data.data_dir)
-                .with_context(|| format!("opening store {}", data.data_dir.display()))?;
+            let store = open_existing(&data.data_dir)?;
             let pb = ProgressBar::new(store.stats()?.chunk_compressed_bytes);
             pb.set_style(
                 ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} chunks read")
