@@ -37,6 +37,12 @@ pub struct DaemonConfig {
     pub max_upload_size: u64,
     /// Upstream HTTP binary caches asked, in order, for what the store does not have.
     pub upstream: Vec<String>,
+    /// libp2p listen multiaddrs; none turns the P2P layer off.
+    pub p2p_listen: Vec<String>,
+    /// Bootstrap peers (multiaddrs ending in `/p2p/<peer id>`).
+    pub bootstrap: Vec<String>,
+    /// Turn mDNS discovery off.
+    pub no_mdns: bool,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
@@ -50,6 +56,9 @@ impl Default for DaemonConfig {
             upload_token_file: None,
             max_upload_size: 64 << 30,
             upstream: Vec::new(),
+            p2p_listen: Vec::new(),
+            bootstrap: Vec::new(),
+            no_mdns: false,
         }
     }
 }

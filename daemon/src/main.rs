@@ -57,6 +57,15 @@ enum Command {
         /// order), e.g. https://cache.nixos.org.
         #[arg(long = "upstream")]
         upstream: Vec<String>,
+        /// libp2p listen multiaddrs, e.g. /ip4/0.0.0.0/tcp/7421; none: P2P off.
+        #[arg(long = "p2p-listen", num_args = 1..)]
+        p2p_listen: Vec<String>,
+        /// Bootstrap peers: multiaddrs ending in /p2p/<peer id>.
+        #[arg(long = "bootstrap", num_args = 1..)]
+        bootstrap: Vec<String>,
+        /// Do not discover peers on the LAN with mDNS.
+        #[arg(long)]
+        no_mdns: bool,
     },
     /// Import narinfos and NARs from a file:// binary cache.
     Import {
@@ -171,6 +180,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             upload_token_file,
             max_upload_size,
             upstream,
+            p2p_listen,
+            bootstrap,
+            no_mdns,
         } => {
             let mut cfg = match &config {
                 Some(f) => DaemonConfig::from_file(f)?,
@@ -190,16 +202,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 cfg.max_upload_size = m;
             }
             cfg.upstream.extend(upstream);
+            cfg.p2p_listen.extend(p2p_listen);
+            cfg.bootstrap.extend(bootstrap);
+            cfg.no_mdns |= no_mdns;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            rt.block_on(nix_p2p_cache::daemon::run(cfg, shutdown_signal(), |addr| {
-                use std::io::Write as _;
-                let mut out = std::io::stdout().lock();
-                let _ = writeln!(out, "listening http://{addr}");
-                let _ = out.flush();
-            }))?;
+            rt.block_on(nix_p2p_cache::daemon::run(
+                cfg,
+                shutdown_signal(),
+                |addr, p2p| {
+                    use std::io::Write as _;
+                    let mut out = std::io::stdout().lock();
+                    let _ = writeln!(out, "listening http://{addr}");
+                    for a in p2p {
+                        let _ = writeln!(out, "listening {a}");
+                    }
+                    let _ = out.flush();
+                },
+            ))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Import {
