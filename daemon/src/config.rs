@@ -117,6 +117,14 @@ mod tests {
         assert_eq!(c.listen.port(), 9999);
         assert_eq!(c.trusted_public_keys, vec!["a:b".to_string()]);
         assert_eq!(c.upstream, vec!["http://x".to_string()]);
+        assert!(c.p2p_listen.is_empty() && c.bootstrap.is_empty() && !c.no_mdns);
+        let p: DaemonConfig = toml::from_str(
+            "p2p-listen = [\"/ip4/0.0.0.0/tcp/7421\"]\nbootstrap = [\"/ip4/10.0.0.1/tcp/7421/p2p/x\"]\nno-mdns = true\n",
+        )
+        .unwrap();
+        assert_eq!(p.p2p_listen, vec!["/ip4/0.0.0.0/tcp/7421".to_string()]);
+        assert_eq!(p.bootstrap.len(), 1);
+        assert!(p.no_mdns);
         assert!(toml::from_str::<DaemonConfig>("bogus = 1\n").is_err());
     }
 }

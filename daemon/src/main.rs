@@ -33,7 +33,7 @@ struct DataDir {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the daemon: the localhost substituter Nix uses (and, later, the P2P node).
+    /// Run the daemon: the localhost substituter Nix uses and, with --p2p-listen, the P2P node.
     Daemon {
         /// TOML config file (keys as the long flags); flags override it.
         #[arg(long, env = "NIX_P2P_CACHE_CONFIG")]
