@@ -37,6 +37,12 @@ pub struct DaemonConfig {
     pub max_upload_size: u64,
     /// Upstream HTTP binary caches asked, in order, for what the store does not have.
     pub upstream: Vec<String>,
+    /// libp2p listen multiaddrs; none turns the P2P layer off.
+    pub p2p_listen: Vec<String>,
+    /// Bootstrap peers (multiaddrs ending in `/p2p/<peer id>`).
+    pub bootstrap: Vec<String>,
+    /// Turn mDNS discovery off.
+    pub no_mdns: bool,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
@@ -50,6 +56,9 @@ impl Default for DaemonConfig {
             upload_token_file: None,
             max_upload_size: 64 << 30,
             upstream: Vec::new(),
+            p2p_listen: Vec::new(),
+            bootstrap: Vec::new(),
+            no_mdns: false,
         }
     }
 }
@@ -108,6 +117,14 @@ mod tests {
         assert_eq!(c.listen.port(), 9999);
         assert_eq!(c.trusted_public_keys, vec!["a:b".to_string()]);
         assert_eq!(c.upstream, vec!["http://x".to_string()]);
+        assert!(c.p2p_listen.is_empty() && c.bootstrap.is_empty() && !c.no_mdns);
+        let p: DaemonConfig = toml::from_str(
+            "p2p-listen = [\"/ip4/0.0.0.0/tcp/7421\"]\nbootstrap = [\"/ip4/10.0.0.1/tcp/7421/p2p/x\"]\nno-mdns = true\n",
+        )
+        .unwrap();
+        assert_eq!(p.p2p_listen, vec!["/ip4/0.0.0.0/tcp/7421".to_string()]);
+        assert_eq!(p.bootstrap.len(), 1);
+        assert!(p.no_mdns);
         assert!(toml::from_str::<DaemonConfig>("bogus = 1\n").is_err());
     }
 }

@@ -2,12 +2,19 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
+
+use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
+use libp2p::Multiaddr;
 
 use crate::config::{ConfigError, DaemonConfig};
 use crate::core::signing::{PublicKey, SigningError, CACHE_NIXOS_ORG_KEY};
+use crate::fetch::Peers;
 use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
+use crate::net::{self, BehaviourConfig, NetConfig, StoreResponder, Transport};
 use crate::store::{Store, StoreError};
 use crate::upstream::{Upstream, UpstreamError};
 
@@ -35,6 +42,8 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    #[error("P2P: {0}")]
+    P2p(String),
     #[error("serving HTTP: {0}")]
     Serve(#[source] std::io::Error),
 }
@@ -52,11 +61,102 @@ pub fn trusted_keys(extra: &[String]) -> Result<Vec<PublicKey>, DaemonError> {
         .collect()
 }
 
-/// Runs the daemon until `shutdown` resolves. `on_listen` gets each bound address.
+/// The node key in `<data-dir>/node.key` (libp2p protobuf encoding), generated once (0600).
+pub fn node_key(data_dir: &Path) -> Result<Keypair, DaemonError> {
+    let path = data_dir.join("node.key");
+    let err = |e: &dyn std::fmt::Display| DaemonError::P2p(format!("{}: {e}", path.display()));
+    match std::fs::read(&path) {
+        Ok(bytes) => Keypair::from_protobuf_encoding(&bytes).map_err(|e| err(&e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let key = Keypair::generate_ed25519();
+            let bytes = key.to_protobuf_encoding().map_err(|e| err(&e))?;
+            std::fs::create_dir_all(data_dir).map_err(|e| err(&e))?;
+            let tmp = data_dir.join("node.key.tmp");
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(|e| err(&e))?;
+            f.write_all(&bytes).map_err(|e| err(&e))?;
+            f.sync_all().map_err(|e| err(&e))?;
+            std::fs::rename(&tmp, &path).map_err(|e| err(&e))?;
+            Ok(key)
+        }
+        Err(e) => Err(err(&e)),
+    }
+}
+
+/// Starts the P2P node: listens, dials the bootstrap peers, then (in the background) walks
+/// the DHT and announces the store's trusted NARs. Returns the peers handle and the listen
+/// addresses with `/p2p/<peer id>`.
+async fn start_p2p(
+    config: &DaemonConfig,
+    store: &Arc<Store>,
+    trusted: Vec<PublicKey>,
+) -> Result<(Arc<Peers>, Vec<Multiaddr>), DaemonError> {
+    let p2p = |e: &dyn std::fmt::Display| DaemonError::P2p(e.to_string());
+    let parse = |s: &String| {
+        s.parse::<Multiaddr>()
+            .map_err(|e| DaemonError::P2p(format!("bad multiaddr {s:?}: {e}")))
+    };
+    let listen = config
+        .p2p_listen
+        .iter()
+        .map(parse)
+        .collect::<Result<Vec<_>, _>>()?;
+    let bootstrap = config
+        .bootstrap
+        .iter()
+        .map(parse)
+        .collect::<Result<Vec<_>, _>>()?;
+    let dir = config.data_dir.clone();
+    let key = tokio::task::spawn_blocking(move || node_key(&dir))
+        .await
+        .map_err(|e| p2p(&e))??;
+    let net_config = NetConfig {
+        transport: Transport::Tcp,
+        behaviour: BehaviourConfig {
+            mdns: !config.no_mdns,
+        },
+    };
+    let responder = Arc::new(StoreResponder::new(store.clone()));
+    let (client, event_loop) = net::new(key, &net_config, responder).map_err(|e| p2p(&e))?;
+    tokio::spawn(event_loop.run());
+    let me = client.local_peer_id();
+    let mut addrs = Vec::new();
+    for a in listen {
+        let mut bound = client.listen(a).await.map_err(|e| p2p(&e))?;
+        bound.push(Protocol::P2p(me));
+        addrs.push(bound);
+    }
+    for b in bootstrap {
+        // A dead bootstrap peer is not fatal: the DHT and mDNS may still find others.
+        match client.dial(b.clone()).await {
+            Ok(peer) => tracing::info!(%peer, "connected to bootstrap peer"),
+            Err(e) => tracing::warn!(addr = %b, error = %e, "bootstrap peer unreachable"),
+        }
+    }
+    let peers = Arc::new(Peers::new(client, trusted));
+    let (p, s) = (peers.clone(), store.clone());
+    tokio::spawn(async move {
+        if let Err(e) = p.client().bootstrap().await {
+            tracing::debug!(error = %e, "DHT bootstrap");
+        }
+        p.announce_all(s).await;
+    });
+    Ok((peers, addrs))
+}
+
+/// Runs the daemon until `shutdown` resolves. `on_listen` gets the bound HTTP address and the
+/// P2P listen addresses (with `/p2p/<peer id>`; empty when P2P is off).
 pub async fn run(
     config: DaemonConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    on_listen: impl FnOnce(SocketAddr),
+    on_listen: impl FnOnce(SocketAddr, &[Multiaddr]),
 ) -> Result<(), DaemonError> {
     let trusted = trusted_keys(&config.trusted_public_keys)?;
     let upload_token = config.upload_token()?;
@@ -72,8 +172,15 @@ pub async fn run(
         tracing::info!(upstreams = ?config.upstream, "upstream caches");
         Some(Arc::new(u))
     };
+    let store = Arc::new(store);
+    let (peers, p2p_addrs) = if config.p2p_listen.is_empty() {
+        (None, Vec::new())
+    } else {
+        let (p, a) = start_p2p(&config, &store, trusted.clone()).await?;
+        (Some(p), a)
+    };
     let state = Arc::new(HttpState {
-        store: Arc::new(store),
+        store,
         metrics: Arc::new(Metrics::default()),
         upload_token,
         trusted,
@@ -81,6 +188,7 @@ pub async fn run(
         max_upload: config.max_upload_size,
         narinfo_cache: http::NarinfoCache::new(NARINFO_CACHE_ENTRIES),
         upstream,
+        peers,
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -95,7 +203,7 @@ pub async fn run(
             tracing::debug!(error = %e, "TCP_NODELAY");
         }
     });
-    on_listen(addr);
+    on_listen(addr, &p2p_addrs);
     tracing::info!(%addr, data_dir = %config.data_dir.display(), "serving");
     axum::serve(listener, http::router(state))
         .with_graceful_shutdown(shutdown)

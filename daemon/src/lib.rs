@@ -5,6 +5,7 @@
 pub mod config;
 pub mod core;
 pub mod daemon;
+pub mod fetch;
 pub mod http;
 pub mod import;
 pub mod metrics;

@@ -33,7 +33,7 @@ struct DataDir {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the daemon: the localhost substituter Nix uses (and, later, the P2P node).
+    /// Run the daemon: the localhost substituter Nix uses and, with --p2p-listen, the P2P node.
     Daemon {
         /// TOML config file (keys as the long flags); flags override it.
         #[arg(long, env = "NIX_P2P_CACHE_CONFIG")]
@@ -57,6 +57,15 @@ enum Command {
         /// order), e.g. https://cache.nixos.org.
         #[arg(long = "upstream")]
         upstream: Vec<String>,
+        /// libp2p listen multiaddrs, e.g. /ip4/0.0.0.0/tcp/7421; none: P2P off.
+        #[arg(long = "p2p-listen", num_args = 1..)]
+        p2p_listen: Vec<String>,
+        /// Bootstrap peers: multiaddrs ending in /p2p/<peer id>.
+        #[arg(long = "bootstrap", num_args = 1..)]
+        bootstrap: Vec<String>,
+        /// Do not discover peers on the LAN with mDNS.
+        #[arg(long)]
+        no_mdns: bool,
     },
     /// Import narinfos and NARs from a file:// binary cache.
     Import {
@@ -182,6 +191,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             upload_token_file,
             max_upload_size,
             upstream,
+            p2p_listen,
+            bootstrap,
+            no_mdns,
         } => {
             let mut cfg = match &config {
                 Some(f) => DaemonConfig::from_file(f)?,
@@ -201,16 +213,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 cfg.max_upload_size = m;
             }
             cfg.upstream.extend(upstream);
+            cfg.p2p_listen.extend(p2p_listen);
+            cfg.bootstrap.extend(bootstrap);
+            cfg.no_mdns |= no_mdns;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            rt.block_on(nix_p2p_cache::daemon::run(cfg, shutdown_signal(), |addr| {
-                use std::io::Write as _;
-                let mut out = std::io::stdout().lock();
-                let _ = writeln!(out, "listening http://{addr}");
-                let _ = out.flush();
-            }))?;
+            rt.block_on(nix_p2p_cache::daemon::run(
+                cfg,
+                shutdown_signal(),
+                |addr, p2p| {
+                    use std::io::Write as _;
+                    let mut out = std::io::stdout().lock();
+                    let _ = writeln!(out, "listening http://{addr}");
+                    for a in p2p {
+                        let _ = writeln!(out, "listening {a}");
+                    }
+                    let _ = out.flush();
+                },
+            ))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Import {

@@ -78,8 +78,9 @@ pub enum UpstreamError {
 pub enum NarFetch {
     /// No pending upstream narinfo names this NAR.
     NotPending,
-    /// The store has the NAR now.
-    Stored,
+    /// The store has the NAR now; `trusted`: this call ingested it with a trusted narinfo
+    /// (worth announcing to peers).
+    Stored { trusted: bool },
     /// The download or its ingest failed; the pending narinfo of `path` was dropped.
     Failed {
         path: StorePathHash,
@@ -295,10 +296,11 @@ impl Upstream {
         let s = store.clone();
         let h = *nar_hash;
         if let Ok(Ok(true)) = tokio::task::spawn_blocking(move || s.has_nar(&h)).await {
-            return NarFetch::Stored;
+            return NarFetch::Stored { trusted: false };
         }
         let span = tracing::info_span!("upstream_nar", upstream = %upstream, nar = %nar_hash,
             path = %info.store_path.to_absolute());
+        let trusted = matches!(trust, Trust::Trusted { .. });
         let r = self
             .download_and_ingest(store, &upstream, text, info, trust)
             .instrument(span)
@@ -311,7 +313,7 @@ impl Upstream {
             p.by_path.remove(&path);
         }
         match r {
-            Ok(()) => NarFetch::Stored,
+            Ok(()) => NarFetch::Stored { trusted },
             Err(error) => {
                 tracing::warn!(%error, "upstream NAR refused");
                 NarFetch::Failed { path, error }
@@ -397,13 +399,13 @@ impl Upstream {
 }
 
 /// The receiving end of a download as a blocking `Read`.
-struct ChannelReader {
+pub(crate) struct ChannelReader {
     rx: tokio::sync::mpsc::Receiver<io::Result<Bytes>>,
     cur: Bytes,
 }
 
 impl ChannelReader {
-    fn new(rx: tokio::sync::mpsc::Receiver<io::Result<Bytes>>) -> Self {
+    pub(crate) fn new(rx: tokio::sync::mpsc::Receiver<io::Result<Bytes>>) -> Self {
         Self {
             rx,
             cur: Bytes::new(),

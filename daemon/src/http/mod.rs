@@ -45,6 +45,8 @@ pub struct HttpState {
     pub narinfo_cache: NarinfoCache,
     /// Upstream binary caches for local misses (`--upstream`), if any.
     pub upstream: Option<Arc<crate::upstream::Upstream>>,
+    /// The P2P node (`--p2p-listen`), if on.
+    pub peers: Option<Arc<crate::fetch::Peers>>,
 }
 
 /// Bounded cache of served narinfos (`Some(text)`) and misses (`None`) by store-path hash.
@@ -162,6 +164,13 @@ async fn get_narinfo(
                     None => Ok(None),
                 })
                 .await?;
+                if text.is_none() {
+                    if let Some(peers) = &state.peers {
+                        if let Some(t) = peers.narinfo(&hash).await {
+                            text = Some(Arc::from(served_narinfo(&t)?));
+                        }
+                    }
+                }
                 let upstream = if text.is_none() {
                     state.upstream.as_ref()
                 } else {

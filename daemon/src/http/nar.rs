@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::{add, blocking, finish, HttpError, HttpState};
 use crate::core::NarHash;
+use crate::fetch::PeerFetch;
 use crate::metrics::Metrics;
 use crate::upstream::NarFetch;
 
@@ -132,8 +133,8 @@ async fn serve(
     let store = state.store.clone();
     let mut reader = match blocking(move || Ok(store.nar_reader(&nar_hash)?)).await {
         Ok(r) => r,
-        Err(HttpError::NotFound) if state.upstream.is_some() => {
-            match from_upstream(state, &nar_hash).await? {
+        Err(HttpError::NotFound) if state.peers.is_some() || state.upstream.is_some() => {
+            match from_elsewhere(state, &nar_hash).await? {
                 Some(r) => r,
                 None => {
                     Metrics::inc(&state.metrics.nar_misses, 1);
@@ -201,6 +202,41 @@ async fn serve(
 
 /// A NAR the store lacks, fetched from the upstream whose narinfo named it (ingested, then
 /// read back from the store like any other). `None`: no pending upstream narinfo names it.
+/// A stored NAR's reader.
+async fn stored(
+    state: &Arc<HttpState>,
+    nar_hash: &NarHash,
+) -> Result<crate::store::NarReader, HttpError> {
+    let store = state.store.clone();
+    let h = *nar_hash;
+    blocking(move || Ok(store.nar_reader(&h)?)).await
+}
+
+/// The NAR from peers (if a pending peer narinfo names it), else from the upstreams (asking
+/// them for the narinfo first when it came from peers).
+async fn from_elsewhere(
+    state: &Arc<HttpState>,
+    nar_hash: &NarHash,
+) -> Result<Option<crate::store::NarReader>, HttpError> {
+    if let Some(peers) = &state.peers {
+        match peers.fetch_nar(&state.store, nar_hash).await {
+            PeerFetch::NotPending => {}
+            PeerFetch::Stored => return Ok(Some(stored(state, nar_hash).await?)),
+            PeerFetch::Failed { path, error } => {
+                state.narinfo_cache.forget(path.as_str());
+                let Some(up) = &state.upstream else {
+                    return Err(HttpError::BadGateway(error));
+                };
+                // Peers failed: the upstreams may have it.
+                if !matches!(up.narinfo(&path).await, Ok(Some(_))) {
+                    return Err(HttpError::BadGateway(error));
+                }
+            }
+        }
+    }
+    from_upstream(state, nar_hash).await
+}
+
 async fn from_upstream(
     state: &Arc<HttpState>,
     nar_hash: &NarHash,
@@ -210,7 +246,10 @@ async fn from_upstream(
     };
     match up.fetch_nar(&state.store, nar_hash).await {
         NarFetch::NotPending => Ok(None),
-        NarFetch::Stored => {
+        NarFetch::Stored { trusted } => {
+            if let (true, Some(peers)) = (trusted, &state.peers) {
+                peers.announce(*nar_hash);
+            }
             add(&state.metrics.upstream_nars, 1);
             let store = state.store.clone();
             let h = *nar_hash;

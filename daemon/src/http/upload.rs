@@ -16,6 +16,7 @@ use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 
 use super::{add, blocking, finish, parse_narinfo_file, HttpError, HttpState};
+use crate::core::signing;
 use crate::core::store_path::StorePathHash;
 use crate::import::{check_narinfo, decompressor, ImportError};
 
@@ -199,7 +200,12 @@ fn ingest_upload(state: &HttpState, hash: &StorePathHash, text: &str) -> Result<
     // Whatever happened, the staged NAR has served its purpose (a refused one is garbage).
     let _ = std::fs::remove_file(&staged);
     match outcome {
-        Ok(_) => Ok(()),
+        Ok(_) => {
+            if let (signing::Trust::Trusted { .. }, Some(peers)) = (&trust, &state.peers) {
+                peers.announce(info.nar_hash);
+            }
+            Ok(())
+        }
         Err(crate::store::StoreError::NarRead { source, .. })
             if source.kind() == io::ErrorKind::NotFound =>
         {

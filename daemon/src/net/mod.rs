@@ -169,6 +169,20 @@ impl Client {
     }
 }
 
+/// A loopback, private (RFC 1918 / ULA) or link-local IP address, or the memory transport.
+fn is_local(addr: &Multiaddr) -> bool {
+    match addr.iter().next() {
+        Some(Protocol::Ip4(ip)) => ip.is_loopback() || ip.is_private() || ip.is_link_local(),
+        Some(Protocol::Ip6(ip)) => {
+            ip.is_loopback()
+                || (ip.segments()[0] & 0xfe00) == 0xfc00
+                || (ip.segments()[0] & 0xffc0) == 0xfe80
+        }
+        Some(Protocol::Memory(_)) => true,
+        _ => false,
+    }
+}
+
 /// Which transport a node uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
@@ -381,6 +395,11 @@ impl EventLoop {
                 address,
             } => {
                 tracing::info!(%address, peer = %self.swarm.local_peer_id(), "p2p listening");
+                // Loopback and LAN addresses are reachable as they are (no NAT to learn
+                // through): confirm them, so kad and identify advertise them to peers.
+                if is_local(&address) {
+                    self.swarm.add_external_address(address.clone());
+                }
                 if let Some((_, reply)) = self.pending_listen.remove(&listener_id) {
                     let _ = reply.send(Ok(address));
                 }
