@@ -18,6 +18,9 @@ use crate::net::{self, BehaviourConfig, NetConfig, StoreResponder, Transport};
 use crate::store::{Store, StoreError};
 use crate::upstream::{Upstream, UpstreamError};
 
+/// How long a narinfo miss is answered from memory (peers and upstreams can gain the path).
+const NARINFO_NEGATIVE_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Served narinfos (and misses) kept in memory: ~1 KiB each at most.
 const NARINFO_CACHE_ENTRIES: usize = 16 * 1024;
 
@@ -186,7 +189,7 @@ pub async fn run(
         trusted,
         staging: config.data_dir.join("uploads"),
         max_upload: config.max_upload_size,
-        narinfo_cache: http::NarinfoCache::new(NARINFO_CACHE_ENTRIES),
+        narinfo_cache: http::NarinfoCache::new(NARINFO_CACHE_ENTRIES, NARINFO_NEGATIVE_TTL),
         upstream,
         peers,
     });

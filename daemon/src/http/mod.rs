@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -49,28 +50,36 @@ pub struct HttpState {
     pub peers: Option<Arc<crate::fetch::Peers>>,
 }
 
+/// A served narinfo text (`None`: a miss) and when it was stored.
+type CacheEntry = (Option<Arc<str>>, Instant);
+
 /// Bounded cache of served narinfos (`Some(text)`) and misses (`None`) by store-path hash.
 /// Cleared when full; an upload drops its hash's entry. Only this process writes the store
-/// (the index file is locked), so nothing else can make an entry stale.
+/// (the index file is locked), so hits cannot go stale; misses expire after `negative_ttl`
+/// because peers and upstreams can gain a path at any time.
 pub struct NarinfoCache {
-    map: Mutex<HashMap<String, Option<Arc<str>>>>,
+    map: Mutex<HashMap<String, CacheEntry>>,
     cap: usize,
+    /// How long a miss is remembered: peers and upstreams can gain a path at any time.
+    negative_ttl: Duration,
 }
 
 impl NarinfoCache {
-    pub fn new(cap: usize) -> Self {
+    pub fn new(cap: usize, negative_ttl: Duration) -> Self {
         Self {
             map: Mutex::new(HashMap::new()),
             cap,
+            negative_ttl,
         }
     }
 
     fn get(&self, hash: &str) -> Option<Option<Arc<str>>> {
-        self.map
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(hash)
-            .cloned()
+        let m = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        match m.get(hash) {
+            Some((None, at)) if at.elapsed() >= self.negative_ttl => None,
+            Some((v, _)) => Some(v.clone()),
+            None => None,
+        }
     }
 
     fn put(&self, hash: &str, v: Option<Arc<str>>) {
@@ -78,7 +87,7 @@ impl NarinfoCache {
         if m.len() >= self.cap {
             m.clear();
         }
-        m.insert(hash.to_string(), v);
+        m.insert(hash.to_string(), (v, Instant::now()));
     }
 
     pub fn forget(&self, hash: &str) {
@@ -238,4 +247,26 @@ pub fn nar_url(info: &NarInfo) -> String {
 /// Convenience for counters.
 pub(crate) fn add(counter: &std::sync::atomic::AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+
+    #[test]
+    fn misses_expire_hits_stay() {
+        let c = NarinfoCache::new(4, Duration::from_millis(30));
+        c.put("a", None);
+        c.put("b", Some(Arc::from("text")));
+        assert_eq!(c.get("a"), Some(None));
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(c.get("a"), None, "an old miss is asked again");
+        assert_eq!(c.get("b"), Some(Some(Arc::from("text"))));
+        c.forget("b");
+        assert_eq!(c.get("b"), None);
+        for k in ["c", "d", "e", "f"] {
+            c.put(k, None);
+        }
+        assert!(c.map.lock().unwrap().len() <= 4, "bounded");
+    }
 }
