@@ -1,6 +1,8 @@
 //! Helpers for the black-box tests: find the built binary, run the real Nix with settings
 //! that keep it offline and quiet, and build the small multi-generation corpus once.
 
+pub mod harness;
+
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
