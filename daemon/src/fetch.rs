@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -32,6 +32,7 @@ use crate::core::store_path::StorePathHash;
 use crate::core::{ChunkId, NarHash};
 use crate::import::check_narinfo;
 use crate::net::Client;
+use crate::pending::{Pending, PendingNarinfos};
 use crate::store::Store;
 use crate::upstream::ChannelReader;
 
@@ -61,24 +62,11 @@ pub enum PeerFetch {
     Failed { path: StorePathHash, error: String },
 }
 
-struct Pending {
-    peer: PeerId,
-    text: Arc<str>,
-    info: Arc<NarInfo>,
-    trust: Trust,
-}
-
-#[derive(Default)]
-struct PendingMap {
-    by_path: HashMap<StorePathHash, Pending>,
-    by_nar: HashMap<NarHash, StorePathHash>,
-}
-
 /// The P2P side of the daemon: a network client, the trusted keys and pending narinfos.
 pub struct Peers {
     client: Client,
     trusted: Vec<PublicKey>,
-    pending: Mutex<PendingMap>,
+    pending: PendingNarinfos<PeerId>,
     fetching: tokio::sync::Mutex<()>,
     runtime: tokio::runtime::Handle,
 }
@@ -89,7 +77,7 @@ impl Peers {
         Self {
             client,
             trusted,
-            pending: Mutex::new(PendingMap::default()),
+            pending: PendingNarinfos::new(PENDING_ENTRIES),
             fetching: tokio::sync::Mutex::new(()),
             runtime: tokio::runtime::Handle::current(),
         }
@@ -97,10 +85,6 @@ impl Peers {
 
     pub fn client(&self) -> &Client {
         &self.client
-    }
-
-    fn lock_pending(&self) -> std::sync::MutexGuard<'_, PendingMap> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Announces a NAR in the background (callable from any thread).
@@ -145,8 +129,8 @@ impl Peers {
 
     /// Asks the connected peers for the narinfo of `hash` (within [`NARINFO_BUDGET`]).
     pub async fn narinfo(&self, hash: &StorePathHash) -> Option<Arc<str>> {
-        if let Some(p) = self.lock_pending().by_path.get(hash) {
-            return Some(p.text.clone());
+        if let Some(t) = self.pending.text(hash) {
+            return Some(t);
         }
         let peers = self.client.connected_peers().await.ok()?;
         if peers.is_empty() {
@@ -188,16 +172,10 @@ impl Peers {
         .flatten()?;
         let (peer, text, info, trust) = found;
         let text: Arc<str> = Arc::from(text);
-        let mut p = self.lock_pending();
-        if p.by_path.len() >= PENDING_ENTRIES {
-            p.by_path.clear();
-            p.by_nar.clear();
-        }
-        p.by_nar.insert(info.nar_hash, hash.clone());
-        p.by_path.insert(
+        self.pending.insert(
             hash.clone(),
             Pending {
-                peer,
+                source: peer,
                 text: text.clone(),
                 info: Arc::new(info),
                 trust,
@@ -211,23 +189,15 @@ impl Peers {
     /// narinfo names it. One fetch at a time.
     pub async fn fetch_nar(&self, store: &Arc<Store>, nar_hash: &NarHash) -> PeerFetch {
         let _guard = self.fetching.lock().await;
-        let (path, peer, text, info, trust) = {
-            let p = self.lock_pending();
-            let Some((h, e)) = p
-                .by_nar
-                .get(nar_hash)
-                .and_then(|h| p.by_path.get_key_value(h))
-            else {
-                return PeerFetch::NotPending;
-            };
-            (
-                h.clone(),
-                e.peer,
-                e.text.clone(),
-                e.info.clone(),
-                e.trust.clone(),
-            )
+        let Some((path, pending)) = self.pending.by_nar(nar_hash) else {
+            return PeerFetch::NotPending;
         };
+        let Pending {
+            source: peer,
+            text,
+            info,
+            trust,
+        } = pending;
         let s = store.clone();
         let h = *nar_hash;
         let stored = matches!(
@@ -239,11 +209,7 @@ impl Peers {
         } else {
             self.fetch_from_peers(store, peer, text, info, trust).await
         };
-        {
-            let mut p = self.lock_pending();
-            p.by_nar.remove(nar_hash);
-            p.by_path.remove(&path);
-        }
+        self.pending.remove(nar_hash, &path);
         match r {
             Ok(()) => {
                 self.announce(*nar_hash);

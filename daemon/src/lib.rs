@@ -10,5 +10,6 @@ pub mod http;
 pub mod import;
 pub mod metrics;
 pub mod net;
+pub mod pending;
 pub mod store;
 pub mod upstream;

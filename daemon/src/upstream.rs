@@ -27,6 +27,7 @@ use crate::core::signing::{PublicKey, Trust};
 use crate::core::store_path::StorePathHash;
 use crate::core::NarHash;
 use crate::import::{check_narinfo, decompressor};
+use crate::pending::{Pending, PendingNarinfos};
 use crate::store::{Store, StoreError};
 
 /// Connect timeout for every upstream request.
@@ -88,27 +89,12 @@ pub enum NarFetch {
     },
 }
 
-/// A narinfo fetched from an upstream, waiting for its NAR to be requested.
-struct Pending {
-    /// The upstream's base URL (no trailing `/`).
-    upstream: Arc<str>,
-    text: Arc<str>,
-    info: Arc<NarInfo>,
-    trust: Trust,
-}
-
-#[derive(Default)]
-struct PendingMap {
-    by_path: HashMap<StorePathHash, Pending>,
-    by_nar: HashMap<NarHash, StorePathHash>,
-}
-
 /// The configured upstream caches and what has been fetched from them.
 pub struct Upstream {
     client: reqwest::Client,
     urls: Vec<Arc<str>>,
     trusted: Vec<PublicKey>,
-    pending: Mutex<PendingMap>,
+    pending: PendingNarinfos<Arc<str>>,
     fetching: Mutex<HashMap<NarHash, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -137,7 +123,7 @@ impl Upstream {
             client,
             urls,
             trusted,
-            pending: Mutex::new(PendingMap::default()),
+            pending: PendingNarinfos::new(PENDING_ENTRIES),
             fetching: Mutex::new(HashMap::new()),
         })
     }
@@ -150,8 +136,8 @@ impl Upstream {
     /// `Ok(None)`: no upstream has it (or none had an acceptable one). `Err`: none had it and
     /// at least one could not be asked (a transient miss, not worth remembering).
     pub async fn narinfo(&self, hash: &StorePathHash) -> Result<Option<Arc<str>>, UpstreamError> {
-        if let Some(p) = self.lock_pending().by_path.get(hash) {
-            return Ok(Some(p.text.clone()));
+        if let Some(t) = self.pending.text(hash) {
+            return Ok(Some(t));
         }
         let mut failure = None;
         for base in &self.urls {
@@ -179,16 +165,10 @@ impl Upstream {
                 continue;
             }
             let text: Arc<str> = Arc::from(text);
-            let mut p = self.lock_pending();
-            if p.by_path.len() >= PENDING_ENTRIES {
-                p.by_path.clear();
-                p.by_nar.clear();
-            }
-            p.by_nar.insert(info.nar_hash, hash.clone());
-            p.by_path.insert(
+            self.pending.insert(
                 hash.clone(),
                 Pending {
-                    upstream: base.clone(),
+                    source: base.clone(),
                     text: text.clone(),
                     info: Arc::new(info),
                     trust,
@@ -274,24 +254,15 @@ impl Upstream {
     }
 
     async fn fetch_locked(&self, store: &Arc<Store>, nar_hash: &NarHash) -> NarFetch {
-        let (path, upstream, text, info, trust) = {
-            let p = self.lock_pending();
-            let Some(e) = p
-                .by_nar
-                .get(nar_hash)
-                .and_then(|h| p.by_path.get_key_value(h))
-            else {
-                return NarFetch::NotPending;
-            };
-            let (h, e) = e;
-            (
-                h.clone(),
-                e.upstream.clone(),
-                e.text.clone(),
-                e.info.clone(),
-                e.trust.clone(),
-            )
+        let Some((path, pending)) = self.pending.by_nar(nar_hash) else {
+            return NarFetch::NotPending;
         };
+        let Pending {
+            source: upstream,
+            text,
+            info,
+            trust,
+        } = pending;
         // Another request may have fetched it while we waited for the lock.
         let s = store.clone();
         let h = *nar_hash;
@@ -307,11 +278,7 @@ impl Upstream {
             .await;
         // Ingested: the store has the narinfo now. Refused: forget it, so the next narinfo
         // request asks the upstreams again.
-        {
-            let mut p = self.lock_pending();
-            p.by_nar.remove(nar_hash);
-            p.by_path.remove(&path);
-        }
+        self.pending.remove(nar_hash, &path);
         match r {
             Ok(()) => NarFetch::Stored { trusted },
             Err(error) => {
@@ -391,10 +358,6 @@ impl Upstream {
                 source: Box::new(e),
             }),
         }
-    }
-
-    fn lock_pending(&self) -> std::sync::MutexGuard<'_, PendingMap> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
