@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Errors reading the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -22,10 +22,107 @@ pub enum ConfigError {
     },
     #[error("upload token file {0} is empty")]
     EmptyToken(PathBuf),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// What the node is for (design §5, "Retention").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Caches what it fetches (under `max-cache-size`) and falls back to the upstreams.
+    #[default]
+    Peer,
+    /// Keeps everything it holds (never evicts) and serves the network; no upstream fallback.
+    Seed,
+}
+
+/// Which peers may fetch from this node (design §5, "Privacy").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Share {
+    /// Serve no peer (fetch only).
+    None,
+    /// Serve only peers discovered with mDNS on the LAN.
+    Lan,
+    /// Serve every peer.
+    #[default]
+    All,
+}
+
+/// What is announced in the DHT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Announce {
+    /// The NAR key of every trusted NAR held.
+    #[default]
+    Roots,
+    /// NAR keys and every chunk id of those NARs.
+    All,
+}
+
+/// A byte count: an integer, or a string with a binary/decimal suffix ("50G", "512MiB", "1.5T").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "ByteSizeRepr", into = "u64")]
+pub struct ByteSize(pub u64);
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ByteSizeRepr {
+    Int(u64),
+    Str(String),
+}
+
+impl TryFrom<ByteSizeRepr> for ByteSize {
+    type Error = String;
+    fn try_from(r: ByteSizeRepr) -> Result<Self, String> {
+        match r {
+            ByteSizeRepr::Int(n) => Ok(ByteSize(n)),
+            ByteSizeRepr::Str(s) => s.parse(),
+        }
+    }
+}
+
+impl From<ByteSize> for u64 {
+    fn from(b: ByteSize) -> u64 {
+        b.0
+    }
+}
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+    /// `K`/`M`/`G`/`T` (and `KB`…) are powers of 1000, `KiB`/`MiB`/`GiB`/`TiB` powers of 1024;
+    /// a bare number or `B` is bytes. Case-insensitive.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let bad = || format!("bad size {s:?} (expected e.g. 1073741824, 50G or 512MiB)");
+        let value: f64 = num.parse().map_err(|_| bad())?;
+        let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1.0,
+            "k" | "kb" => 1e3,
+            "m" | "mb" => 1e6,
+            "g" | "gb" => 1e9,
+            "t" | "tb" => 1e12,
+            "ki" | "kib" => 1024.0,
+            "mi" | "mib" => 1024.0 * 1024.0,
+            "gi" | "gib" => 1024.0 * 1024.0 * 1024.0,
+            "ti" | "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+            _ => return Err(bad()),
+        };
+        let bytes = value * mult;
+        if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+            return Err(bad());
+        }
+        Ok(ByteSize(bytes.round() as u64))
+    }
 }
 
 /// The daemon's settings. Every field can come from the TOML file; flags override.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct DaemonConfig {
     pub data_dir: PathBuf,
@@ -43,6 +140,18 @@ pub struct DaemonConfig {
     pub bootstrap: Vec<String>,
     /// Turn mDNS discovery off.
     pub no_mdns: bool,
+    /// `peer` or `seed`.
+    pub role: Role,
+    /// Which peers this node serves: `none`, `lan` (mDNS peers only) or `all`.
+    pub share: Share,
+    /// What is announced in the DHT: `roots` (NAR keys) or `all` (also chunk ids).
+    pub announce: Announce,
+    /// Evict least-recently-used unpinned NARs above this many stored bytes (peers only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_cache_size: Option<ByteSize>,
+    /// Cap on bytes per second sent to peers (all peers together).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upload_rate_limit: Option<ByteSize>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
@@ -59,6 +168,11 @@ impl Default for DaemonConfig {
             p2p_listen: Vec::new(),
             bootstrap: Vec::new(),
             no_mdns: false,
+            role: Role::Peer,
+            share: Share::All,
+            announce: Announce::Roots,
+            max_cache_size: None,
+            upload_rate_limit: None,
         }
     }
 }
@@ -74,6 +188,60 @@ impl DaemonConfig {
             path: path.to_path_buf(),
             source,
         })
+    }
+
+    /// Checks what can be checked without the filesystem or network: trusted keys, multiaddrs,
+    /// upstream URLs and option combinations. Every problem is reported, one per line.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        for k in &self.trusted_public_keys {
+            if let Err(e) = crate::core::signing::PublicKey::parse(k) {
+                problems.push(format!("trusted-public-keys: {k:?}: {e}"));
+            }
+        }
+        for (field, addrs) in [
+            ("p2p-listen", &self.p2p_listen),
+            ("bootstrap", &self.bootstrap),
+        ] {
+            for a in addrs {
+                match a.parse::<libp2p::Multiaddr>() {
+                    Err(e) => problems.push(format!("{field}: {a:?}: {e}")),
+                    Ok(m)
+                        if field == "bootstrap"
+                            && !matches!(
+                                m.iter().last(),
+                                Some(libp2p::multiaddr::Protocol::P2p(_))
+                            ) =>
+                    {
+                        problems.push(format!("bootstrap: {a:?} does not end in /p2p/<peer id>"))
+                    }
+                    Ok(_) => {}
+                }
+            }
+        }
+        for u in &self.upstream {
+            let ok = reqwest::Url::parse(u)
+                .map(|url| matches!(url.scheme(), "http" | "https") && url.has_host())
+                .unwrap_or(false);
+            if !ok {
+                problems.push(format!("upstream: {u:?} is not an http:// or https:// URL"));
+            }
+        }
+        if self.role == Role::Seed && self.max_cache_size.is_some() {
+            problems
+                .push("max-cache-size: a seed never evicts; drop it or use role = \"peer\"".into());
+        }
+        if self.upload_rate_limit == Some(ByteSize(0)) {
+            problems.push("upload-rate-limit: 0 would serve nothing; use share = \"none\"".into());
+        }
+        if self.p2p_listen.is_empty() && !self.bootstrap.is_empty() {
+            problems.push("bootstrap: peers given but p2p-listen is empty (P2P is off)".into());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems.join("\n")))
+        }
     }
 
     /// Reads the upload token, if a file is configured (surrounding whitespace trimmed).
@@ -126,5 +294,40 @@ mod tests {
         assert_eq!(p.bootstrap.len(), 1);
         assert!(p.no_mdns);
         assert!(toml::from_str::<DaemonConfig>("bogus = 1\n").is_err());
+    }
+
+    #[test]
+    fn sizes_roles_and_validation() {
+        let c: DaemonConfig = toml::from_str(
+            "role = \"peer\"\nshare = \"lan\"\nannounce = \"all\"\nmax-cache-size = \"50GiB\"\nupload-rate-limit = 1000000\n",
+        )
+        .unwrap();
+        assert_eq!(c.share, Share::Lan);
+        assert_eq!(c.announce, Announce::All);
+        assert_eq!(c.max_cache_size, Some(ByteSize(50 << 30)));
+        assert_eq!(c.upload_rate_limit, Some(ByteSize(1_000_000)));
+        c.validate().unwrap();
+        assert_eq!("10M".parse::<ByteSize>().unwrap(), ByteSize(10_000_000));
+        assert_eq!("1.5KiB".parse::<ByteSize>().unwrap(), ByteSize(1536));
+        assert!("ten".parse::<ByteSize>().is_err());
+        assert!("5 parsecs".parse::<ByteSize>().is_err());
+        assert!(toml::from_str::<DaemonConfig>("role = \"leader\"\n").is_err());
+        // Round trip through the serialised form (check-config prints it).
+        let back: DaemonConfig = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back.max_cache_size, c.max_cache_size);
+        let bad: DaemonConfig = toml::from_str(
+            "role = \"seed\"\nmax-cache-size = 5\nbootstrap = [\"/ip4/1.2.3.4/tcp/1\"]\nupstream = [\"ftp://x\"]\ntrusted-public-keys = [\"nope\"]\n",
+        )
+        .unwrap();
+        let e = bad.validate().unwrap_err().to_string();
+        for needle in [
+            "max-cache-size",
+            "/p2p/",
+            "ftp://x",
+            "nope",
+            "p2p-listen is empty",
+        ] {
+            assert!(e.contains(needle), "{needle} missing from {e}");
+        }
     }
 }

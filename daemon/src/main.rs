@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use nix_p2p_cache::config::{default_data_dir, DaemonConfig};
+use nix_p2p_cache::config::{default_data_dir, Announce, ByteSize, DaemonConfig, Role, Share};
 use nix_p2p_cache::core::store_path::parse_hash_or_path;
 use nix_p2p_cache::daemon::trusted_keys;
 use nix_p2p_cache::import::{self, BinaryCache, Selection};
@@ -31,41 +31,118 @@ struct DataDir {
     data_dir: PathBuf,
 }
 
+/// The daemon's flags (each also a key of the TOML config file).
+#[derive(Args)]
+struct DaemonArgs {
+    /// TOML config file (keys as the long flags); flags override it.
+    #[arg(long, env = "NIX_P2P_CACHE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory [default: $XDG_DATA_HOME/nix-p2p-cache].
+    #[arg(long, env = "NIX_P2P_CACHE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// HTTP listen address [default: 127.0.0.1:7420].
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// A trusted public key (name:base64); cache.nixos.org-1 is always trusted.
+    #[arg(long = "trusted-public-key")]
+    trusted_public_keys: Vec<String>,
+    /// File holding the upload token (the HTTP basic password Nix sends from its netrc).
+    #[arg(long)]
+    upload_token_file: Option<PathBuf>,
+    /// Largest NAR upload accepted, in bytes.
+    #[arg(long)]
+    max_upload_size: Option<u64>,
+    /// An upstream HTTP binary cache asked for what the store lacks (repeatable; tried in
+    /// order), e.g. https://cache.nixos.org.
+    #[arg(long = "upstream")]
+    upstream: Vec<String>,
+    /// libp2p listen multiaddrs, e.g. /ip4/0.0.0.0/tcp/7421; none: P2P off.
+    #[arg(long = "p2p-listen", num_args = 1..)]
+    p2p_listen: Vec<String>,
+    /// Bootstrap peers: multiaddrs ending in /p2p/<peer id>.
+    #[arg(long = "bootstrap", num_args = 1..)]
+    bootstrap: Vec<String>,
+    /// Do not discover peers on the LAN with mDNS.
+    #[arg(long)]
+    no_mdns: bool,
+    /// peer: cache under --max-cache-size, fall back to upstreams; seed: keep everything.
+    #[arg(long, value_enum)]
+    role: Option<Role>,
+    /// Which peers may fetch from this node [default: all].
+    #[arg(long, value_enum)]
+    share: Option<Share>,
+    /// What to announce in the DHT: roots (NAR keys) or all (also chunk ids) [default: roots].
+    #[arg(long, value_enum)]
+    announce: Option<Announce>,
+    /// Evict least-recently-used unpinned NARs above this size (e.g. 50G, 512MiB).
+    #[arg(long)]
+    max_cache_size: Option<ByteSize>,
+    /// Cap on bytes per second sent to peers, all peers together (e.g. 10M).
+    #[arg(long)]
+    upload_rate_limit: Option<ByteSize>,
+}
+
+impl DaemonArgs {
+    /// The config file (if any) with these flags applied over it.
+    fn into_config(self) -> Result<DaemonConfig> {
+        let mut cfg = match &self.config {
+            Some(f) => DaemonConfig::from_file(f)?,
+            None => DaemonConfig::default(),
+        };
+        self.apply(&mut cfg);
+        Ok(cfg)
+    }
+
+    fn apply(self, cfg: &mut DaemonConfig) {
+        if let Some(d) = self.data_dir {
+            cfg.data_dir = d;
+        }
+        if let Some(l) = self.listen {
+            cfg.listen = l;
+        }
+        cfg.trusted_public_keys.extend(self.trusted_public_keys);
+        if self.upload_token_file.is_some() {
+            cfg.upload_token_file = self.upload_token_file;
+        }
+        if let Some(m) = self.max_upload_size {
+            cfg.max_upload_size = m;
+        }
+        cfg.upstream.extend(self.upstream);
+        cfg.p2p_listen.extend(self.p2p_listen);
+        cfg.bootstrap.extend(self.bootstrap);
+        cfg.no_mdns |= self.no_mdns;
+        if let Some(r) = self.role {
+            cfg.role = r;
+        }
+        if let Some(s) = self.share {
+            cfg.share = s;
+        }
+        if let Some(a) = self.announce {
+            cfg.announce = a;
+        }
+        if self.max_cache_size.is_some() {
+            cfg.max_cache_size = self.max_cache_size;
+        }
+        if self.upload_rate_limit.is_some() {
+            cfg.upload_rate_limit = self.upload_rate_limit;
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon: the localhost substituter Nix uses and, with --p2p-listen, the P2P node.
     Daemon {
-        /// TOML config file (keys as the long flags); flags override it.
-        #[arg(long, env = "NIX_P2P_CACHE_CONFIG")]
-        config: Option<PathBuf>,
-        /// Data directory [default: $XDG_DATA_HOME/nix-p2p-cache].
-        #[arg(long, env = "NIX_P2P_CACHE_DATA_DIR")]
-        data_dir: Option<PathBuf>,
-        /// HTTP listen address [default: 127.0.0.1:7420].
-        #[arg(long)]
-        listen: Option<std::net::SocketAddr>,
-        /// A trusted public key (name:base64); cache.nixos.org-1 is always trusted.
-        #[arg(long = "trusted-public-key")]
-        trusted_public_keys: Vec<String>,
-        /// File holding the upload token (the HTTP basic password Nix sends from its netrc).
-        #[arg(long)]
-        upload_token_file: Option<PathBuf>,
-        /// Largest NAR upload accepted, in bytes.
-        #[arg(long)]
-        max_upload_size: Option<u64>,
-        /// An upstream HTTP binary cache asked for what the store lacks (repeatable; tried in
-        /// order), e.g. https://cache.nixos.org.
-        #[arg(long = "upstream")]
-        upstream: Vec<String>,
-        /// libp2p listen multiaddrs, e.g. /ip4/0.0.0.0/tcp/7421; none: P2P off.
-        #[arg(long = "p2p-listen", num_args = 1..)]
-        p2p_listen: Vec<String>,
-        /// Bootstrap peers: multiaddrs ending in /p2p/<peer id>.
-        #[arg(long = "bootstrap", num_args = 1..)]
-        bootstrap: Vec<String>,
-        /// Do not discover peers on the LAN with mDNS.
-        #[arg(long)]
-        no_mdns: bool,
+        #[command(flatten)]
+        args: DaemonArgs,
+    },
+    /// Check a daemon config file (and daemon flags given after it) without starting anything;
+    /// prints the effective configuration as TOML.
+    CheckConfig {
+        /// The TOML config file.
+        file: PathBuf,
+        #[command(flatten)]
+        args: DaemonArgs,
     },
     /// Import narinfos and NARs from a file:// binary cache.
     Import {
@@ -183,39 +260,9 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Daemon {
-            config,
-            data_dir,
-            listen,
-            trusted_public_keys,
-            upload_token_file,
-            max_upload_size,
-            upstream,
-            p2p_listen,
-            bootstrap,
-            no_mdns,
-        } => {
-            let mut cfg = match &config {
-                Some(f) => DaemonConfig::from_file(f)?,
-                None => DaemonConfig::default(),
-            };
-            if let Some(d) = data_dir {
-                cfg.data_dir = d;
-            }
-            if let Some(l) = listen {
-                cfg.listen = l;
-            }
-            cfg.trusted_public_keys.extend(trusted_public_keys);
-            if upload_token_file.is_some() {
-                cfg.upload_token_file = upload_token_file;
-            }
-            if let Some(m) = max_upload_size {
-                cfg.max_upload_size = m;
-            }
-            cfg.upstream.extend(upstream);
-            cfg.p2p_listen.extend(p2p_listen);
-            cfg.bootstrap.extend(bootstrap);
-            cfg.no_mdns |= no_mdns;
+        Command::Daemon { args } => {
+            let cfg = args.into_config()?;
+            cfg.validate()?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -233,6 +280,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     let _ = out.flush();
                 },
             ))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig { file, mut args } => {
+            if args.config.is_some() {
+                bail!("give the config file once, as the argument");
+            }
+            args.config = Some(file.clone());
+            let cfg = args.into_config()?;
+            cfg.validate()
+                .with_context(|| format!("{} is not a valid configuration", file.display()))?;
+            print!(
+                "{}",
+                toml::to_string(&cfg).context("printing the configuration")?
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Import {
