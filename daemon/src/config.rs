@@ -231,6 +231,11 @@ impl DaemonConfig {
             problems
                 .push("max-cache-size: a seed never evicts; drop it or use role = \"peer\"".into());
         }
+        if self.role == Role::Seed && !self.upstream.is_empty() {
+            problems.push(
+                "upstream: a seed falls back on nothing (it is the source); drop upstream or use role = \"peer\"".into(),
+            );
+        }
         if self.upload_rate_limit == Some(ByteSize(0)) {
             problems.push("upload-rate-limit: 0 would serve nothing; use share = \"none\"".into());
         }

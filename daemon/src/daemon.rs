@@ -9,8 +9,9 @@ use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::Multiaddr;
 
-use crate::config::{ConfigError, DaemonConfig};
+use crate::config::{ConfigError, DaemonConfig, Share};
 use crate::core::signing::{PublicKey, SigningError, CACHE_NIXOS_ORG_KEY};
+use crate::core::NarHash;
 use crate::fetch::Peers;
 use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
@@ -100,6 +101,7 @@ async fn start_p2p(
     config: &DaemonConfig,
     store: &Arc<Store>,
     trusted: Vec<PublicKey>,
+    metrics: Arc<Metrics>,
 ) -> Result<(Arc<Peers>, Vec<Multiaddr>), DaemonError> {
     let p2p = |e: &dyn std::fmt::Display| DaemonError::P2p(e.to_string());
     let parse = |s: &String| {
@@ -125,6 +127,8 @@ async fn start_p2p(
         behaviour: BehaviourConfig {
             mdns: !config.no_mdns,
         },
+        share: config.share,
+        upload_rate_limit: config.upload_rate_limit.map(u64::from),
     };
     let responder = Arc::new(StoreResponder::new(store.clone()));
     let (client, event_loop) = net::new(key, &net_config, responder).map_err(|e| p2p(&e))?;
@@ -143,15 +147,68 @@ async fn start_p2p(
             Err(e) => tracing::warn!(addr = %b, error = %e, "bootstrap peer unreachable"),
         }
     }
-    let peers = Arc::new(Peers::new(client, trusted));
+    // Only a node that serves everyone says so in the DHT; LAN peers find a `lan` node by mDNS.
+    let announcing = config.share == Share::All;
+    let announce: Box<dyn Fn(NarHash) + Send + Sync> = if announcing {
+        let (tx, rx) = tokio::sync::mpsc::channel(ANNOUNCE_QUEUE);
+        tokio::spawn(announce_loop(client.clone(), rx));
+        Box::new(move |h| {
+            if tx.try_send(h).is_err() {
+                tracing::debug!(nar = %h, "announce queue full");
+            }
+        })
+    } else {
+        Box::new(|_| {})
+    };
+    let peers = Arc::new(Peers::new(client, trusted, metrics, announce));
     let (p, s) = (peers.clone(), store.clone());
     tokio::spawn(async move {
         if let Err(e) = p.client().bootstrap().await {
             tracing::debug!(error = %e, "DHT bootstrap");
         }
-        p.announce_all(s).await;
+        if announcing {
+            announce_store(p.client(), s).await;
+        }
     });
     Ok((peers, addrs))
+}
+
+/// NARs waiting to be announced.
+const ANNOUNCE_QUEUE: usize = 1024;
+/// `start_providing` calls at once.
+const ANNOUNCE_CONCURRENCY: usize = 8;
+
+/// Provides every NAR of `nars` in the DHT, a few at a time.
+async fn provide_all(client: &net::Client, nars: impl futures_util::Stream<Item = NarHash>) {
+    use futures_util::StreamExt as _;
+    nars.for_each_concurrent(ANNOUNCE_CONCURRENCY, |h| {
+        let client = client.clone();
+        async move {
+            if let Err(e) = client.start_providing(h.nar_key()).await {
+                tracing::debug!(nar = %h, error = %e, "announce failed");
+            }
+        }
+    })
+    .await;
+}
+
+/// Announces NARs as they are stored.
+async fn announce_loop(client: net::Client, mut rx: tokio::sync::mpsc::Receiver<NarHash>) {
+    provide_all(&client, futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))).await;
+}
+
+/// Announces every trusted NAR of the store.
+async fn announce_store(client: &net::Client, store: Arc<Store>) {
+    let nars = match tokio::task::spawn_blocking(move || store.shareable_nars()).await {
+        Ok(Ok(n)) => n,
+        other => {
+            tracing::warn!(?other, "listing NARs to announce");
+            return;
+        }
+    };
+    let n = nars.len();
+    provide_all(client, futures_util::stream::iter(nars)).await;
+    tracing::info!(nars = n, "announced the store's trusted NARs");
 }
 
 /// Runs the daemon until `shutdown` resolves. `on_listen` gets the bound HTTP address and the
@@ -176,20 +233,35 @@ pub async fn run(
         Some(Arc::new(u))
     };
     let store = Arc::new(store);
+    let metrics = Arc::new(Metrics::default());
     let (peers, p2p_addrs) = if config.p2p_listen.is_empty() {
         (None, Vec::new())
     } else {
-        let (p, a) = start_p2p(&config, &store, trusted.clone()).await?;
+        let (p, a) = start_p2p(&config, &store, trusted.clone(), metrics.clone()).await?;
         (Some(p), a)
     };
     let state = Arc::new(HttpState {
         store,
-        metrics: Arc::new(Metrics::default()),
+        metrics,
         upload_token,
         trusted,
         staging: config.data_dir.join("uploads"),
         max_upload: config.max_upload_size,
         narinfo_cache: http::NarinfoCache::new(NARINFO_CACHE_ENTRIES, NARINFO_NEGATIVE_TTL),
+        node: http::NodeInfo {
+            version: env!("CARGO_PKG_VERSION"),
+            role: config.role,
+            share: config.share,
+            announce: config.announce,
+            max_cache_size: config.max_cache_size.map(u64::from),
+            upload_rate_limit: config.upload_rate_limit.map(u64::from),
+            upstreams: config.upstream.clone(),
+            peer_id: peers
+                .as_ref()
+                .map(|p| p.client().local_peer_id().to_string()),
+            p2p_addresses: p2p_addrs.iter().map(|a| a.to_string()).collect(),
+        },
+        started: std::time::Instant::now(),
         upstream,
         peers,
     });

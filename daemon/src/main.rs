@@ -31,6 +31,53 @@ struct DataDir {
     data_dir: PathBuf,
 }
 
+/// How to reach a running daemon.
+#[derive(Args)]
+struct ApiArgs {
+    /// The daemon's HTTP address [default: `listen` of --config, else 127.0.0.1:7420].
+    #[arg(long)]
+    url: Option<String>,
+    /// The daemon's config file (its `listen` address is used).
+    #[arg(long, env = "NIX_P2P_CACHE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print the daemon's JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl ApiArgs {
+    /// GETs `path` from the daemon's API and parses the JSON.
+    fn get(&self, path: &str) -> Result<serde_json::Value> {
+        let base = match (&self.url, &self.config) {
+            (Some(u), _) => u.trim_end_matches('/').to_string(),
+            (None, Some(f)) => format!("http://{}", DaemonConfig::from_file(f)?.listen),
+            (None, None) => format!("http://{}", nix_p2p_cache::config::DEFAULT_LISTEN),
+        };
+        let url = format!("{base}{path}");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        rt.block_on(async {
+            let resp = reqwest::Client::new()
+                .get(&url)
+                .timeout(std::time::Duration::from_secs(10))
+                .send()
+                .await
+                .with_context(|| format!("{url}: is the daemon running?"))?;
+            let status = resp.status();
+            if !status.is_success() {
+                bail!("{url}: HTTP {status}");
+            }
+            let body = resp
+                .bytes()
+                .await
+                .with_context(|| format!("{url}: reading"))?;
+            serde_json::from_slice(&body).with_context(|| format!("{url}: not the daemon's JSON"))
+        })
+    }
+}
+
 /// The daemon's flags (each also a key of the TOML config file).
 #[derive(Args)]
 struct DaemonArgs {
@@ -181,6 +228,16 @@ enum Command {
         /// Store path or its hash.
         store_path: String,
     },
+    /// Show the running daemon's state: role, store and cache use, peers, bytes up/down.
+    Status {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List the running daemon's peers with their traffic and bans.
+    Peers {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Re-read and re-hash every chunk, manifest and narinfo; exit non-zero on damage.
     Verify {
         #[command(flatten)]
@@ -239,6 +296,122 @@ fn human(bytes: u64) -> String {
         u += 1;
     }
     format!("{v:.1} {}", units[u])
+}
+
+fn u(v: &serde_json::Value, k: &str) -> u64 {
+    v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0)
+}
+
+fn s<'a>(v: &'a serde_json::Value, k: &str) -> &'a str {
+    v.get(k).and_then(serde_json::Value::as_str).unwrap_or("-")
+}
+
+fn print_status(v: &serde_json::Value) {
+    println!(
+        "nix-p2p-cache {} ({}), up {} s",
+        s(v, "version"),
+        s(v, "role"),
+        u(v, "uptime_secs")
+    );
+    let st = &v["store"];
+    let quota = match v.get("max_cache_size").and_then(serde_json::Value::as_u64) {
+        Some(q) => format!(
+            " of {} ({:.0} %)",
+            human(q),
+            100.0 * u(st, "stored_bytes") as f64 / q.max(1) as f64
+        ),
+        None => String::new(),
+    };
+    println!(
+        "store      {} paths, {} NARs ({}), {} on disk{quota}",
+        u(st, "narinfos"),
+        u(st, "nars"),
+        human(u(st, "nar_bytes")),
+        human(u(st, "stored_bytes"))
+    );
+    let ups = v["upstreams"].as_array().map(|a| a.len()).unwrap_or(0);
+    println!("upstreams  {ups}");
+    match v.get("p2p").filter(|p| !p.is_null()) {
+        None => println!("p2p        off"),
+        Some(p) => {
+            println!("peer id    {}", s(v, "peer_id"));
+            for a in v["p2p_addresses"].as_array().into_iter().flatten() {
+                println!("listening  {}", a.as_str().unwrap_or("-"));
+            }
+            println!(
+                "share      {} (announce {})",
+                s(v, "share"),
+                s(v, "announce")
+            );
+            if let Some(r) = v
+                .get("upload_rate_limit")
+                .and_then(serde_json::Value::as_u64)
+            {
+                println!("upload cap {}/s", human(r));
+            }
+            println!(
+                "peers      {} connected, {} banned",
+                u(p, "connected_peers"),
+                u(p, "peers_banned")
+            );
+            println!(
+                "traffic    {} up, {} down",
+                human(u(p, "bytes_up")),
+                human(u(p, "bytes_down"))
+            );
+            println!(
+                "fetched    {} NARs ({} failed), {} blocks, {} chunks reused locally",
+                u(p, "nars_fetched"),
+                u(p, "nar_fetch_failures"),
+                u(p, "blocks_received"),
+                u(p, "chunks_reused_locally")
+            );
+            println!(
+                "providers  {} found in {} DHT lookups",
+                u(p, "providers_found"),
+                u(p, "provider_lookups")
+            );
+            println!(
+                "refused    {} bad blocks, {} bad manifests",
+                u(p, "bad_blocks"),
+                u(p, "bad_manifests")
+            );
+        }
+    }
+}
+
+fn print_peers(v: &serde_json::Value) {
+    let list = v.as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        println!("no peers");
+        return;
+    }
+    println!(
+        "{:<54} {:<5} {:>10} {:>10} {:<8} address",
+        "peer", "lan", "up", "down", "state"
+    );
+    for p in &list {
+        let state = if let Some(b) = p.get("banned_secs").and_then(serde_json::Value::as_u64) {
+            format!("banned {b}s")
+        } else if p["connected"].as_bool() == Some(true) {
+            "connected".into()
+        } else {
+            "gone".into()
+        };
+        println!(
+            "{:<54} {:<5} {:>10} {:>10} {:<8} {}",
+            s(p, "peer_id"),
+            if p["lan"].as_bool() == Some(true) {
+                "yes"
+            } else {
+                "no"
+            },
+            human(u(p, "bytes_up")),
+            human(u(p, "bytes_down")),
+            state,
+            s(p, "address")
+        );
+    }
 }
 
 fn main() -> ExitCode {
@@ -418,6 +591,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
             std::io::copy(&mut reader, &mut out)
                 .with_context(|| format!("{store_path}: reading its NAR"))?;
             std::io::Write::flush(&mut out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { api } => {
+            let v = api.get("/api/status")?;
+            if api.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_status(&v);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Peers { api } => {
+            let v = api.get("/api/peers")?;
+            if api.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_peers(&v);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify { data } => {

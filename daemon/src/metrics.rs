@@ -23,6 +23,37 @@ pub struct Metrics {
     pub uploads: AtomicU64,
     pub upload_bytes: AtomicU64,
     pub upstream_nars: AtomicU64,
+    /// NARs fetched from peers and stored.
+    pub p2p_nars: AtomicU64,
+    /// NAR fetches from peers that failed (every provider tried).
+    pub p2p_nar_failures: AtomicU64,
+    /// Blocks received from peers that matched their id.
+    pub p2p_blocks: AtomicU64,
+    /// Blocks received from peers that did not match their id (the peer is banned).
+    pub p2p_bad_blocks: AtomicU64,
+    /// Manifests from peers that did not parse or did not reproduce NarHash (peer banned).
+    pub p2p_bad_manifests: AtomicU64,
+    /// Chunks of fetched NARs the store already had (not asked of peers).
+    pub p2p_chunks_local: AtomicU64,
+    /// Exchange requests to peers that failed or timed out.
+    pub p2p_request_failures: AtomicU64,
+    /// Duplicate requests sent in the endgame of a fetch.
+    pub p2p_endgame_requests: AtomicU64,
+    /// DHT provider lookups made.
+    pub p2p_provider_lookups: AtomicU64,
+    /// Providers those lookups found (summed).
+    pub p2p_providers_found: AtomicU64,
+}
+
+/// P2P gauges and totals read off the network layer when `/metrics` is rendered.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct NetGauges {
+    pub connected_peers: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub requests_in: u64,
+    pub requests_refused: u64,
+    pub peers_banned: u64,
 }
 
 impl Metrics {
@@ -36,7 +67,7 @@ impl Metrics {
     }
 
     /// Renders everything, with the store's counts, in the Prometheus text format.
-    pub fn render(&self, stats: Option<&Stats>) -> String {
+    pub fn render(&self, stats: Option<&Stats>, net: Option<&NetGauges>) -> String {
         let mut out = String::new();
         out.push_str(
             "# HELP nix_p2p_cache_http_requests_total HTTP requests by route and status.\n",
@@ -95,11 +126,106 @@ impl Metrics {
                 "NAR requests answered after fetching the NAR from an upstream cache.",
                 &self.upstream_nars,
             ),
+            (
+                "p2p_nars_total",
+                "NARs fetched from peers and stored.",
+                &self.p2p_nars,
+            ),
+            (
+                "p2p_nar_failures_total",
+                "NAR fetches from peers that failed.",
+                &self.p2p_nar_failures,
+            ),
+            (
+                "p2p_blocks_total",
+                "Blocks from peers that matched their id.",
+                &self.p2p_blocks,
+            ),
+            (
+                "p2p_bad_blocks_total",
+                "Blocks from peers that did not match their id.",
+                &self.p2p_bad_blocks,
+            ),
+            (
+                "p2p_bad_manifests_total",
+                "Manifests from peers that were malformed or did not reproduce NarHash.",
+                &self.p2p_bad_manifests,
+            ),
+            (
+                "p2p_chunks_local_total",
+                "Chunks of fetched NARs already in the store.",
+                &self.p2p_chunks_local,
+            ),
+            (
+                "p2p_request_failures_total",
+                "Exchange requests to peers that failed or timed out.",
+                &self.p2p_request_failures,
+            ),
+            (
+                "p2p_endgame_requests_total",
+                "Duplicate block requests sent in the endgame of a fetch.",
+                &self.p2p_endgame_requests,
+            ),
+            (
+                "p2p_provider_lookups_total",
+                "DHT provider lookups made.",
+                &self.p2p_provider_lookups,
+            ),
+            (
+                "p2p_providers_found_total",
+                "Providers found by DHT lookups (summed).",
+                &self.p2p_providers_found,
+            ),
         ];
         for (name, help, c) in counters {
             let _ = writeln!(out, "# HELP nix_p2p_cache_{name} {help}");
             let _ = writeln!(out, "# TYPE nix_p2p_cache_{name} counter");
             let _ = writeln!(out, "nix_p2p_cache_{name} {}", c.load(Ordering::Relaxed));
+        }
+        if let Some(n) = net {
+            let rows = [
+                (
+                    "p2p_connected_peers",
+                    "gauge",
+                    "Peers connected now.",
+                    n.connected_peers,
+                ),
+                (
+                    "p2p_bytes_up_total",
+                    "counter",
+                    "Bytes sent to peers.",
+                    n.bytes_up,
+                ),
+                (
+                    "p2p_bytes_down_total",
+                    "counter",
+                    "Bytes received from peers.",
+                    n.bytes_down,
+                ),
+                (
+                    "p2p_requests_in_total",
+                    "counter",
+                    "Peer requests answered.",
+                    n.requests_in,
+                ),
+                (
+                    "p2p_requests_refused_total",
+                    "counter",
+                    "Peer requests refused (--share, bans, too many at once).",
+                    n.requests_refused,
+                ),
+                (
+                    "p2p_peers_banned_total",
+                    "counter",
+                    "Peers disconnected and banned for misbehaving.",
+                    n.peers_banned,
+                ),
+            ];
+            for (name, kind, help, v) in rows {
+                let _ = writeln!(out, "# HELP nix_p2p_cache_{name} {help}");
+                let _ = writeln!(out, "# TYPE nix_p2p_cache_{name} {kind}");
+                let _ = writeln!(out, "nix_p2p_cache_{name} {v}");
+            }
         }
         if let Some(s) = stats {
             let gauges = [
@@ -147,7 +273,14 @@ mod tests {
             chunks: 7,
             ..Default::default()
         };
-        let text = m.render(Some(&s));
+        let text = m.render(
+            Some(&s),
+            Some(&NetGauges {
+                peers_banned: 3,
+                ..Default::default()
+            }),
+        );
+        assert!(text.contains("nix_p2p_cache_p2p_peers_banned_total 3\n"));
         assert!(text
             .contains("nix_p2p_cache_http_requests_total{route=\"narinfo\",status=\"200\"} 2\n"));
         assert!(

@@ -72,3 +72,38 @@ impl<S: Clone> PendingNarinfos<S> {
         m.by_path.remove(path);
     }
 }
+
+/// One async lock per NarHash, so a NAR is fetched once while others proceed in parallel.
+/// Bounded: idle locks are pruned when more than `cap` are held.
+pub struct NarLocks {
+    locks: Mutex<HashMap<NarHash, Arc<tokio::sync::Mutex<()>>>>,
+    cap: usize,
+}
+
+impl NarLocks {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            locks: Mutex::new(HashMap::new()),
+            cap,
+        }
+    }
+
+    /// Runs `f` holding the lock of `nar_hash`.
+    pub async fn with<T>(&self, nar_hash: &NarHash, f: impl std::future::Future<Output = T>) -> T {
+        let lock = {
+            let mut m = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+            if m.len() >= self.cap {
+                m.retain(|_, l| Arc::strong_count(l) > 1);
+            }
+            m.entry(*nar_hash).or_default().clone()
+        };
+        let guard = lock.lock().await;
+        let result = f.await;
+        drop(guard);
+        let mut m = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        if m.get(nar_hash).is_some_and(|l| Arc::ptr_eq(l, &lock)) && Arc::strong_count(&lock) == 2 {
+            m.remove(nar_hash); // nobody else waits on it
+        }
+        result
+    }
+}

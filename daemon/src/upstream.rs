@@ -13,9 +13,8 @@
 //! NarSize and the NAR structure and leaves nothing behind on failure. One download per NAR
 //! at a time (a per-NarHash async lock); a failed one drops the pending entry.
 
-use std::collections::HashMap;
 use std::io::{self, Read};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,7 +26,7 @@ use crate::core::signing::{PublicKey, Trust};
 use crate::core::store_path::StorePathHash;
 use crate::core::NarHash;
 use crate::import::{check_narinfo, decompressor};
-use crate::pending::{Pending, PendingNarinfos};
+use crate::pending::{NarLocks, Pending, PendingNarinfos};
 use crate::store::{Store, StoreError};
 
 /// Connect timeout for every upstream request.
@@ -95,7 +94,7 @@ pub struct Upstream {
     urls: Vec<Arc<str>>,
     trusted: Vec<PublicKey>,
     pending: PendingNarinfos<Arc<str>>,
-    fetching: Mutex<HashMap<NarHash, Arc<tokio::sync::Mutex<()>>>>,
+    fetching: NarLocks,
 }
 
 impl Upstream {
@@ -124,7 +123,7 @@ impl Upstream {
             urls,
             trusted,
             pending: PendingNarinfos::new(PENDING_ENTRIES),
-            fetching: Mutex::new(HashMap::new()),
+            fetching: NarLocks::new(LOCK_ENTRIES),
         })
     }
 
@@ -236,21 +235,9 @@ impl Upstream {
     /// narinfo named it. On failure the pending entry is dropped (the next narinfo request
     /// asks the upstreams again). One download per NAR at a time.
     pub async fn fetch_nar(&self, store: &Arc<Store>, nar_hash: &NarHash) -> NarFetch {
-        let lock = {
-            let mut m = self.fetching.lock().unwrap_or_else(|e| e.into_inner());
-            if m.len() >= LOCK_ENTRIES {
-                m.retain(|_, l| Arc::strong_count(l) > 1);
-            }
-            m.entry(*nar_hash).or_default().clone()
-        };
-        let guard = lock.lock().await;
-        let result = self.fetch_locked(store, nar_hash).await;
-        drop(guard);
-        let mut m = self.fetching.lock().unwrap_or_else(|e| e.into_inner());
-        if m.get(nar_hash).is_some_and(|l| Arc::ptr_eq(l, &lock)) && Arc::strong_count(&lock) == 2 {
-            m.remove(nar_hash); // nobody else waits on it
-        }
-        result
+        self.fetching
+            .with(nar_hash, self.fetch_locked(store, nar_hash))
+            .await
     }
 
     async fn fetch_locked(&self, store: &Arc<Store>, nar_hash: &NarHash) -> NarFetch {

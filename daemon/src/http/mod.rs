@@ -6,6 +6,7 @@
 //! internal failures a 500 without internals; a NAR stream that meets damage is aborted, never
 //! ended as if complete.
 
+mod api;
 mod error;
 mod nar;
 mod upload;
@@ -28,6 +29,7 @@ use crate::core::signing::PublicKey;
 use crate::core::store_path::StorePathHash;
 use crate::metrics::Metrics;
 use crate::store::Store;
+pub use api::NodeInfo;
 pub use error::HttpError;
 
 /// Everything the handlers share.
@@ -48,6 +50,9 @@ pub struct HttpState {
     pub upstream: Option<Arc<crate::upstream::Upstream>>,
     /// The P2P node (`--p2p-listen`), if on.
     pub peers: Option<Arc<crate::fetch::Peers>>,
+    /// What `/api/status` says about the node.
+    pub node: NodeInfo,
+    pub started: Instant,
 }
 
 /// A served narinfo text (`None`: a miss) and when it was stored.
@@ -106,6 +111,8 @@ pub fn router(state: Arc<HttpState>) -> Router {
     Router::new()
         .route("/nix-cache-info", get(cache_info).put(upload::put_ignored))
         .route("/metrics", get(metrics))
+        .route("/api/status", get(api::status))
+        .route("/api/peers", get(api::peers))
         .route("/nar/{file}", get(nar::get_nar).put(upload::put_nar))
         .route("/log/{file}", put(upload::put_ignored))
         .route("/realisations/{file}", put(upload::put_ignored))
@@ -140,7 +147,11 @@ async fn metrics(State(state): State<Arc<HttpState>>) -> Response {
         .await
         .ok()
         .and_then(Result::ok);
-    let body = state.metrics.render(stats.as_ref());
+    let net = match &state.peers {
+        Some(p) => Some(p.gauges().await),
+        None => None,
+    };
+    let body = state.metrics.render(stats.as_ref(), net.as_ref());
     let resp = ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response();
     finish(&state, "metrics", Ok(resp))
 }

@@ -11,11 +11,13 @@
 
 pub mod behaviour;
 pub mod codec;
+pub mod rate;
 pub mod responder;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use libp2p::core::transport::ListenerId;
 use libp2p::futures::StreamExt;
@@ -27,10 +29,13 @@ use libp2p::swarm::SwarmEvent;
 use libp2p::{identify, mdns, noise, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm};
 use nix_p2p_cache_proto::v1 as pb;
 use nix_p2p_cache_proto::KAD_PROTOCOL;
+use prost::Message as _;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use crate::config::Share;
 use crate::core::NarKey;
 pub use behaviour::{Behaviour, BehaviourConfig, BehaviourEvent};
+pub use rate::RateLimiter;
 pub use responder::{Responder, StoreResponder};
 
 /// Commands queued from clients to the event loop.
@@ -39,6 +44,59 @@ pub const COMMAND_QUEUE: usize = 64;
 pub const MAX_INBOUND_REQUESTS: usize = 64;
 /// Connections close after this long without a stream.
 pub const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
+/// Disconnected peers whose counters are kept (for `peers`); older ones are forgotten.
+pub const REMEMBERED_PEERS: usize = 256;
+
+/// Totals over all peers, readable without a round trip to the event loop.
+#[derive(Debug, Default)]
+pub struct NetStats {
+    /// Encoded bytes of the responses sent to peers.
+    pub bytes_up: AtomicU64,
+    /// Encoded bytes of the responses received from peers.
+    pub bytes_down: AtomicU64,
+    /// Inbound requests answered.
+    pub requests_in: AtomicU64,
+    /// Inbound requests answered empty because of `--share` (or refused: too many, banned).
+    pub requests_refused: AtomicU64,
+    /// Peers disconnected and banned for misbehaving.
+    pub peers_banned: AtomicU64,
+}
+
+impl NetStats {
+    fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// One peer as `nix-p2p-cache peers` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PeerInfo {
+    pub peer_id: String,
+    pub connected: bool,
+    /// Remote address of the (last) connection.
+    pub address: Option<String>,
+    /// Discovered with mDNS on the LAN.
+    pub lan: bool,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub requests_in: u64,
+    pub requests_out: u64,
+    pub failures: u64,
+    /// Seconds left of a ban (misbehaviour), if banned.
+    pub banned_secs: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+struct PeerEntry {
+    connected: bool,
+    address: Option<Multiaddr>,
+    bytes_up: u64,
+    bytes_down: u64,
+    requests_in: u64,
+    requests_out: u64,
+    failures: u64,
+    last_seen: Option<Instant>,
+}
 
 /// Errors of the network layer.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -92,6 +150,19 @@ pub enum Command {
     ConnectedPeers {
         reply: oneshot::Sender<Vec<PeerId>>,
     },
+    /// Closes every connection to `peer` and refuses it for `ban`.
+    Disconnect {
+        peer: PeerId,
+        ban: Duration,
+    },
+    /// Every known peer (connected, or recently seen) with its counters.
+    PeerInfos {
+        reply: oneshot::Sender<Vec<PeerInfo>>,
+    },
+    /// Connected peers discovered with mDNS.
+    LanPeers {
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
 }
 
 /// A cloneable handle on the event loop.
@@ -99,6 +170,7 @@ pub enum Command {
 pub struct Client {
     peer_id: PeerId,
     commands: mpsc::Sender<Command>,
+    stats: Arc<NetStats>,
 }
 
 impl Client {
@@ -159,13 +231,42 @@ impl Client {
         .await
     }
 
-    pub async fn connected_peers(&self) -> Result<Vec<PeerId>, NetError> {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, NetError> {
         let (tx, rx) = oneshot::channel();
         self.commands
-            .send(Command::ConnectedPeers { reply: tx })
+            .send(make(tx))
             .await
             .map_err(|_| NetError::Stopped)?;
         rx.await.map_err(|_| NetError::Stopped)
+    }
+
+    pub async fn connected_peers(&self) -> Result<Vec<PeerId>, NetError> {
+        self.ask(|reply| Command::ConnectedPeers { reply }).await
+    }
+
+    /// Connected peers found by mDNS (the LAN), which fetches try first.
+    pub async fn lan_peers(&self) -> Result<Vec<PeerId>, NetError> {
+        self.ask(|reply| Command::LanPeers { reply }).await
+    }
+
+    /// Known peers with their counters.
+    pub async fn peer_infos(&self) -> Result<Vec<PeerInfo>, NetError> {
+        self.ask(|reply| Command::PeerInfos { reply }).await
+    }
+
+    /// Disconnects a misbehaving peer and refuses it (inbound and outbound) for `ban`.
+    pub async fn disconnect(&self, peer: PeerId, ban: Duration) -> Result<(), NetError> {
+        self.commands
+            .send(Command::Disconnect { peer, ban })
+            .await
+            .map_err(|_| NetError::Stopped)
+    }
+
+    pub fn stats(&self) -> &Arc<NetStats> {
+        &self.stats
     }
 }
 
@@ -197,6 +298,10 @@ pub enum Transport {
 pub struct NetConfig {
     pub transport: Transport,
     pub behaviour: BehaviourConfig,
+    /// Which peers inbound requests are answered for.
+    pub share: Share,
+    /// Bytes per second sent to all peers together; `None`: unlimited.
+    pub upload_rate_limit: Option<u64>,
 }
 
 /// Builds a swarm and its event loop. Run [`EventLoop::run`] on a task; use the [`Client`].
@@ -246,12 +351,22 @@ pub fn new(
     };
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let (answers_tx, answers_rx) = mpsc::channel(MAX_INBOUND_REQUESTS);
+    let stats = Arc::new(NetStats::default());
     let client = Client {
         peer_id,
         commands: tx,
+        stats: stats.clone(),
     };
     let event_loop = EventLoop {
         swarm,
+        share: config.share,
+        limiter: config
+            .upload_rate_limit
+            .map(|r| Arc::new(RateLimiter::new(r))),
+        stats,
+        lan: HashSet::new(),
+        banned: HashMap::new(),
+        peers: HashMap::new(),
         commands: rx,
         responder,
         inbound: Arc::new(Semaphore::new(MAX_INBOUND_REQUESTS)),
@@ -272,6 +387,15 @@ type Answer = (PeerId, ResponseChannel<pb::Response>, pb::Response);
 /// Owns the swarm; see the module docs.
 pub struct EventLoop {
     swarm: Swarm<Behaviour>,
+    share: Share,
+    limiter: Option<Arc<RateLimiter>>,
+    stats: Arc<NetStats>,
+    /// Peers discovered with mDNS (and not expired).
+    lan: HashSet<PeerId>,
+    /// Misbehaving peers and when their ban ends.
+    banned: HashMap<PeerId, Instant>,
+    /// Counters per peer: connected ones and up to [`REMEMBERED_PEERS`] others.
+    peers: HashMap<PeerId, PeerEntry>,
     commands: mpsc::Receiver<Command>,
     responder: Arc<dyn Responder>,
     inbound: Arc<Semaphore>,
@@ -296,8 +420,12 @@ impl EventLoop {
                     None => break,
                 },
                 Some((peer, channel, response)) = self.answers_rx.recv() => {
+                    let len = response.encoded_len() as u64;
                     if self.swarm.behaviour_mut().exchange.send_response(channel, response).is_err() {
                         tracing::debug!(%peer, "inbound request: peer gone before the answer");
+                    } else {
+                        NetStats::add(&self.stats.bytes_up, len);
+                        self.peers.entry(peer).or_default().bytes_up += len;
                     }
                 }
             }
@@ -333,6 +461,13 @@ impl EventLoop {
                     .add_address(&peer, transport_addr);
                 if self.swarm.is_connected(&peer) {
                     let _ = reply.send(Ok(peer));
+                    return;
+                }
+                if self.is_banned(&peer) {
+                    let _ = reply.send(Err(NetError::Dial {
+                        peer,
+                        reason: "banned for misbehaving".into(),
+                    }));
                     return;
                 }
                 match self.swarm.dial(addr) {
@@ -375,6 +510,14 @@ impl EventLoop {
                 request,
                 reply,
             } => {
+                if self.is_banned(&peer) {
+                    let _ = reply.send(Err(NetError::Request {
+                        peer,
+                        reason: "banned for misbehaving".into(),
+                    }));
+                    return;
+                }
+                self.peers.entry(peer).or_default().requests_out += 1;
                 let id = self
                     .swarm
                     .behaviour_mut()
@@ -385,7 +528,79 @@ impl EventLoop {
             Command::ConnectedPeers { reply } => {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
             }
+            Command::LanPeers { reply } => {
+                let lan = self
+                    .swarm
+                    .connected_peers()
+                    .filter(|p| self.lan.contains(p))
+                    .copied()
+                    .collect();
+                let _ = reply.send(lan);
+            }
+            Command::Disconnect { peer, ban } => {
+                tracing::warn!(%peer, ban_secs = ban.as_secs(), "disconnecting a misbehaving peer");
+                if self.banned.insert(peer, Instant::now() + ban).is_none() {
+                    NetStats::add(&self.stats.peers_banned, 1);
+                }
+                let _ = self.swarm.disconnect_peer_id(peer);
+                self.swarm.behaviour_mut().kad.remove_peer(&peer);
+            }
+            Command::PeerInfos { reply } => {
+                let now = Instant::now();
+                let infos = self
+                    .peers
+                    .iter()
+                    .map(|(id, e)| PeerInfo {
+                        peer_id: id.to_string(),
+                        connected: e.connected,
+                        address: e.address.as_ref().map(|a| a.to_string()),
+                        lan: self.lan.contains(id),
+                        bytes_up: e.bytes_up,
+                        bytes_down: e.bytes_down,
+                        requests_in: e.requests_in,
+                        requests_out: e.requests_out,
+                        failures: e.failures,
+                        banned_secs: self
+                            .banned
+                            .get(id)
+                            .filter(|until| **until > now)
+                            .map(|until| (*until - now).as_secs()),
+                    })
+                    .collect();
+                let _ = reply.send(infos);
+            }
         }
+    }
+
+    fn is_banned(&mut self, peer: &PeerId) -> bool {
+        match self.banned.get(peer) {
+            Some(until) if *until > Instant::now() => true,
+            Some(_) => {
+                self.banned.remove(peer);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Forgets the oldest disconnected peers beyond [`REMEMBERED_PEERS`].
+    fn prune_peers(&mut self) {
+        let disconnected = self.peers.values().filter(|e| !e.connected).count();
+        if disconnected <= REMEMBERED_PEERS {
+            return;
+        }
+        let mut old: Vec<(Option<Instant>, PeerId)> = self
+            .peers
+            .iter()
+            .filter(|(_, e)| !e.connected)
+            .map(|(p, e)| (e.last_seen, *p))
+            .collect();
+        old.sort();
+        for (_, p) in old.into_iter().take(disconnected - REMEMBERED_PEERS) {
+            self.peers.remove(&p);
+        }
+        let now = Instant::now();
+        self.banned.retain(|_, until| *until > now);
     }
 
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
@@ -417,11 +632,39 @@ impl EventLoop {
                     let _ = reply.send(Err(NetError::Listen { addr, reason }));
                 }
             }
-            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => {
+                if self.is_banned(&peer_id) {
+                    tracing::debug!(peer = %peer_id, "refusing a banned peer");
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    for reply in self.pending_dial.remove(&peer_id).unwrap_or_default() {
+                        let _ = reply.send(Err(NetError::Dial {
+                            peer: peer_id,
+                            reason: "banned for misbehaving".into(),
+                        }));
+                    }
+                    return;
+                }
                 tracing::debug!(peer = %peer_id, "connected");
+                let e = self.peers.entry(peer_id).or_default();
+                e.connected = true;
+                e.address = Some(endpoint.get_remote_address().clone());
+                e.last_seen = Some(Instant::now());
                 for reply in self.pending_dial.remove(&peer_id).unwrap_or_default() {
                     let _ = reply.send(Ok(peer_id));
                 }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                if let Some(e) = self.peers.get_mut(&peer_id) {
+                    e.connected = false;
+                    e.last_seen = Some(Instant::now());
+                }
+                self.prune_peers();
             }
             SwarmEvent::OutgoingConnectionError {
                 peer_id: Some(peer),
@@ -455,6 +698,10 @@ impl EventLoop {
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 for (peer, addr) in found {
                     tracing::debug!(%peer, %addr, "mDNS: discovered");
+                    self.lan.insert(peer);
+                    if self.is_banned(&peer) {
+                        continue;
+                    }
                     self.swarm
                         .behaviour_mut()
                         .kad
@@ -462,6 +709,11 @@ impl EventLoop {
                     if !self.swarm.is_connected(&peer) {
                         let _ = self.swarm.dial(addr);
                     }
+                }
+            }
+            BehaviourEvent::Mdns(mdns::Event::Expired(gone)) => {
+                for (peer, _) in gone {
+                    self.lan.remove(&peer);
                 }
             }
             BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
@@ -528,15 +780,41 @@ impl EventLoop {
                     },
                 ..
             } => {
+                if self.is_banned(&peer) {
+                    NetStats::add(&self.stats.requests_refused, 1);
+                    return; // dropping the channel fails the request
+                }
+                let allowed = match self.share {
+                    Share::All => true,
+                    Share::Lan => self.lan.contains(&peer),
+                    Share::None => false,
+                };
+                if !allowed {
+                    // Not shared with this peer: an empty answer (nothing we have), at once.
+                    NetStats::add(&self.stats.requests_refused, 1);
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .exchange
+                        .send_response(channel, pb::Response::default());
+                    return;
+                }
                 let Ok(permit) = self.inbound.clone().try_acquire_owned() else {
                     // Over the global bound: dropping the channel fails the peer's request.
+                    NetStats::add(&self.stats.requests_refused, 1);
                     tracing::debug!(%peer, "inbound request refused: too many in flight");
                     return;
                 };
+                NetStats::add(&self.stats.requests_in, 1);
+                self.peers.entry(peer).or_default().requests_in += 1;
                 let responder = self.responder.clone();
                 let answers = self.answers_tx.clone();
+                let limiter = self.limiter.clone();
                 tokio::spawn(async move {
                     let response = responder.respond(peer, request).await;
+                    if let Some(l) = limiter {
+                        l.acquire(response.encoded_len() as u64).await;
+                    }
                     let _ = answers.send((peer, channel, response)).await;
                     drop(permit);
                 });
@@ -549,7 +827,10 @@ impl EventLoop {
                     },
                 ..
             } => {
-                if let Some((_, reply)) = self.pending_requests.remove(&request_id) {
+                if let Some((peer, reply)) = self.pending_requests.remove(&request_id) {
+                    let len = response.encoded_len() as u64;
+                    NetStats::add(&self.stats.bytes_down, len);
+                    self.peers.entry(peer).or_default().bytes_down += len;
                     let _ = reply.send(Ok(response));
                 }
             }
@@ -557,6 +838,7 @@ impl EventLoop {
                 request_id, error, ..
             } => {
                 if let Some((peer, reply)) = self.pending_requests.remove(&request_id) {
+                    self.peers.entry(peer).or_default().failures += 1;
                     let _ = reply.send(Err(NetError::Request {
                         peer,
                         reason: error.to_string(),

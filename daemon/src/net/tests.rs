@@ -28,6 +28,8 @@ async fn node() -> Node {
     let config = NetConfig {
         transport: Transport::Memory,
         behaviour: BehaviourConfig { mdns: false },
+        share: crate::config::Share::All,
+        upload_rate_limit: None,
     };
     let responder = Arc::new(StoreResponder::new(store.clone()));
     let (client, event_loop) = new(Keypair::generate_ed25519(), &config, responder).unwrap();
