@@ -194,7 +194,11 @@ async fn provide_all(client: &net::Client, nars: impl futures_util::Stream<Item 
 
 /// Announces NARs as they are stored.
 async fn announce_loop(client: net::Client, mut rx: tokio::sync::mpsc::Receiver<NarHash>) {
-    provide_all(&client, futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))).await;
+    provide_all(
+        &client,
+        futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)),
+    )
+    .await;
 }
 
 /// Announces every trusted NAR of the store.

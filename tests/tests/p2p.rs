@@ -96,3 +96,116 @@ fn closure_through_peers() {
     a2.stop();
     b.stop();
 }
+
+/// `nix-p2p-cache status|peers --url … --json`.
+fn api(d: &Daemon, what: &str) -> serde_json::Value {
+    let out = nix_p2p_cache_tests::run_ok(nix_p2p_cache_tests::cmd().args([
+        what,
+        "--url",
+        &d.url(),
+        "--json",
+    ]));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `--share none` and `--share lan` serve nothing to a peer that came through the DHT /
+/// bootstrap (not mDNS); `--share all` does. `status` and `peers` report the exchange.
+#[test]
+fn sharing_modes_status_and_peers() {
+    let corpus = Corpus::small();
+    let env = Env::new();
+    let (out, closure) = small_closure(corpus);
+    let n = closure.len() as u64;
+    let (sk, pk) = env.key("share");
+    let src = env.signed_store("src", &out, &sk);
+    let token = env.path("token");
+    let data_s = env.path("data-s");
+    let mut s_args = p2p(None);
+    s_args.extend(["--upload-token-file".into(), token.display().to_string()]);
+    let s = start(&data_s, &pk, &s_args);
+    let up = env.upload(&src, &s.url(), &out);
+    assert!(up.status.success(), "upload to S: {}", text(&up));
+    s.stop();
+    let root = hash_part(&out).to_string();
+
+    for share in ["none", "lan"] {
+        let mut args = p2p(None);
+        args.extend(["--share".into(), share.into()]);
+        let s = start(&data_s, &pk, &args);
+        let a = start(
+            &env.path(&format!("data-a-{share}")),
+            &pk,
+            &p2p(Some(s.p2p.as_deref().unwrap())),
+        );
+        let r = http(a.port, &get(&format!("/{root}.narinfo")));
+        assert_eq!(
+            r.status, 404,
+            "--share {share}: A must not get the narinfo from S"
+        );
+        assert!(
+            s.metric("p2p_requests_refused_total") > 0,
+            "--share {share}: S counted the refused request"
+        );
+        assert_eq!(s.metric("p2p_requests_in_total"), 0, "--share {share}");
+        let st = api(&s, "status");
+        assert_eq!(st["share"], share);
+        a.stop();
+        s.stop();
+    }
+
+    let mut args = p2p(None);
+    args.extend(["--share".into(), "all".into()]);
+    let s = start(&data_s, &pk, &args);
+    let a = start(
+        &env.path("data-a-all"),
+        &pk,
+        &p2p(Some(s.p2p.as_deref().unwrap())),
+    );
+    let fresh = env.path("fresh/store").display().to_string();
+    let down = env.download("all", &a.url(), &fresh, Some(&pk), &out);
+    assert!(
+        down.status.success(),
+        "nix copy from A: {}\n{}",
+        text(&down),
+        a.stderr()
+    );
+    env.assert_closure_valid(&fresh, &closure);
+
+    let st = api(&a, "status");
+    assert_eq!(st["role"], "peer");
+    assert_eq!(st["store"]["nars"], n);
+    assert_eq!(st["p2p"]["nars_fetched"], n);
+    assert_eq!(st["p2p"]["connected_peers"], 1);
+    assert_eq!(st["p2p"]["bad_blocks"], 0);
+    assert!(st["p2p"]["bytes_down"].as_u64().unwrap() > 0);
+    assert!(st["peer_id"].as_str().unwrap().len() > 40);
+    let s_id = s
+        .p2p
+        .as_deref()
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let peers = api(&a, "peers");
+    let sp = peers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["peer_id"] == s_id.as_str())
+        .expect("S in A's peers");
+    assert_eq!(sp["connected"], true);
+    assert_eq!(sp["lan"], false);
+    assert!(sp["bytes_down"].as_u64().unwrap() > 0, "{sp}");
+    let s_st = api(&s, "status");
+    assert!(s_st["p2p"]["bytes_up"].as_u64().unwrap() >= sp["bytes_down"].as_u64().unwrap());
+    // The human-readable forms work too.
+    let human =
+        nix_p2p_cache_tests::run_ok(nix_p2p_cache_tests::cmd().args(["status", "--url", &a.url()]));
+    assert!(String::from_utf8_lossy(&human.stdout).contains("connected"));
+    let human =
+        nix_p2p_cache_tests::run_ok(nix_p2p_cache_tests::cmd().args(["peers", "--url", &a.url()]));
+    assert!(String::from_utf8_lossy(&human.stdout).contains(&s_id));
+    a.stop();
+    s.stop();
+}
