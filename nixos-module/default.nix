@@ -204,6 +204,9 @@ in
   config = mkIf cfg.enable {
     assertions = generated.assertions;
 
+    # For `nix-p2p-cache stats|verify|import|check-config` by hand.
+    environment.systemPackages = [ cfg.package ];
+
     systemd.services.nix-p2p-cache = {
       description = "nix-p2p-cache, peer-to-peer binary cache for Nix";
       wantedBy = [ "multi-user.target" ];

@@ -87,6 +87,10 @@ let
           );
           default = { };
         };
+        environment.systemPackages = mkOption {
+          type = types.listOf types.package;
+          default = [ ];
+        };
         networking.enableIPv6 = mkOption {
           type = types.bool;
           default = true;
@@ -132,6 +136,7 @@ let
       failedAssertions = map (a: a.message) (lib.filter (a: !a.assertion) c.assertions);
       unit = unit;
       firewall = c.networking.firewall;
+      systemPackages = map (p: p.name) c.environment.systemPackages;
       nixSettings = {
         inherit (c.nix.settings) substituters trusted-public-keys;
       };

@@ -27,6 +27,7 @@ for case in $(jq -r 'keys[]' <<<"$json"); do
   echo "=== $case"
   jq -r '"failed assertions: \(.failedAssertions | length)", (.failedAssertions[] | "  - \(.)"),
          "firewall: tcp \(.firewall.allowedTCPPorts) udp \(.firewall.allowedUDPPorts)",
+         "environment.systemPackages: \(.systemPackages)",
          "nix.settings.substituters: \(.nixSettings.substituters)",
          "nix.settings.trusted-public-keys: \(.nixSettings["trusted-public-keys"])"' <<<"$c"
   if [ "$(jq '.unit == null' <<<"$c")" = true ]; then
