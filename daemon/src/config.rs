@@ -8,17 +8,16 @@ use serde::{Deserialize, Serialize};
 /// Errors reading the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: {source}")]
+    // The cause is in the message and deliberately not a `source` (anyhow would print it twice).
+    #[error("{path}: {error}")]
     Read {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Parse {
         path: PathBuf,
-        #[source]
-        source: toml::de::Error,
+        error: toml::de::Error,
     },
     #[error("upload token file {0} is empty")]
     EmptyToken(PathBuf),
@@ -180,13 +179,13 @@ impl Default for DaemonConfig {
 impl DaemonConfig {
     /// Reads a TOML config file (unknown keys are errors).
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        toml::from_str(&text).map_err(|error| ConfigError::Parse {
             path: path.to_path_buf(),
-            source,
+            error,
         })
     }
 
@@ -254,9 +253,9 @@ impl DaemonConfig {
         let Some(path) = &self.upload_token_file else {
             return Ok(None);
         };
-        let token = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let token = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.clone(),
-            source,
+            error,
         })?;
         let token = token.trim().to_string();
         if token.is_empty() {
