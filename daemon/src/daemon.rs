@@ -9,6 +9,7 @@ use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::Multiaddr;
 
+use crate::announce::Announcer;
 use crate::config::{ConfigError, DaemonConfig, Share};
 use crate::core::signing::{PublicKey, SigningError, CACHE_NIXOS_ORG_KEY};
 use crate::core::NarHash;
@@ -102,7 +103,7 @@ async fn start_p2p(
     store: &Arc<Store>,
     trusted: Vec<PublicKey>,
     metrics: Arc<Metrics>,
-) -> Result<(Arc<Peers>, Vec<Multiaddr>), DaemonError> {
+) -> Result<(Arc<Peers>, Option<Arc<Announcer>>, Vec<Multiaddr>), DaemonError> {
     let p2p = |e: &dyn std::fmt::Display| DaemonError::P2p(e.to_string());
     let parse = |s: &String| {
         s.parse::<Multiaddr>()
@@ -131,7 +132,9 @@ async fn start_p2p(
         upload_rate_limit: config.upload_rate_limit.map(u64::from),
     };
     let responder = Arc::new(StoreResponder::new(store.clone()));
-    let (client, event_loop) = net::new(key, &net_config, responder).map_err(|e| p2p(&e))?;
+    let (client, event_loop) =
+        net::new_with_store(key, &net_config, responder, Some(store.clone()))
+            .map_err(|e| p2p(&e))?;
     tokio::spawn(event_loop.run());
     let me = client.local_peer_id();
     let mut addrs = Vec::new();
@@ -140,79 +143,83 @@ async fn start_p2p(
         bound.push(Protocol::P2p(me));
         addrs.push(bound);
     }
-    for b in bootstrap {
+    for b in &bootstrap {
         // A dead bootstrap peer is not fatal: the DHT and mDNS may still find others.
         match client.dial(b.clone()).await {
             Ok(peer) => tracing::info!(%peer, "connected to bootstrap peer"),
             Err(e) => tracing::warn!(addr = %b, error = %e, "bootstrap peer unreachable"),
         }
     }
+    if !bootstrap.is_empty() {
+        tokio::spawn(redial(client.clone(), bootstrap));
+    }
     // Only a node that serves everyone says so in the DHT; LAN peers find a `lan` node by mDNS.
-    let announcing = config.share == Share::All;
-    let announce: Box<dyn Fn(NarHash) + Send + Sync> = if announcing {
-        let (tx, rx) = tokio::sync::mpsc::channel(ANNOUNCE_QUEUE);
-        tokio::spawn(announce_loop(client.clone(), rx));
-        Box::new(move |h| {
-            if tx.try_send(h).is_err() {
-                tracing::debug!(nar = %h, "announce queue full");
-            }
-        })
-    } else {
-        Box::new(|_| {})
+    let announcer = (config.share == Share::All).then(|| {
+        Arc::new(Announcer::new(
+            client.clone(),
+            store.clone(),
+            config.announce,
+        ))
+    });
+    let announce: Box<dyn Fn(NarHash) + Send + Sync> = match &announcer {
+        Some(a) => {
+            let a = a.clone();
+            Box::new(move |h| a.announce(h))
+        }
+        None => Box::new(|_| {}),
     };
     let peers = Arc::new(Peers::new(client, trusted, metrics, announce));
-    let (p, s) = (peers.clone(), store.clone());
+    let (p, a2) = (peers.clone(), announcer.clone());
     tokio::spawn(async move {
         if let Err(e) = p.client().bootstrap().await {
             tracing::debug!(error = %e, "DHT bootstrap");
         }
-        if announcing {
-            announce_store(p.client(), s).await;
-        }
-    });
-    Ok((peers, addrs))
-}
-
-/// NARs waiting to be announced.
-const ANNOUNCE_QUEUE: usize = 1024;
-/// `start_providing` calls at once.
-const ANNOUNCE_CONCURRENCY: usize = 8;
-
-/// Provides every NAR of `nars` in the DHT, a few at a time.
-async fn provide_all(client: &net::Client, nars: impl futures_util::Stream<Item = NarHash>) {
-    use futures_util::StreamExt as _;
-    nars.for_each_concurrent(ANNOUNCE_CONCURRENCY, |h| {
-        let client = client.clone();
-        async move {
-            if let Err(e) = client.start_providing(h.nar_key()).await {
-                tracing::debug!(nar = %h, error = %e, "announce failed");
+        if let Some(a) = a2 {
+            if let Err(e) = a.run().await {
+                tracing::warn!(error = %e, "announcer stopped");
             }
         }
-    })
-    .await;
+    });
+    Ok((peers, announcer, addrs))
 }
 
-/// Announces NARs as they are stored.
-async fn announce_loop(client: net::Client, mut rx: tokio::sync::mpsc::Receiver<NarHash>) {
-    provide_all(
-        &client,
-        futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)),
-    )
-    .await;
-}
+/// How often unconnected bootstrap peers are dialled again.
+const REDIAL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Announces every trusted NAR of the store.
-async fn announce_store(client: &net::Client, store: Arc<Store>) {
-    let nars = match tokio::task::spawn_blocking(move || store.shareable_nars()).await {
-        Ok(Ok(n)) => n,
-        other => {
-            tracing::warn!(?other, "listing NARs to announce");
+/// Keeps dialling bootstrap peers that are not connected (one may start after us, or restart),
+/// then refreshes the DHT routing table through them. Ends when the network stops.
+async fn redial(client: net::Client, bootstrap: Vec<Multiaddr>) {
+    let mut tick = tokio::time::interval(REDIAL_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first dial was made at start
+    loop {
+        tick.tick().await;
+        let Ok(connected) = client.connected_peers().await else {
             return;
+        };
+        let mut dialled = false;
+        for b in &bootstrap {
+            let peer = b.iter().find_map(|p| match p {
+                Protocol::P2p(id) => Some(id),
+                _ => None,
+            });
+            if peer.is_some_and(|p| connected.contains(&p)) {
+                continue;
+            }
+            match client.dial(b.clone()).await {
+                Ok(peer) => {
+                    tracing::info!(%peer, "reconnected to bootstrap peer");
+                    dialled = true;
+                }
+                Err(e) => tracing::debug!(addr = %b, error = %e, "bootstrap peer unreachable"),
+            }
         }
-    };
-    let n = nars.len();
-    provide_all(client, futures_util::stream::iter(nars)).await;
-    tracing::info!(nars = n, "announced the store's trusted NARs");
+        if dialled {
+            if let Err(e) = client.bootstrap().await {
+                tracing::debug!(error = %e, "DHT bootstrap");
+            }
+        }
+    }
 }
 
 /// Runs the daemon until `shutdown` resolves. `on_listen` gets the bound HTTP address and the
@@ -238,11 +245,11 @@ pub async fn run(
     };
     let store = Arc::new(store);
     let metrics = Arc::new(Metrics::default());
-    let (peers, p2p_addrs) = if config.p2p_listen.is_empty() {
-        (None, Vec::new())
+    let (peers, announcer, p2p_addrs) = if config.p2p_listen.is_empty() {
+        (None, None, Vec::new())
     } else {
-        let (p, a) = start_p2p(&config, &store, trusted.clone(), metrics.clone()).await?;
-        (Some(p), a)
+        let (p, an, a) = start_p2p(&config, &store, trusted.clone(), metrics.clone()).await?;
+        (Some(p), an, a)
     };
     let state = Arc::new(HttpState {
         store,
@@ -266,6 +273,7 @@ pub async fn run(
             p2p_addresses: p2p_addrs.iter().map(|a| a.to_string()).collect(),
         },
         started: std::time::Instant::now(),
+        announcer,
         upstream,
         peers,
     });

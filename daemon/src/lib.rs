@@ -2,6 +2,7 @@
 //!
 //! See `docs/ARCHITECTURE.md` for the code map and invariants.
 
+pub mod announce;
 pub mod config;
 pub mod core;
 pub mod daemon;

@@ -376,6 +376,14 @@ fn print_status(v: &serde_json::Value) {
                 u(p, "bad_blocks"),
                 u(p, "bad_manifests")
             );
+            if let Some(a) = p.get("announce").filter(|a| !a.is_null()) {
+                println!(
+                    "announced  {} keys ({} failed), {} full rounds",
+                    u(a, "keys_provided"),
+                    u(a, "failures"),
+                    u(a, "reprovides")
+                );
+            }
         }
     }
 }

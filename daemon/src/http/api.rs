@@ -48,6 +48,7 @@ struct P2pStatus {
     bad_blocks: u64,
     bad_manifests: u64,
     chunks_reused_locally: u64,
+    announce: Option<crate::announce::AnnounceStats>,
 }
 
 fn json(body: &impl Serialize) -> Result<Response, HttpError> {
@@ -75,6 +76,7 @@ pub async fn status(State(state): State<Arc<HttpState>>) -> Response {
                     bad_blocks: get(&m.p2p_bad_blocks),
                     bad_manifests: get(&m.p2p_bad_manifests),
                     chunks_reused_locally: get(&m.p2p_chunks_local),
+                    announce: state.announcer.as_ref().map(|a| a.stats()),
                 })
             }
             None => None,

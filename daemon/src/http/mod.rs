@@ -53,6 +53,8 @@ pub struct HttpState {
     /// What `/api/status` says about the node.
     pub node: NodeInfo,
     pub started: Instant,
+    /// DHT announcements (P2P on and `--share all`).
+    pub announcer: Option<Arc<crate::announce::Announcer>>,
 }
 
 /// A served narinfo text (`None`: a miss) and when it was stored.

@@ -3,7 +3,12 @@
 //!
 //! Owns only how the behaviours are configured; events are handled by `net::EventLoop`, which
 //! is the only code that touches the `Swarm`.
+//!
+//! Kademlia keeps its records in the store ([`PersistentStore`]) when the node is given one.
+//! kad's own provider publication is off: the daemon reprovides itself, in batches
+//! (`announce::Announcer`), and provider records live [`PROVIDER_RECORD_TTL`].
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use libp2p::identity::Keypair;
@@ -15,6 +20,8 @@ use libp2p::{identify, mdns, ping, StreamProtocol};
 use nix_p2p_cache_proto::{EXCHANGE_PROTOCOL, KAD_PROTOCOL};
 
 use super::codec::ExchangeCodec;
+use super::record_store::{KadStore, PersistentStore};
+use crate::store::Store;
 
 /// `protocol_version` sent with identify.
 pub const IDENTIFY_PROTOCOL: &str = "/nix-p2p-cache/id/1.0.0";
@@ -24,6 +31,10 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Concurrent exchange streams per connection (each direction), so one peer cannot take all.
 pub const MAX_STREAMS_PER_CONNECTION: usize = 32;
+
+/// How long other nodes keep our provider records (and we theirs). The announcer reprovides
+/// well within it (`announce::REPROVIDE_INTERVAL`).
+pub const PROVIDER_RECORD_TTL: Duration = Duration::from_secs(48 * 60 * 60);
 
 /// Options for [`Behaviour::new`].
 #[derive(Debug, Clone)]
@@ -36,16 +47,19 @@ pub struct BehaviourConfig {
 pub struct Behaviour {
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
-    // TODO(issue: persistent provider records): a redb-backed `RecordStore` is required —
-    // `MemoryStore` forgets everything on restart and caps provided keys at 1024 (design §3).
-    // It is the next step; `MemoryStore` is a placeholder.
-    pub kad: kad::Behaviour<MemoryStore>,
+    pub kad: kad::Behaviour<KadStore>,
     pub mdns: Toggle<mdns::tokio::Behaviour>,
     pub exchange: request_response::Behaviour<ExchangeCodec>,
 }
 
 impl Behaviour {
-    pub fn new(key: &Keypair, config: &BehaviourConfig) -> std::io::Result<Self> {
+    /// With a `store`, kad's records persist in it; without one they are kept in memory
+    /// (kad's `MemoryStore`: at most 1024 provided keys, forgotten on restart).
+    pub fn new(
+        key: &Keypair,
+        config: &BehaviourConfig,
+        store: Option<Arc<Store>>,
+    ) -> std::io::Result<Self> {
         let peer_id = key.public().to_peer_id();
         let identify = identify::Behaviour::new(
             identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())
@@ -53,7 +67,13 @@ impl Behaviour {
         );
         let mut kad_config = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
         kad_config.set_query_timeout(Duration::from_secs(30));
-        let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config);
+        kad_config.set_provider_publication_interval(None);
+        kad_config.set_provider_record_ttl(Some(PROVIDER_RECORD_TTL));
+        let records = match store {
+            Some(store) => KadStore::Persistent(PersistentStore::new(store, peer_id)),
+            None => KadStore::Memory(MemoryStore::new(peer_id)),
+        };
+        let mut kad = kad::Behaviour::with_config(peer_id, records, kad_config);
         // Explicit: without a confirmed external address kad would stay a client and never
         // answer queries (peers on a LAN or behind the same NAT still need us to serve).
         kad.set_mode(Some(kad::Mode::Server));

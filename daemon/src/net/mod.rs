@@ -12,6 +12,7 @@
 pub mod behaviour;
 pub mod codec;
 pub mod rate;
+pub mod record_store;
 pub mod responder;
 
 use std::collections::{HashMap, HashSet};
@@ -34,6 +35,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::config::Share;
 use crate::core::NarKey;
+use crate::store::Store;
 pub use behaviour::{Behaviour, BehaviourConfig, BehaviourEvent};
 pub use rate::RateLimiter;
 pub use responder::{Responder, StoreResponder};
@@ -135,11 +137,11 @@ pub enum Command {
         reply: Reply<()>,
     },
     StartProviding {
-        key: NarKey,
+        key: RecordKey,
         reply: Reply<()>,
     },
     GetProviders {
-        key: NarKey,
+        key: RecordKey,
         reply: Reply<HashSet<PeerId>>,
     },
     Request {
@@ -206,12 +208,25 @@ impl Client {
 
     /// Announces that this node serves the NAR `key` (its multihash bytes are the DHT key).
     pub async fn start_providing(&self, key: NarKey) -> Result<(), NetError> {
-        self.call(|reply| Command::StartProviding { key, reply })
+        self.start_providing_key(record_store::nar_record_key(&key))
             .await
     }
 
     /// Peers the DHT names as providers of the NAR `key` (may include ourselves).
     pub async fn get_providers(&self, key: NarKey) -> Result<HashSet<PeerId>, NetError> {
+        self.get_providers_key(record_store::nar_record_key(&key))
+            .await
+    }
+
+    /// Announces that this node serves DHT key `key` (a NAR's or a chunk's, see
+    /// [`record_store::nar_record_key`], [`record_store::chunk_record_key`]).
+    pub async fn start_providing_key(&self, key: RecordKey) -> Result<(), NetError> {
+        self.call(|reply| Command::StartProviding { key, reply })
+            .await
+    }
+
+    /// Peers the DHT names as providers of DHT key `key` (may include ourselves).
+    pub async fn get_providers_key(&self, key: RecordKey) -> Result<HashSet<PeerId>, NetError> {
         self.call(|reply| Command::GetProviders { key, reply })
             .await
     }
@@ -304,18 +319,29 @@ pub struct NetConfig {
     pub upload_rate_limit: Option<u64>,
 }
 
-/// Builds a swarm and its event loop. Run [`EventLoop::run`] on a task; use the [`Client`].
+/// Builds a swarm and its event loop, DHT records in memory (see [`new_with_store`]).
 pub fn new(
     key: Keypair,
     config: &NetConfig,
     responder: Arc<dyn Responder>,
+) -> Result<(Client, EventLoop), NetError> {
+    new_with_store(key, config, responder, None)
+}
+
+/// Builds a swarm and its event loop. Run [`EventLoop::run`] on a task; use the [`Client`].
+/// With a `store`, DHT records (provided keys, other peers' provider records) persist in it.
+pub fn new_with_store(
+    key: Keypair,
+    config: &NetConfig,
+    responder: Arc<dyn Responder>,
+    store: Option<Arc<Store>>,
 ) -> Result<(Client, EventLoop), NetError> {
     let setup = |e: &dyn std::fmt::Display| NetError::Setup(e.to_string());
     let peer_id = key.public().to_peer_id();
     let builder = libp2p::SwarmBuilder::with_existing_identity(key).with_tokio();
     let behaviour_config = config.behaviour.clone();
     let make_behaviour = move |key: &Keypair| {
-        Behaviour::new(key, &behaviour_config).map_err(|e| Box::new(e) as BoxError)
+        Behaviour::new(key, &behaviour_config, store).map_err(|e| Box::new(e) as BoxError)
     };
     let swarm_config =
         |c: libp2p::swarm::Config| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT);
@@ -489,7 +515,6 @@ impl EventLoop {
                 }
             },
             Command::StartProviding { key, reply } => {
-                let key = RecordKey::new(&key.multihash_bytes());
                 match self.swarm.behaviour_mut().kad.start_providing(key) {
                     Ok(id) => {
                         self.pending_start_providing.insert(id, reply);
@@ -500,7 +525,6 @@ impl EventLoop {
                 }
             }
             Command::GetProviders { key, reply } => {
-                let key = RecordKey::new(&key.multihash_bytes());
                 let id = self.swarm.behaviour_mut().kad.get_providers(key);
                 self.pending_get_providers
                     .insert(id, (HashSet::new(), reply));

@@ -1,16 +1,22 @@
-//! Three nodes over libp2p's memory transport: DHT provider lookup, manifest and block
-//! exchange with every block checked, trust rules, and limits.
+//! Nodes over libp2p's memory transport: DHT provider lookup, manifest and block exchange with
+//! every block checked, trust rules, and limits; the persistent DHT record store (many keys,
+//! restarts, remote limits) and the announcer.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use futures_util::stream::{self as fstream, StreamExt as _};
 use libp2p::identity::Keypair;
 use tempfile::TempDir;
 
+use super::record_store::{chunk_record_key, nar_record_key};
 use super::*;
+use crate::announce::Announcer;
+use crate::config::Announce;
 use crate::core::manifest::Manifest;
 use crate::core::signing::SecretKey;
 use crate::core::{ChunkId, NarHash};
+use crate::store::dht::{DhtLimits, RemoteProvider, NEVER};
 use crate::store::testing::{ingest, sample_nar};
 use crate::store::Store;
 use nix_p2p_cache_proto::MAX_WANTS_PER_REQUEST;
@@ -23,7 +29,11 @@ struct Node {
 }
 
 async fn node() -> Node {
-    let dir = tempfile::tempdir().unwrap();
+    node_in(tempfile::tempdir().unwrap(), Keypair::generate_ed25519()).await
+}
+
+/// A node whose store (DHT records included) lives in `dir`.
+async fn node_in(dir: TempDir, key: Keypair) -> Node {
     let store = Arc::new(Store::open(dir.path()).unwrap());
     let config = NetConfig {
         transport: Transport::Memory,
@@ -32,7 +42,8 @@ async fn node() -> Node {
         upload_rate_limit: None,
     };
     let responder = Arc::new(StoreResponder::new(store.clone()));
-    let (client, event_loop) = new(Keypair::generate_ed25519(), &config, responder).unwrap();
+    let (client, event_loop) =
+        new_with_store(key, &config, responder, Some(store.clone())).unwrap();
     tokio::spawn(event_loop.run());
     let addr = client.listen("/memory/0".parse().unwrap()).await.unwrap();
     let addr = addr.with(Protocol::P2p(client.local_peer_id()));
@@ -305,4 +316,361 @@ async fn dial_needs_a_peer_id() {
         .await
         .unwrap_err();
     assert!(matches!(err, NetError::NoPeerId(_)), "{err}");
+}
+
+// ---- DHT: persistent record store and announcer ----
+
+fn dht_key(i: u32) -> RecordKey {
+    let mut k = vec![0x12, 0x20];
+    k.extend_from_slice(&[7; 28]);
+    k.extend_from_slice(&i.to_be_bytes());
+    RecordKey::new(&k)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A node without a store (kad's `MemoryStore`) that only dials out: a DHT client that knows
+/// nobody but the peers it dials.
+async fn memory_node() -> Client {
+    let config = NetConfig {
+        transport: Transport::Memory,
+        behaviour: BehaviourConfig { mdns: false },
+        share: crate::config::Share::All,
+        upload_rate_limit: None,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let responder = Arc::new(StoreResponder::new(store));
+    let (client, event_loop) = new(Keypair::generate_ed25519(), &config, responder).unwrap();
+    tokio::spawn(event_loop.run());
+    client
+}
+
+/// Asks `client` for the providers of `key` until `peer` is among them (or 20 s pass).
+async fn find_provider(client: &Client, key: RecordKey, peer: PeerId) -> HashSet<PeerId> {
+    let started = Instant::now();
+    loop {
+        let p = within("get providers", client.get_providers_key(key.clone()))
+            .await
+            .unwrap_or_default();
+        if p.contains(&peer) || started.elapsed() > Duration::from_secs(20) {
+            return p;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// How many unexpired remote provider records of `dht_key(i)` `store` holds.
+fn live_providers(store: &Store, i: u32) -> usize {
+    store
+        .dht_providers(dht_key(i).as_ref(), unix_now())
+        .unwrap()
+        .len()
+}
+
+/// Waits (up to 20 s) until `cond` holds; kad's ADD_PROVIDER is one-way, so the receiver
+/// stores a record some time after the sender's query is done.
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !cond() {
+        assert!(started.elapsed() < Duration::from_secs(20), "never: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Stops a node's event loop and waits until nothing else holds its store, so the database is
+/// closed when the returned directory is reopened.
+async fn shut_down(node: Node) -> TempDir {
+    let Node {
+        client,
+        store,
+        _dir: dir,
+        ..
+    } = node;
+    drop(client);
+    let started = Instant::now();
+    while Arc::strong_count(&store) > 1 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "store still held"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(store);
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dht_provides_5000_keys_and_another_node_finds_them() {
+    const KEYS: u32 = 5000;
+    let a = node().await;
+    let b = node().await;
+    let a_id = a.client.local_peer_id();
+    within("B dials A", b.client.dial(a.addr.clone()))
+        .await
+        .unwrap();
+    within("B bootstraps", b.client.bootstrap()).await.unwrap();
+
+    let started = Instant::now();
+    let failures = fstream::iter(0..KEYS)
+        .map(|i| a.client.start_providing_key(dht_key(i)))
+        .buffer_unordered(32)
+        .filter(|r| std::future::ready(r.is_err()))
+        .count()
+        .await;
+    let took = started.elapsed();
+    eprintln!("providing {KEYS} keys took {took:?}");
+    assert_eq!(failures, 0);
+    assert_eq!(a.store.dht_counts().unwrap().provided, u64::from(KEYS));
+
+    // B was sent every ADD_PROVIDER (it is A's only peer) and kept it in its store.
+    eventually("B stores every record", || {
+        b.store.dht_counts().unwrap().remote_providers == u64::from(KEYS)
+    })
+    .await;
+    let last = dht_key(KEYS - 1);
+    let at_b = b.store.dht_providers(last.as_ref(), unix_now()).unwrap();
+    assert_eq!(at_b.len(), 1);
+    assert_eq!(at_b[0].peer, a_id.to_bytes());
+    let providers = find_provider(&b.client, last, a_id).await;
+    assert!(providers.contains(&a_id), "providers: {providers:?}");
+    let none = within("B asks", b.client.get_providers_key(dht_key(KEYS)))
+        .await
+        .unwrap_or_default();
+    assert!(!none.contains(&a_id));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dht_memory_store_refuses_the_1025th_key() {
+    // What the persistent store replaces: a node without a store is capped by kad.
+    let a = memory_node().await;
+    for i in 0..1024 {
+        within("provide", a.start_providing_key(dht_key(i)))
+            .await
+            .unwrap();
+    }
+    let err = within("provide", a.start_providing_key(dht_key(1024)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, NetError::Kad(_)), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dht_provider_records_survive_a_restart() {
+    let a_key = Keypair::generate_ed25519();
+    let a = node_in(tempfile::tempdir().unwrap(), a_key.clone()).await;
+    let b = node().await;
+    let a_id = a.client.local_peer_id();
+    let b_id = b.client.local_peer_id();
+    within("B dials A", b.client.dial(a.addr.clone()))
+        .await
+        .unwrap();
+    within("B bootstraps", b.client.bootstrap()).await.unwrap();
+    // A provides key 1 itself; B provides key 2, so A holds B's record (remote).
+    within("A provides", a.client.start_providing_key(dht_key(1)))
+        .await
+        .unwrap();
+    within("B provides", b.client.start_providing_key(dht_key(2)))
+        .await
+        .unwrap();
+    eventually("A stores B's record", || live_providers(&a.store, 2) == 1).await;
+    // A remote record about to expire, and one that does not (with an address: kad only
+    // answers providers whose address it knows).
+    let now = unix_now();
+    let ghost = PeerId::random();
+    let ghost_addr: Multiaddr = "/memory/4242".parse().unwrap();
+    let soon = RemoteProvider {
+        peer: ghost.to_bytes(),
+        expires_unix: now + 2,
+        addrs: vec![ghost_addr.to_vec()],
+    };
+    let limits = DhtLimits::default();
+    a.store
+        .dht_add_provider(dht_key(3).as_ref(), &soon, &limits, now)
+        .unwrap();
+    let forever = RemoteProvider {
+        expires_unix: NEVER,
+        ..soon.clone()
+    };
+    a.store
+        .dht_add_provider(dht_key(4).as_ref(), &forever, &limits, now)
+        .unwrap();
+    drop(b);
+
+    // Restart A: same key, same data directory.
+    let dir = shut_down(a).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let a = node_in(dir, a_key).await;
+    assert_eq!(a.client.local_peer_id(), a_id);
+    let now = unix_now();
+    assert!(a.store.dht_is_provided(dht_key(1).as_ref()).unwrap());
+    let remote = a.store.dht_providers(dht_key(2).as_ref(), now).unwrap();
+    assert_eq!(remote.len(), 1);
+    assert_eq!(remote[0].peer, b_id.to_bytes());
+    assert!(remote[0].expires_unix > now + 47 * 3600, "48 h TTL kept");
+    assert!(a
+        .store
+        .dht_providers(dht_key(3).as_ref(), now)
+        .unwrap()
+        .is_empty());
+
+    // A newcomer asks the restarted A (no re-announcement happened).
+    let c = node().await;
+    within("C dials A", c.client.dial(a.addr.clone()))
+        .await
+        .unwrap();
+    let p = find_provider(&c.client, dht_key(1), a_id).await;
+    assert!(p.contains(&a_id), "A's own key: {p:?}");
+    let p = find_provider(&c.client, dht_key(2), b_id).await;
+    assert!(p.contains(&b_id), "B's record kept by A: {p:?}");
+    let p = find_provider(&c.client, dht_key(4), ghost).await;
+    assert!(p.contains(&ghost), "unexpired remote record: {p:?}");
+    let p = within("C asks", c.client.get_providers_key(dht_key(3)))
+        .await
+        .unwrap_or_default();
+    assert!(!p.contains(&ghost), "expired remote record returned: {p:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dht_add_provider_flood_is_capped() {
+    const FLOOD: usize = 30;
+    let a = node().await;
+    let key = dht_key(42);
+    let mut ids = Vec::new();
+    let mut floods = Vec::new();
+    for _ in 0..FLOOD {
+        let m = memory_node().await;
+        ids.push(m.local_peer_id());
+        floods.push(m);
+    }
+    // Each provides the same key; A is the only peer each knows, so A gets every ADD_PROVIDER.
+    for m in &floods {
+        within("dial A", m.dial(a.addr.clone())).await.unwrap();
+    }
+    let results = futures_util::future::join_all(
+        floods
+            .iter()
+            .map(|m| within("provide", m.start_providing_key(key.clone()))),
+    )
+    .await;
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    // Let the last ADD_PROVIDER messages land.
+    let started = Instant::now();
+    let stored = loop {
+        let n = a.store.dht_providers(key.as_ref(), unix_now()).unwrap();
+        if n.len() >= 20 || started.elapsed() > Duration::from_secs(10) {
+            break n;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stored_after = a.store.dht_providers(key.as_ref(), unix_now()).unwrap();
+    assert_eq!(stored.len(), 20);
+    assert_eq!(stored_after, stored, "a key keeps its first 20 providers");
+    assert_eq!(a.store.dht_counts().unwrap().remote_providers, 20);
+    for p in &stored {
+        assert!(ids.iter().any(|id| id.to_bytes() == p.peer));
+    }
+    // Another key is not affected.
+    within("provide", floods[0].start_providing_key(dht_key(43)))
+        .await
+        .unwrap();
+    eventually("another key is stored", || {
+        live_providers(&a.store, 43) == 1
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dht_announcer_all_mode_makes_chunks_findable() {
+    let a = node().await;
+    let b = node().await;
+    let a_id = a.client.local_peer_id();
+    let key = SecretKey::generate("test-1", [5; 32]);
+    let trusted = [key.public_key()];
+    let (public, private) = {
+        let store = a.store.clone();
+        let (k, t) = (key.clone(), trusted.clone());
+        tokio::task::spawn_blocking(move || {
+            (
+                ingest(&store, &"a".repeat(32), &sample_nar(20), Some(&k), &t),
+                ingest(&store, &"b".repeat(32), &sample_nar(40), None, &t),
+            )
+        })
+        .await
+        .unwrap()
+    };
+    within("B dials A", b.client.dial(a.addr.clone()))
+        .await
+        .unwrap();
+    within("B bootstraps", b.client.bootstrap()).await.unwrap();
+
+    let announcer = Arc::new(Announcer::new(
+        a.client.clone(),
+        a.store.clone(),
+        Announce::All,
+    ));
+    let task = tokio::spawn({
+        let a = announcer.clone();
+        async move { a.run().await }
+    });
+    let started = Instant::now();
+    while announcer.stats().reprovides == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no first round"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let m = a.store.manifest(&public.nar_hash).unwrap().unwrap();
+    let mut chunks: Vec<ChunkId> = m.chunks.iter().map(|c| c.id).collect();
+    chunks.sort();
+    chunks.dedup();
+    assert!(chunks.len() >= 2);
+    let stats = announcer.stats();
+    assert_eq!(stats.keys_provided, 1 + chunks.len() as u64, "{stats:?}");
+    assert_eq!(stats.last_reprovide_keys, stats.keys_provided);
+    assert_eq!(stats.failures, 0);
+    assert!(stats.last_reprovide_ms.is_some());
+
+    for id in &chunks {
+        let p = find_provider(&b.client, chunk_record_key(id), a_id).await;
+        assert!(p.contains(&a_id), "chunk {id}: {p:?}");
+    }
+    let p = find_provider(&b.client, nar_record_key(&public.nar_hash.nar_key()), a_id).await;
+    assert!(p.contains(&a_id));
+    // The untrusted NAR and its chunks are not announced.
+    let pm = a.store.manifest(&private.nar_hash).unwrap().unwrap();
+    for k in [
+        nar_record_key(&private.nar_hash.nar_key()),
+        chunk_record_key(&pm.chunks[0].id),
+    ] {
+        let p = within("B asks", b.client.get_providers_key(k))
+            .await
+            .unwrap_or_default();
+        assert!(!p.contains(&a_id));
+    }
+
+    // A NAR ingested later is announced through the queue.
+    let later = {
+        let store = a.store.clone();
+        let (k, t) = (key.clone(), trusted.clone());
+        tokio::task::spawn_blocking(move || {
+            ingest(&store, &"c".repeat(32), &sample_nar(60), Some(&k), &t)
+        })
+        .await
+        .unwrap()
+    };
+    announcer.announce(later.nar_hash);
+    let p = find_provider(&b.client, nar_record_key(&later.nar_hash.nar_key()), a_id).await;
+    assert!(p.contains(&a_id));
+    let lm = a.store.manifest(&later.nar_hash).unwrap().unwrap();
+    let p = find_provider(&b.client, chunk_record_key(&lm.chunks[0].id), a_id).await;
+    assert!(p.contains(&a_id));
+    task.abort();
 }

@@ -12,6 +12,7 @@
 //!   number of narinfos naming its NarHash;
 //! - every byte read back is checked against its chunk id; every NAR stream against NarHash.
 
+pub mod dht;
 pub mod pack;
 pub mod tables;
 

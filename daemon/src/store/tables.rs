@@ -25,3 +25,22 @@ pub const C_CHUNKS: &str = "chunks";
 pub const C_UNIQUE_CHUNK_BYTES: &str = "unique_chunk_bytes";
 pub const C_CHUNK_COMPRESSED_BYTES: &str = "chunk_compressed_bytes";
 pub const C_NARINFOS: &str = "narinfos";
+
+/// DHT keys this node provides (record key bytes) → unix time it first provided them.
+/// Unbounded: one row per key we announce (`store::dht`).
+pub const DHT_PROVIDED: TableDefinition<&[u8], u64> = TableDefinition::new("dht-provided-v1");
+/// Provider records of other peers: (record key bytes, provider peer id bytes) →
+/// (expiry in unix seconds, addresses as `u16 BE length ‖ multiaddr bytes`…). Bounded
+/// (`store::dht::DhtLimits`).
+pub const DHT_PROVIDERS: TableDefinition<DhtProviderKey, DhtProviderValue> =
+    TableDefinition::new("dht-providers-v1");
+/// (record key bytes, provider peer id bytes).
+pub type DhtProviderKey = (&'static [u8], &'static [u8]);
+/// (expiry in unix seconds, encoded addresses).
+pub type DhtProviderValue = (u64, &'static [u8]);
+/// DHT value records: record key bytes → (expiry in unix seconds, publisher peer id bytes or
+/// empty, value). Bounded (`store::dht::DhtLimits`).
+pub const DHT_RECORDS: TableDefinition<&[u8], DhtRecordValue> =
+    TableDefinition::new("dht-records-v1");
+/// (expiry in unix seconds, publisher peer id bytes or empty, value).
+pub type DhtRecordValue = (u64, &'static [u8], &'static [u8]);
