@@ -877,6 +877,10 @@ async fn request_blocks(
 }
 
 #[cfg(test)]
+#[path = "fetch_tests.rs"]
+mod swarm_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -878,4 +878,4 @@ impl EventLoop {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -21,10 +21,10 @@ use crate::store::testing::{ingest, sample_nar};
 use crate::store::Store;
 use nix_p2p_cache_proto::MAX_WANTS_PER_REQUEST;
 
-struct Node {
-    client: Client,
-    addr: Multiaddr,
-    store: Arc<Store>,
+pub(crate) struct Node {
+    pub(crate) client: Client,
+    pub(crate) addr: Multiaddr,
+    pub(crate) store: Arc<Store>,
     _dir: TempDir,
 }
 
@@ -32,18 +32,32 @@ async fn node() -> Node {
     node_in(tempfile::tempdir().unwrap(), Keypair::generate_ed25519()).await
 }
 
-/// A node whose store (DHT records included) lives in `dir`.
-async fn node_in(dir: TempDir, key: Keypair) -> Node {
-    let store = Arc::new(Store::open(dir.path()).unwrap());
-    let config = NetConfig {
+/// The test nodes' options: memory transport, no mDNS, sharing with everyone.
+pub(crate) fn memory_config() -> NetConfig {
+    NetConfig {
         transport: Transport::Memory,
         behaviour: BehaviourConfig { mdns: false },
         share: crate::config::Share::All,
         upload_rate_limit: None,
-    };
+    }
+}
+
+/// A node whose store (DHT records included) lives in `dir`.
+async fn node_in(dir: TempDir, key: Keypair) -> Node {
+    let store = Arc::new(Store::open(dir.path()).unwrap());
     let responder = Arc::new(StoreResponder::new(store.clone()));
-    let (client, event_loop) =
-        new_with_store(key, &config, responder, Some(store.clone())).unwrap();
+    spawn_node(dir, store, key, &memory_config(), responder).await
+}
+
+/// A listening node over the memory transport with its own options and responder.
+pub(crate) async fn spawn_node(
+    dir: TempDir,
+    store: Arc<Store>,
+    key: Keypair,
+    config: &NetConfig,
+    responder: Arc<dyn Responder>,
+) -> Node {
+    let (client, event_loop) = new_with_store(key, config, responder, Some(store.clone())).unwrap();
     tokio::spawn(event_loop.run());
     let addr = client.listen("/memory/0".parse().unwrap()).await.unwrap();
     let addr = addr.with(Protocol::P2p(client.local_peer_id()));
@@ -337,12 +351,7 @@ fn unix_now() -> u64 {
 /// A node without a store (kad's `MemoryStore`) that only dials out: a DHT client that knows
 /// nobody but the peers it dials.
 async fn memory_node() -> Client {
-    let config = NetConfig {
-        transport: Transport::Memory,
-        behaviour: BehaviourConfig { mdns: false },
-        share: crate::config::Share::All,
-        upload_rate_limit: None,
-    };
+    let config = memory_config();
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(dir.path()).unwrap());
     let responder = Arc::new(StoreResponder::new(store));
