@@ -13,7 +13,7 @@ use std::path::{Component, Path, PathBuf};
 use crate::core::narinfo::{NarInfo, NarInfoError};
 use crate::core::signing::{self, PublicKey, SigningError};
 use crate::core::store_path::{StorePath, StorePathHash};
-use crate::store::{IngestOutcome, Store, StoreError};
+use crate::store::{IngestOutcome, Retention, Store, StoreError};
 
 /// Errors of an import, each naming the store path (or hash) it is about.
 #[derive(Debug, thiserror::Error)]
@@ -265,7 +265,7 @@ fn import_one(
         .ok_or_else(|| ImportError::NotInCache(hash.as_str().to_string()))?;
     let (info, trust) = check_narinfo(&text, Some(hash), trusted)?;
     let mut open_err = None;
-    let outcome = store.ingest(&info, &text, &trust, cache.url(), || {
+    let outcome = store.ingest_with(&info, &text, &trust, cache.url(), Retention::Pinned, || {
         cache.open_nar(&info).map_err(|e| {
             let msg = e.to_string();
             open_err = Some(e);

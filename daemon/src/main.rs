@@ -11,7 +11,7 @@ use nix_p2p_cache::config::{default_data_dir, Announce, ByteSize, DaemonConfig, 
 use nix_p2p_cache::core::store_path::parse_hash_or_path;
 use nix_p2p_cache::daemon::trusted_keys;
 use nix_p2p_cache::import::{self, BinaryCache, Selection};
-use nix_p2p_cache::store::{Store, DEFAULT_ZSTD_LEVEL};
+use nix_p2p_cache::store::{GcPolicy, GcReport, Store, StoreError, DEFAULT_ZSTD_LEVEL};
 
 #[derive(Parser)]
 #[command(
@@ -243,6 +243,33 @@ enum Command {
         #[command(flatten)]
         data: DataDir,
     },
+    /// Pin store paths: their NARs are never evicted (uploads and imports are pinned already).
+    /// Needs the daemon stopped.
+    Pin {
+        #[command(flatten)]
+        data: DataDir,
+        /// Store paths or their hashes.
+        #[arg(required = true)]
+        store_paths: Vec<String>,
+    },
+    /// Unpin store paths: they become cache entries, evicted least-recently-used first.
+    /// Needs the daemon stopped.
+    Unpin {
+        #[command(flatten)]
+        data: DataDir,
+        /// Store paths or their hashes.
+        #[arg(required = true)]
+        store_paths: Vec<String>,
+    },
+    /// Evict least-recently-used unpinned paths down to --max-size (if given), then compact
+    /// every pack holding dead records and the index. Needs the daemon stopped.
+    Gc {
+        #[command(flatten)]
+        data: DataDir,
+        /// Keep the data directory (packs + index) within this size, e.g. 10G or 512MiB.
+        #[arg(long)]
+        max_size: Option<ByteSize>,
+    },
 }
 
 /// SIGINT or SIGTERM.
@@ -265,6 +292,108 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// Opens an existing store for a command that changes it; says so if the daemon has it.
+fn open_unshared(dir: &std::path::Path) -> Result<Store> {
+    if !dir.join("index.redb").is_file() {
+        return open_existing(dir); // says there is no store
+    }
+    match Store::open(dir) {
+        Err(StoreError::Locked(_)) => bail!(
+            "the daemon is running on {} (it holds the index): stop it first",
+            dir.display()
+        ),
+        r => r.with_context(|| format!("opening store {}", dir.display())),
+    }
+}
+
+/// `pin` / `unpin`.
+fn pin_command(data: &DataDir, store_paths: &[String], pin: bool) -> Result<ExitCode> {
+    let store = open_unshared(&data.data_dir)?;
+    let mut failed = false;
+    for p in store_paths {
+        let hash = parse_hash_or_path(p).with_context(|| format!("bad store path {p:?}"))?;
+        let changed = match (pin, store.pin(hash.as_str())) {
+            (true, Ok(changed)) => changed,
+            (true, Err(StoreError::NotStored(_))) => {
+                eprintln!("{p}: not in the store");
+                failed = true;
+                continue;
+            }
+            (true, Err(e)) => return Err(e.into()),
+            (false, _) => store.unpin(hash.as_str())?,
+        };
+        let what = match (pin, changed) {
+            (true, true) => "pinned",
+            (true, false) => "already pinned",
+            (false, true) => "unpinned",
+            (false, false) => "was not pinned",
+        };
+        println!("{what}: {p}");
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `gc [--max-size SIZE]`.
+fn gc_command(data: &DataDir, max_size: Option<ByteSize>) -> Result<ExitCode> {
+    let mut store = open_unshared(&data.data_dir)?;
+    let before = store.stats()?;
+    let mut gc = GcReport::default();
+    if let Some(max) = max_size {
+        let r = store.evict_to(max.0)?;
+        println!(
+            "evicted {} paths ({} NARs, {} of NARs, {} chunks)",
+            r.paths,
+            r.nars,
+            human(r.nar_bytes),
+            r.chunks
+        );
+        gc = r.gc;
+    }
+    let g = store.gc_packs(GcPolicy::AllDead)?;
+    gc.packs += g.packs;
+    gc.records_copied += g.records_copied;
+    gc.bytes_copied += g.bytes_copied;
+    gc.bytes_reclaimed += g.bytes_reclaimed;
+    gc.elapsed += g.elapsed;
+    gc.skipped.extend(g.skipped);
+    store.compact().context("compacting the index")?;
+    let after = store.stats()?;
+    println!(
+        "compacted {} packs: moved {} live records ({}) in {:.2} s ({:.0} MiB/s), packs {} smaller",
+        gc.packs,
+        gc.records_copied,
+        human(gc.bytes_copied),
+        gc.elapsed.as_secs_f64(),
+        gc.bytes_copied as f64 / (1 << 20) as f64 / gc.elapsed.as_secs_f64().max(1e-6),
+        human(gc.bytes_reclaimed)
+    );
+    println!(
+        "store {} -> {} (freed {})",
+        human(before.stored_bytes),
+        human(after.stored_bytes),
+        human(before.stored_bytes.saturating_sub(after.stored_bytes))
+    );
+    if let Some(max) = max_size.filter(|m| after.stored_bytes > m.0) {
+        println!(
+            "still above {}: the rest is pinned ({} NARs)",
+            human(max.0),
+            after.pinned_nars
+        );
+    }
+    for s in &gc.skipped {
+        eprintln!("not compacted: {s}");
+    }
+    Ok(if gc.skipped.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// Opens a store that must already exist (read-side commands never create one).
@@ -619,6 +748,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Pin { data, store_paths } => pin_command(&data, &store_paths, true),
+        Command::Unpin { data, store_paths } => pin_command(&data, &store_paths, false),
+        Command::Gc { data, max_size } => gc_command(&data, max_size),
         Command::Verify { data } => {
             let store = open_existing(&data.data_dir)?;
             let pb = ProgressBar::new(store.stats()?.chunk_compressed_bytes);

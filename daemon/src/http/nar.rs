@@ -295,12 +295,17 @@ impl Source {
 }
 
 /// Streams `source` into a response body from a blocking thread; a read error aborts the body.
+/// The NAR counts as used for eviction (`Store::touch`, which may write: on that thread too).
 fn stream_body(state: &HttpState, nar_hash: NarHash, mut source: Source) -> Body {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(QUEUE);
     let metrics = state.metrics.clone();
+    let store = state.store.clone();
     let span = tracing::info_span!("nar", nar = %nar_hash);
     tokio::task::spawn_blocking(move || {
         let _e = span.enter();
+        if let Err(e) = store.touch(&nar_hash) {
+            tracing::warn!(error = %e, "recording the NAR's last access failed");
+        }
         loop {
             let item = match source.next() {
                 Ok(None) => break,

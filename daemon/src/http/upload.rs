@@ -19,6 +19,7 @@ use super::{add, blocking, finish, parse_narinfo_file, HttpError, HttpState};
 use crate::core::signing;
 use crate::core::store_path::StorePathHash;
 use crate::import::{check_narinfo, decompressor, ImportError};
+use crate::store::Retention;
 
 /// Largest narinfo accepted.
 const MAX_NARINFO: usize = 1024 * 1024;
@@ -192,11 +193,14 @@ fn ingest_upload(state: &HttpState, hash: &StorePathHash, text: &str) -> Result<
         .map(|n| state.staging.join(n))?;
     let compression = info.compression_or_default().to_string();
     let path_name = info.store_path.to_absolute();
-    let outcome = state.store.ingest(&info, text, &trust, "upload", || {
-        let f = std::fs::File::open(&staged)
-            .map_err(|e| io::Error::new(e.kind(), format!("NAR {} was not uploaded", info.url)))?;
-        decompressor(io::BufReader::with_capacity(1 << 20, f), &compression)
-    });
+    let outcome = state
+        .store
+        .ingest_with(&info, text, &trust, "upload", Retention::Pinned, || {
+            let f = std::fs::File::open(&staged).map_err(|e| {
+                io::Error::new(e.kind(), format!("NAR {} was not uploaded", info.url))
+            })?;
+            decompressor(io::BufReader::with_capacity(1 << 20, f), &compression)
+        });
     // Whatever happened, the staged NAR has served its purpose (a refused one is garbage).
     let _ = std::fs::remove_file(&staged);
     match outcome {

@@ -10,17 +10,22 @@
 //! - a refused NAR leaves nothing behind: its pack tail is truncated, nothing is committed;
 //! - a chunk's refcount is the number of manifest entries naming it; a manifest's refcount the
 //!   number of narinfos naming its NarHash;
-//! - every byte read back is checked against its chunk id; every NAR stream against NarHash.
+//! - every byte read back is checked against its chunk id; every NAR stream against NarHash;
+//! - a committed pack's bytes are its header, live records (a chunk row points at them) and
+//!   dead ones (counted in `pack-dead-v1`), nothing else; eviction and pack GC: [`evict`].
 
 pub mod dht;
+mod evict;
 pub mod pack;
 pub mod tables;
+
+pub use evict::{EvictReport, GcPolicy, GcReport, RemovedPath, Retention};
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use nix_p2p_cache_proto::v1 as pb;
@@ -93,6 +98,13 @@ pub enum StoreError {
     MissingChunk { nar_hash: NarHash, chunk: ChunkId },
     #[error("stored narinfo for {0} is damaged")]
     BadRecord(String),
+    #[error(
+        "{0}: the index is locked by another process (is the daemon running on this data \
+         directory? stop it first)"
+    )]
+    Locked(PathBuf),
+    #[error("{0} is not in the store")]
+    NotStored(String),
 }
 
 macro_rules! db_errors {
@@ -221,6 +233,18 @@ pub struct Stats {
     pub index_bytes: u64,
     /// Everything on disk: packs + index.
     pub stored_bytes: u64,
+    /// Store paths pinned (their NARs are never evicted).
+    pub pinned_paths: u64,
+    /// NARs named by at least one pinned store path.
+    pub pinned_nars: u64,
+    /// Bytes of pack records no chunk row points at any more (evicted or replaced NARs):
+    /// still on disk, reclaimed by pack GC. Counted in `pack_bytes`.
+    pub dead_bytes: u64,
+    /// What `--max-cache-size` bounds: the same as `stored_bytes` (live and dead pack records,
+    /// pack headers, the index file).
+    pub cache_bytes: u64,
+    /// `cache_bytes` without `dead_bytes`: what is left after a full pack GC.
+    pub live_bytes: u64,
 }
 
 /// Open pack files for reading, shared by readers.
@@ -228,9 +252,23 @@ pub struct Stats {
 struct PackFiles {
     dir: PathBuf,
     open: Mutex<HashMap<u32, Arc<File>>>,
+    /// Readers hold it (shared) from their index snapshot until they have opened the packs it
+    /// names; pack GC holds it (exclusive) to delete a pack. So a reader either sees the index
+    /// from after the GC commit, or holds the old pack open (unlinked files stay readable).
+    gate: RwLock<()>,
 }
 
 impl PackFiles {
+    fn shared(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Closes a pack (it is about to be deleted); readers holding it keep their handle.
+    fn forget(&self, pack: u32) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.remove(&pack);
+    }
+
     fn get(&self, pack: u32) -> Result<(Arc<File>, PathBuf), StoreError> {
         let path = pack::pack_path(&self.dir, pack);
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
@@ -261,6 +299,8 @@ pub struct Store {
     writer: Mutex<PackWriter>,
     packs: Arc<PackFiles>,
     params: ChunkingParams,
+    /// Last-access times not written yet (see [`Store::touch`]).
+    touches: Mutex<evict::Touches>,
 }
 
 fn now_unix() -> u64 {
@@ -297,9 +337,14 @@ impl Store {
     pub fn open_with(dir: &Path, zstd_level: i32) -> Result<Self, StoreError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let pack_dir = dir.join("packs");
-        let db = Database::create(dir.join("index.redb"))?;
+        let db = match Database::create(dir.join("index.redb")) {
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(StoreError::Locked(dir.to_path_buf()))
+            }
+            r => r?,
+        };
         let txn = db.begin_write()?;
-        let last = {
+        let (last, known) = {
             // Create every table so readers never meet a missing one.
             txn.open_table(CHUNKS)?;
             txn.open_table(MANIFESTS)?;
@@ -307,11 +352,19 @@ impl Store {
             txn.open_table(NARINFOS)?;
             txn.open_table(COUNTERS)?;
             txn.open_table(NAR_FILES)?;
+            txn.open_table(PINS)?;
+            txn.open_table(NAR_ACCESS)?;
+            txn.open_table(PACK_DEAD)?;
             let packs = txn.open_table(PACKS)?;
             let last = packs.last()?.map(|(k, v)| (k.value(), v.value()));
-            last
+            let known = packs
+                .iter()?
+                .map(|r| r.map(|(k, _)| k.value()))
+                .collect::<Result<HashSet<u32>, _>>()?;
+            (last, known)
         };
         txn.commit()?;
+        evict::sweep_orphan_packs(&pack_dir, &known)?;
         let (pack, committed) = match last {
             Some((p, len)) => (p, Some(len)),
             None => (1, None),
@@ -324,8 +377,10 @@ impl Store {
             packs: Arc::new(PackFiles {
                 dir: pack_dir,
                 open: Mutex::default(),
+                gate: RwLock::default(),
             }),
             params: ChunkingParams::V1,
+            touches: Mutex::default(),
         })
     }
 
@@ -415,6 +470,7 @@ impl Store {
     /// (record header, frame, BLAKE3 of the content against `id`): what a peer is sent.
     /// `None` if the chunk is not stored.
     pub fn chunk_frame(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, StoreError> {
+        let gate = self.packs.shared();
         let loc = {
             let txn = self.db.begin_read()?;
             let t = txn.open_table(CHUNKS)?;
@@ -424,6 +480,7 @@ impl Store {
             loc_of(v.value()).0
         };
         let (f, path) = self.packs.get(loc.pack)?;
+        drop(gate);
         let mut dctx = new_dctx(&self.dir)?;
         Ok(Some(pack::read_frame(&f, &path, &loc, id, &mut dctx)?))
     }
@@ -444,16 +501,32 @@ impl Store {
         Ok(out)
     }
 
-    /// Stores a narinfo and its NAR. `open_nar` is called only if the NAR is not stored yet;
-    /// it must yield the *uncompressed* NAR. The NAR is streamed: validated, hashed,
-    /// normalised, chunked, compressed into the current pack, then committed in one
-    /// transaction — or refused, leaving nothing behind.
+    /// Stores a narinfo and its NAR as a cache entry (evictable): [`Store::ingest_with`] with
+    /// [`Retention::Cache`], for what is fetched from peers or upstreams.
     pub fn ingest<R: Read>(
         &self,
         info: &NarInfo,
         text: &str,
         trust: &Trust,
         source: &str,
+        open_nar: impl FnOnce() -> io::Result<R>,
+    ) -> Result<IngestOutcome, StoreError> {
+        self.ingest_with(info, text, trust, source, Retention::Cache, open_nar)
+    }
+
+    /// Stores a narinfo and its NAR. `open_nar` is called only if the NAR is not stored yet;
+    /// it must yield the *uncompressed* NAR. The NAR is streamed: validated, hashed,
+    /// normalised, chunked, compressed into the current pack, then committed in one
+    /// transaction — or refused, leaving nothing behind. `retention` says whether the path is
+    /// pinned (local and explicit: uploads, `import`) or a cache entry that eviction may drop
+    /// (fetched from peers or upstreams); an existing pin is never dropped by an ingest.
+    pub fn ingest_with<R: Read>(
+        &self,
+        info: &NarInfo,
+        text: &str,
+        trust: &Trust,
+        source: &str,
+        retention: Retention,
         open_nar: impl FnOnce() -> io::Result<R>,
     ) -> Result<IngestOutcome, StoreError> {
         let store_path = info.store_path.to_absolute();
@@ -469,6 +542,10 @@ impl Store {
         if let Some(old) = self.narinfo(&hash)? {
             if old.nar_hash == info.nar_hash && old.text == record.text && old.trust == record.trust
             {
+                if retention == Retention::Pinned {
+                    self.pin(&hash)?;
+                }
+                self.touch(&info.nar_hash)?;
                 return Ok(IngestOutcome {
                     already_present: true,
                     nar_size: info.nar_size,
@@ -502,10 +579,7 @@ impl Store {
         } else {
             Vec::new()
         };
-        let nar_file = Path::new(&info.url)
-            .file_name()
-            .and_then(|n| n.to_str())
-            .filter(|n| n.contains(".nar"));
+        let nar_file = nar_file_name(&info.url);
         let commit = self.commit_ingest(
             &hash,
             nar_file,
@@ -513,6 +587,7 @@ impl Store {
             manifest.as_ref(),
             &new_chunks,
             &packs,
+            retention,
             &mut outcome,
         );
         if let Err(e) = commit {
@@ -629,10 +704,12 @@ impl Store {
         manifest: Option<&Manifest>,
         new_chunks: &HashMap<ChunkId, Location>,
         packs: &[(u32, u64)],
+        retention: Retention,
         outcome: &mut IngestOutcome,
     ) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
         {
+            let mut dead = txn.open_table(PACK_DEAD)?;
             let mut chunks_t = txn.open_table(CHUNKS)?;
             let mut manifests = txn.open_table(MANIFESTS)?;
             let mut refs = txn.open_table(MANIFEST_REFS)?;
@@ -687,13 +764,17 @@ impl Store {
                 Some(old) => {
                     let old = StoredNarInfo::decode(hash, &old)?;
                     if old.nar_hash != record.nar_hash {
-                        release_manifest(
+                        let released = release_manifest(
                             &mut manifests,
                             &mut refs,
                             &mut chunks_t,
                             &mut counters,
+                            &mut dead,
                             &old.nar_hash,
                         )?;
+                        if released.is_some() {
+                            txn.open_table(NAR_ACCESS)?.remove(old.nar_hash.0)?;
+                        }
                         add_ref(&mut refs, &record.nar_hash)?;
                     }
                 }
@@ -706,6 +787,11 @@ impl Store {
             if let Some(f) = nar_file {
                 txn.open_table(NAR_FILES)?.insert(f, record.nar_hash.0)?;
             }
+            txn.open_table(NAR_ACCESS)?
+                .insert(record.nar_hash.0, record.added_unix)?;
+            if retention == Retention::Pinned {
+                txn.open_table(PINS)?.insert(hash, record.added_unix)?;
+            }
         }
         txn.commit()?;
         Ok(())
@@ -715,6 +801,8 @@ impl Store {
     /// checked against its id, hashes restored; at the end the whole stream is checked against
     /// NarHash and a mismatch is an error (never a silently wrong stream).
     pub fn nar_reader(&self, nar_hash: &NarHash) -> Result<NarReader, StoreError> {
+        // Held until the packs are open: a concurrent pack GC cannot delete them in between.
+        let _gate = self.packs.shared();
         let txn = self.db.begin_read()?;
         let manifests = txn.open_table(MANIFESTS)?;
         let chunks_t = txn.open_table(CHUNKS)?;
@@ -741,12 +829,13 @@ impl Store {
             };
             locs.push((c.id, loc_of(v.value()).0));
         }
-        Ok(NarReader::new(
-            self.packs.clone(),
-            m,
-            locs,
-            new_dctx(&self.dir)?,
-        ))
+        let mut files = HashMap::new();
+        for (_, loc) in &locs {
+            if let std::collections::hash_map::Entry::Vacant(e) = files.entry(loc.pack) {
+                e.insert(self.packs.get(loc.pack)?);
+            }
+        }
+        Ok(NarReader::new(files, m, locs, new_dctx(&self.dir)?))
     }
 
     /// Compacts the index file (reclaims free pages after a large import). Needs exclusive use.
@@ -779,11 +868,29 @@ impl Store {
         for r in packs.iter()? {
             s.pack_bytes += r?.1.value();
         }
-        s.index_bytes = fs::metadata(self.dir.join("index.redb"))
-            .map(|m| m.len())
-            .unwrap_or(0);
+        s.index_bytes = self.index_bytes();
         s.stored_bytes = s.pack_bytes + s.index_bytes;
+        s.dead_bytes = get(C_DEAD_BYTES)?;
+        s.cache_bytes = s.stored_bytes;
+        s.live_bytes = s.cache_bytes.saturating_sub(s.dead_bytes);
+        let pins = txn.open_table(PINS)?;
+        let narinfos = txn.open_table(NARINFOS)?;
+        let mut pinned = HashSet::new();
+        for r in pins.iter()? {
+            let (k, _) = r?;
+            s.pinned_paths += 1;
+            if let Some(v) = narinfos.get(k.value())? {
+                pinned.insert(StoredNarInfo::decode(k.value(), v.value())?.nar_hash);
+            }
+        }
+        s.pinned_nars = pinned.len() as u64;
         Ok(s)
+    }
+
+    fn index_bytes(&self) -> u64 {
+        fs::metadata(self.dir.join("index.redb"))
+            .map(|m| m.len())
+            .unwrap_or(0)
     }
 
     /// Re-reads and re-hashes everything; returns the list of problems (empty: all good).
@@ -908,8 +1015,19 @@ impl Store {
                 Err(e) => problems.push(format!("narinfo {hash}: {e}")),
             }
         }
+
+        // 4. Pins, last-access times and each pack's live + dead bytes (`evict.rs`).
+        evict::verify_tables(&txn, &narinfo_recs, &mut problems)?;
         Ok(problems)
     }
+}
+
+/// The NAR file name a narinfo's `URL` gives (`<FileHash>.nar.xz`, …), kept in `NAR_FILES`.
+fn nar_file_name(url: &str) -> Option<&str> {
+    Path::new(url)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| n.contains(".nar"))
 }
 
 fn new_dctx(dir: &Path) -> Result<zstd::bulk::Decompressor<'static>, StoreError> {
@@ -922,23 +1040,34 @@ fn add_ref(refs: &mut redb::Table<[u8; 32], u32>, nar_hash: &NarHash) -> Result<
     Ok(())
 }
 
+/// What releasing a manifest's last reference freed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Released {
+    nar_size: u64,
+    chunks: u64,
+    /// Pack record bytes (headers + frames) that became dead.
+    dead_bytes: u64,
+}
+
 /// Drops one narinfo reference to a manifest; the last one removes the manifest and releases
-/// its chunks (chunk rows at refcount 0 go; their pack bytes await compaction).
+/// its chunks (chunk rows at refcount 0 go; their records become dead bytes of their pack,
+/// awaiting pack GC). `None`: other narinfos still name the NAR.
 fn release_manifest(
     manifests: &mut redb::Table<[u8; 32], &[u8]>,
     refs: &mut redb::Table<[u8; 32], u32>,
     chunks_t: &mut redb::Table<[u8; 32], (u32, u64, u32, u32, u32)>,
     counters: &mut redb::Table<&str, u64>,
+    dead: &mut redb::Table<u32, u64>,
     nar_hash: &NarHash,
-) -> Result<(), StoreError> {
+) -> Result<Option<Released>, StoreError> {
     let cur = refs.get(nar_hash.0)?.map(|v| v.value()).unwrap_or(0);
     if cur > 1 {
         refs.insert(nar_hash.0, cur - 1)?;
-        return Ok(());
+        return Ok(None);
     }
     refs.remove(nar_hash.0)?;
     let Some(bytes) = manifests.remove(nar_hash.0)?.map(|v| v.value().to_vec()) else {
-        return Ok(());
+        return Ok(None);
     };
     let m = Manifest::decode(&bytes).map_err(|source| StoreError::BadManifest {
         nar_hash: *nar_hash,
@@ -946,6 +1075,10 @@ fn release_manifest(
     })?;
     add_counter(counters, C_NARS, -1)?;
     add_counter(counters, C_NAR_BYTES, -(m.nar_size as i64))?;
+    let mut released = Released {
+        nar_size: m.nar_size,
+        ..Default::default()
+    };
     for c in &m.chunks {
         let Some(mut v) = chunks_t.get(c.id.0)?.map(|v| v.value()) else {
             continue;
@@ -958,9 +1091,13 @@ fn release_manifest(
             add_counter(counters, C_CHUNKS, -1)?;
             add_counter(counters, C_UNIQUE_CHUNK_BYTES, -(v.3 as i64))?;
             add_counter(counters, C_CHUNK_COMPRESSED_BYTES, -(v.2 as i64))?;
+            let (loc, _) = loc_of(v);
+            evict::add_dead(dead, counters, loc.pack, loc.record_len() as i64)?;
+            released.chunks += 1;
+            released.dead_bytes += loc.record_len();
         }
     }
-    Ok(())
+    Ok(Some(released))
 }
 
 /// Tees the raw NAR into sha256 and the NAR validator as it is read.
@@ -1018,13 +1155,14 @@ impl<R: Read> Read for CheckingReader<R> {
     }
 }
 
-/// Streams a stored NAR (see [`Store::nar_reader`]). Holds no database handle.
+/// Streams a stored NAR (see [`Store::nar_reader`]). Holds no database handle, and holds the
+/// pack files it reads open (a pack GC may unlink them meanwhile).
 ///
 /// Reading the whole NAR checks NarHash *before the last chunk is handed out*, so a damaged NAR
 /// never yields its complete length: the reader errors instead. A range read (which cannot be
 /// checked against NarHash) checks every chunk against its id before any of its bytes go out.
 pub struct NarReader {
-    packs: Arc<PackFiles>,
+    files: HashMap<u32, (Arc<File>, PathBuf)>,
     manifest: Manifest,
     locs: Vec<(ChunkId, Location)>,
     /// NAR offset of each chunk.
@@ -1043,7 +1181,7 @@ pub struct NarReader {
 
 impl NarReader {
     fn new(
-        packs: Arc<PackFiles>,
+        files: HashMap<u32, (Arc<File>, PathBuf)>,
         manifest: Manifest,
         locs: Vec<(ChunkId, Location)>,
         dctx: zstd::bulk::Decompressor<'static>,
@@ -1051,7 +1189,7 @@ impl NarReader {
         let offsets = manifest.chunk_offsets().map(|(o, _)| o).collect();
         Self {
             dctx,
-            packs,
+            files,
             remaining: manifest.nar_size,
             manifest,
             locs,
@@ -1100,10 +1238,13 @@ impl NarReader {
         } else {
             Check::Full
         };
-        let mut data = self
-            .packs
-            .read(&id, &loc, check, &mut self.dctx)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidData, e);
+        let (f, path) = self
+            .files
+            .get(&loc.pack)
+            .ok_or_else(|| invalid(format!("pack {} was not opened", loc.pack)))?;
+        let mut data = pack::read_chunk(f, path, &loc, &id, check, &mut self.dctx)
+            .map_err(|e| invalid(e.to_string()))?;
         self.manifest
             .slots
             .restore(self.offsets[self.next], &mut data);
@@ -1226,13 +1367,25 @@ pub(crate) mod testing {
     }
 
     /// Ingests `nar` as `/nix/store/<hash>-sample`, signed by `key` when given; trusted iff
-    /// `key`'s public half is in `trusted`.
+    /// `key`'s public half is in `trusted`. A cache entry (not pinned).
     pub fn ingest(
         store: &Store,
         hash: &str,
         nar: &[u8],
         key: Option<&SecretKey>,
         trusted: &[crate::core::signing::PublicKey],
+    ) -> NarInfo {
+        ingest_as(store, hash, nar, key, trusted, Retention::Cache)
+    }
+
+    /// [`ingest`] with a retention.
+    pub fn ingest_as(
+        store: &Store,
+        hash: &str,
+        nar: &[u8],
+        key: Option<&SecretKey>,
+        trusted: &[crate::core::signing::PublicKey],
+        retention: Retention,
     ) -> NarInfo {
         let nar_hash = NarHash::digest(nar);
         let text = format!(
@@ -1248,7 +1401,7 @@ pub(crate) mod testing {
         let text = info.to_text();
         let trust = verify_narinfo(&info, trusted).expect("verifiable");
         store
-            .ingest(&info, &text, &trust, "test", || {
+            .ingest_with(&info, &text, &trust, "test", retention, || {
                 Ok(Cursor::new(nar.to_vec()))
             })
             .expect("ingest");

@@ -149,9 +149,21 @@ pub fn read_frame(
     id: &ChunkId,
     dctx: &mut zstd::bulk::Decompressor<'static>,
 ) -> Result<Vec<u8>, PackError> {
-    let (mut rec, _) = read_record(file, path, loc, id, Check::Full, dctx)?;
+    let mut rec = read_checked_record(file, path, loc, id, dctx)?;
     rec.drain(..RECORD_HEADER_LEN);
     Ok(rec)
+}
+
+/// The whole record at `loc` (header + zstd frame) after a full check: what pack GC copies
+/// (a record does not depend on where it sits, so it moves as is, never recompressed).
+pub fn read_checked_record(
+    file: &File,
+    path: &Path,
+    loc: &Location,
+    id: &ChunkId,
+    dctx: &mut zstd::bulk::Decompressor<'static>,
+) -> Result<Vec<u8>, PackError> {
+    read_record(file, path, loc, id, Check::Full, dctx).map(|(rec, _)| rec)
 }
 
 /// The whole record (header + frame) and the decompressed chunk, checked per `check`.
@@ -327,21 +339,62 @@ impl PackWriter {
         self.compressor
             .compress_to_buffer(data, &mut self.scratch)
             .map_err(io_err(&path))?;
-        let comp_len = self.scratch.len() as u32;
-        let header = encode_header(id, data.len() as u32, comp_len);
-        self.file.write_all(&header).map_err(io_err(&path))?;
-        self.file.write_all(&self.scratch).map_err(io_err(&path))?;
+        let header = encode_header(id, data.len() as u32, self.scratch.len() as u32);
+        let frame = std::mem::take(&mut self.scratch);
+        let written = self.write_record(&header, &frame, data.len() as u32);
+        self.scratch = frame;
+        written
+    }
+
+    /// Appends a whole record read from another pack (see [`read_checked_record`]) as is.
+    pub fn append_record(&mut self, rec: &[u8]) -> Result<Location, PackError> {
+        let path = pack_path(&self.dir, self.pack);
+        let bad = |reason| PackError::BadHeader {
+            path: path.clone(),
+            offset: self.len,
+            reason,
+        };
+        let header: &[u8; RECORD_HEADER_LEN] = rec
+            .get(..RECORD_HEADER_LEN)
+            .and_then(|h| h.try_into().ok())
+            .ok_or_else(|| bad("record shorter than its header"))?;
+        let h = decode_header(header).map_err(bad)?;
+        if rec.len() != RECORD_HEADER_LEN + h.comp_len as usize {
+            return Err(bad("record length differs from its header"));
+        }
+        if self.len >= PACK_TARGET_SIZE {
+            self.rotate()?;
+        }
+        self.write_record(header, &rec[RECORD_HEADER_LEN..], h.raw_len)
+    }
+
+    fn write_record(
+        &mut self,
+        header: &[u8; RECORD_HEADER_LEN],
+        frame: &[u8],
+        raw_len: u32,
+    ) -> Result<Location, PackError> {
+        let path = pack_path(&self.dir, self.pack);
+        self.file.write_all(header).map_err(io_err(&path))?;
+        self.file.write_all(frame).map_err(io_err(&path))?;
         let loc = Location {
             pack: self.pack,
             offset: self.len,
-            comp_len,
-            raw_len: data.len() as u32,
+            comp_len: frame.len() as u32,
+            raw_len,
         };
         self.len += loc.record_len();
         Ok(loc)
     }
 
-    fn rotate(&mut self) -> Result<(), PackError> {
+    /// The pack being appended to.
+    pub fn pack(&self) -> u32 {
+        self.pack
+    }
+
+    /// Closes the current pack (fsynced) and starts the next one. Recorded as touched, so a
+    /// `rollback` removes the new pack again.
+    pub fn rotate(&mut self) -> Result<(), PackError> {
         self.sync()?;
         let next = self.pack + 1;
         let path = pack_path(&self.dir, next);

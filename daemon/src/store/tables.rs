@@ -44,3 +44,14 @@ pub const DHT_RECORDS: TableDefinition<&[u8], DhtRecordValue> =
     TableDefinition::new("dht-records-v1");
 /// (expiry in unix seconds, publisher peer id bytes or empty, value).
 pub type DhtRecordValue = (u64, &'static [u8], &'static [u8]);
+// Eviction and pack GC (issue 4, `evict.rs`).
+
+/// Store-path hash → unix seconds it was pinned. A pinned path's NAR is never evicted.
+pub const PINS: TableDefinition<&str, u64> = TableDefinition::new("pins-v1");
+/// NarHash digest → unix seconds of its last ingest or serve (coalesced, see `Store::touch`).
+pub const NAR_ACCESS: TableDefinition<[u8; 32], u64> = TableDefinition::new("nar-access-v1");
+/// Pack id → bytes of records in it that no chunk row points at any more (dead, awaiting GC).
+pub const PACK_DEAD: TableDefinition<u32, u64> = TableDefinition::new("pack-dead-v1");
+
+/// Sum of `PACK_DEAD`.
+pub const C_DEAD_BYTES: &str = "dead_bytes";
