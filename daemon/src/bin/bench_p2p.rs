@@ -13,10 +13,13 @@
 //! the configuration's `--runs` runs. A run is one nginx pass, then one pass through a fresh
 //! fetcher daemon (empty data dir, no upstream, `--no-mdns`, bootstrapping from every seed,
 //! started before the clock starts). A pass fetches the closure the way Nix does: for each
-//! path `GET /<hash>.narinfo`, then `GET /<its URL>`, `--concurrency` paths at a time, each on
-//! its own keep-alive connection; every body is read whole and every NAR checked against the
-//! narinfo's NarHash and NarSize (a failure fails the benchmark). After a P2P pass the
-//! fetcher's `/metrics` must count every NAR of the closure as stored. Figures are medians.
+//! path `GET /<hash>.narinfo`, then `GET /<its URL>` (or, with `--narinfos-first`, every
+//! narinfo before any NAR, as `nix copy` walks a closure), `--concurrency` paths at a time,
+//! each on its own keep-alive connection; every body is read whole and every NAR checked
+//! against the narinfo's NarHash and NarSize. After a P2P pass the fetcher's `/metrics` must
+//! count every NAR of the closure as stored. A failed P2P pass (a 404, a wrong NAR) is
+//! reported and left out of the medians; a failed nginx pass ends the benchmark. While the
+//! fetcher still runs, each seed's bytes sent to it are read from the kernel (`ss`).
 //!
 //! Every child (daemons, nginx, import) is killed when the benchmark ends, fails or is
 //! interrupted (SIGINT/SIGTERM): [`Proc`] kills on drop.
@@ -894,7 +897,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
     v.sort_by(f64::total_cmp);
     let mid = v.len() / 2;
-    if v.len() % 2 == 0 {
+    if 2 * mid == v.len() {
         (v[mid - 1] + v[mid]) / 2.0
     } else {
         v[mid]
@@ -946,7 +949,7 @@ impl Config {
 
 async fn run(args: Args) -> Result<()> {
     let cache = PathBuf::from(args.cache.strip_prefix("file://").unwrap_or(&args.cache));
-    let cache = fs::canonicalize(&cache).with_context(|| format!("{}", cache.display()))?;
+    let cache = fs::canonicalize(&cache).with_context(|| cache.display().to_string())?;
     let bin = match &args.bin {
         Some(b) => b.clone(),
         None => std::env::current_exe()?
