@@ -10,7 +10,8 @@ use libp2p::multiaddr::Protocol;
 use libp2p::Multiaddr;
 
 use crate::announce::Announcer;
-use crate::config::{ConfigError, DaemonConfig, Share};
+use crate::config::{ConfigError, DaemonConfig, Role, Share};
+use crate::quota::Quota;
 use crate::core::signing::{PublicKey, SigningError, CACHE_NIXOS_ORG_KEY};
 use crate::core::NarHash;
 use crate::fetch::Peers;
@@ -251,6 +252,10 @@ pub async fn run(
         let (p, an, a) = start_p2p(&config, &store, trusted.clone(), metrics.clone()).await?;
         (Some(p), an, a)
     };
+    let quota = match (config.role, config.max_cache_size) {
+        (Role::Peer, Some(max)) => Some(Quota::start(store.clone(), max.into())),
+        _ => None, // a seed never evicts (validate refuses a quota on one)
+    };
     let state = Arc::new(HttpState {
         store,
         metrics,
@@ -274,6 +279,7 @@ pub async fn run(
         },
         started: std::time::Instant::now(),
         announcer,
+        quota,
         upstream,
         peers,
     });

@@ -12,5 +12,6 @@ pub mod import;
 pub mod metrics;
 pub mod net;
 pub mod pending;
+pub mod quota;
 pub mod store;
 pub mod upstream;

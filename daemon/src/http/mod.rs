@@ -53,6 +53,8 @@ pub struct HttpState {
     /// What `/api/status` says about the node.
     pub node: NodeInfo,
     pub started: Instant,
+    /// `--max-cache-size` enforcement (peers only).
+    pub quota: Option<Arc<crate::quota::Quota>>,
     /// DHT announcements (P2P on and `--share all`).
     pub announcer: Option<Arc<crate::announce::Announcer>>,
 }

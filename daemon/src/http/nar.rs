@@ -221,7 +221,12 @@ async fn from_elsewhere(
     if let Some(peers) = &state.peers {
         match peers.fetch_nar(&state.store, nar_hash).await {
             PeerFetch::NotPending => {}
-            PeerFetch::Stored => return Ok(Some(stored(state, nar_hash).await?)),
+            PeerFetch::Stored => {
+                if let Some(q) = &state.quota {
+                    q.poke();
+                }
+                return Ok(Some(stored(state, nar_hash).await?));
+            }
             PeerFetch::Failed { path, error } => {
                 state.narinfo_cache.forget(path.as_str());
                 let Some(up) = &state.upstream else {
@@ -247,6 +252,9 @@ async fn from_upstream(
     match up.fetch_nar(&state.store, nar_hash).await {
         NarFetch::NotPending => Ok(None),
         NarFetch::Stored { trusted } => {
+            if let Some(q) = &state.quota {
+                q.poke();
+            }
             if let (true, Some(peers)) = (trusted, &state.peers) {
                 peers.announce(*nar_hash);
             }
