@@ -101,10 +101,17 @@ struct Setup {
     cache: String,
 }
 
-fn setup() -> Setup {
+/// `many`: the whole first generation (25 paths), so that H, answering narinfos from memory,
+/// surely wins some of A's narinfo races against S (with the 2-path small closure, S
+/// sometimes wins both and H is never asked for a block); else the small closure.
+fn setup(many: bool) -> Setup {
     let corpus = Corpus::small();
     let env = Env::new();
-    let (out, closure) = small_closure(corpus);
+    let (out, closure) = if many {
+        (corpus.out_path(1), corpus.paths(1))
+    } else {
+        small_closure(corpus)
+    };
     let (sk, pk) = env.key("hostile");
     let cache = env.signed_file_cache("cache", &out, &sk);
     Setup {
@@ -218,7 +225,7 @@ fn with_honest_seed(mode: &str) {
         closure,
         pk,
         cache,
-    } = setup();
+    } = setup(true);
     let n = closure.len() as u64;
     let s = daemon(&env.imported("data-s", &cache, &pk), &pk, &[]);
     let s_addr = s.p2p.clone().unwrap();
@@ -263,7 +270,7 @@ fn hostile_alone(mode: &str) {
         closure,
         pk,
         cache,
-    } = setup();
+    } = setup(false);
     let mut h = Hostile::start(&env.imported("data-h", &cache, &pk), mode, None);
     let data_a = env.path("data-a");
     let a = daemon(&data_a, &pk, &[&h.addr]);
