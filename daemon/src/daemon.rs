@@ -11,13 +11,13 @@ use libp2p::Multiaddr;
 
 use crate::announce::Announcer;
 use crate::config::{ConfigError, DaemonConfig, Role, Share};
-use crate::quota::Quota;
 use crate::core::signing::{PublicKey, SigningError, CACHE_NIXOS_ORG_KEY};
 use crate::core::NarHash;
 use crate::fetch::Peers;
 use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
 use crate::net::{self, BehaviourConfig, NetConfig, StoreResponder, Transport};
+use crate::quota::Quota;
 use crate::store::{Store, StoreError};
 use crate::upstream::{Upstream, UpstreamError};
 

@@ -119,6 +119,18 @@ impl Daemon {
             .parse()
             .unwrap()
     }
+    /// A counter or gauge, `None` when `/metrics` does not export it (yet).
+    pub fn try_metric(&self, name: &str) -> Option<u64> {
+        let r = http(self.port, &get("/metrics"));
+        assert_eq!(r.status, 200, "GET /metrics");
+        let key = format!("nix_p2p_cache_{name} ");
+        String::from_utf8(r.body)
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
     /// The daemon still answers `/nix-cache-info` with the exact body.
     pub fn assert_alive(&self) {
         let r = http(self.port, &get("/nix-cache-info"));
@@ -303,6 +315,30 @@ impl Env {
         store
     }
 
+    /// A `file://` binary cache (uncompressed) of `out`'s closure, signed with `sk`; its URL.
+    pub fn signed_file_cache(&self, name: &str, out: &str, sk: &Path) -> String {
+        let dir = self.path(name);
+        let to = format!(
+            "file://{}?compression=none&secret-key={}",
+            dir.display(),
+            sk.display()
+        );
+        run_ok(self.nix("nix").args(["copy", "--to", &to, out]));
+        format!("file://{}", dir.display())
+    }
+
+    /// A data dir `name` holding everything of the `file://` cache `from` (`import`).
+    pub fn imported(&self, name: &str, from: &str, pk: &str) -> PathBuf {
+        let data = self.path(name);
+        run_ok(cmd().args(["import", "--data-dir"]).arg(&data).args([
+            "--from",
+            from,
+            "--trusted-public-key",
+            pk,
+        ]));
+        data
+    }
+
     pub fn upload(&self, from: &str, to: &str, out: &str) -> Output {
         self.nix("nix")
             .args(["copy", "--from", from, "--to", to, "--option", "netrc-file"])
@@ -377,6 +413,18 @@ pub fn small_closure(corpus: &Corpus) -> (String, Vec<String>) {
         .unwrap_or_else(|| corpus.out_path(1));
     let closure = closure_of(&p);
     (p, closure)
+}
+
+/// `nix-store --dump` of a path of this machine's store.
+pub fn dump(p: &str) -> Vec<u8> {
+    run_ok(Command::new("nix-store").args(["--dump", p])).stdout
+}
+
+/// The value of `key` in a narinfo.
+pub fn narinfo_field<'a>(narinfo: &'a str, key: &str) -> Option<&'a str> {
+    narinfo
+        .lines()
+        .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(": ")))
 }
 
 pub fn hash_part(p: &str) -> &str {

@@ -29,11 +29,29 @@ pub fn bin() -> PathBuf {
         if let Some(p) = std::env::var_os("NIX_P2P_CACHE_BIN") {
             return PathBuf::from(p);
         }
-        let status = Command::new(env!("CARGO"))
+        let mut build = Command::new(env!("CARGO"));
+        build
             .args(["build", "-p", "nix-p2p-cache", "--bin", "nix-p2p-cache"])
-            .current_dir(root())
-            .status()
-            .expect("running cargo build");
+            .current_dir(root());
+        // Cargo gives a test process its own package's variables; build scripts that watch
+        // them (ring's) would otherwise see a change and rebuild half the dependency tree.
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy();
+            if k == "OUT_DIR"
+                || k == "CARGO_PRIMARY_PACKAGE"
+                || [
+                    "CARGO_PKG_",
+                    "CARGO_MANIFEST_",
+                    "CARGO_CRATE_",
+                    "CARGO_BIN_",
+                ]
+                .iter()
+                .any(|p| k.starts_with(p))
+            {
+                build.env_remove(&*k);
+            }
+        }
+        let status = build.status().expect("running cargo build");
         assert!(status.success(), "cargo build failed");
         target_dir().join("debug/nix-p2p-cache")
     })
