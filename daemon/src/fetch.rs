@@ -93,6 +93,10 @@ pub enum PeerFetch {
 
 type Lookup = Arc<OnceCell<Vec<PeerId>>>;
 
+/// Some connected peer did not answer a narinfo request within [`NARINFO_BUDGET`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unanswered;
+
 /// The P2P side of the daemon: a network client, the trusted keys, pending narinfos and
 /// background provider lookups.
 pub struct Peers {
@@ -153,13 +157,17 @@ impl Peers {
     }
 
     /// Asks the connected peers for the narinfo of `hash` (within [`NARINFO_BUDGET`]).
-    pub async fn narinfo(&self, hash: &StorePathHash) -> Option<Arc<str>> {
+    /// `Ok(None)`: every peer answered without it (or there are none); `Err(Unanswered)`: none
+    /// had it, but some did not answer in time.
+    pub async fn narinfo(&self, hash: &StorePathHash) -> Result<Option<Arc<str>>, Unanswered> {
         if let Some(t) = self.pending.text(hash) {
-            return Some(t);
+            return Ok(Some(t));
         }
-        let peers = self.client.connected_peers().await.ok()?;
+        let Ok(peers) = self.client.connected_peers().await else {
+            return Ok(None);
+        };
         if peers.is_empty() {
-            return None;
+            return Ok(None);
         }
         let mut asks: FuturesUnordered<_> = peers
             .into_iter()
@@ -192,10 +200,12 @@ impl Peers {
             }
             None
         })
-        .await
-        .ok()
-        .flatten()?;
-        let (peer, text, info, trust) = found;
+        .await;
+        let (peer, text, info, trust) = match found {
+            Ok(Some(f)) => f,
+            Ok(None) => return Ok(None),
+            Err(_) => return Err(Unanswered),
+        };
         self.start_lookup(info.nar_hash);
         let text: Arc<str> = Arc::from(text);
         self.pending.insert(
@@ -208,7 +218,7 @@ impl Peers {
             },
         );
         tracing::debug!(%peer, hash = hash.as_str(), "narinfo from a peer");
-        Some(text)
+        Ok(Some(text))
     }
 
     fn lookup_cell(&self, nar_hash: NarHash) -> Lookup {

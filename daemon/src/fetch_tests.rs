@@ -215,7 +215,7 @@ async fn a_lying_manifest_is_replaced_by_an_honest_one() {
     // Only the liar is connected when the narinfo is asked for: its manifest is tried first.
     a.connect(&liar).await;
     let hash = StorePathHash::parse(HASH).unwrap();
-    assert!(a.peers.narinfo(&hash).await.is_some());
+    assert!(a.peers.narinfo(&hash).await.unwrap().is_some());
     a.connect(&honest).await;
     let nar_hash = NarHash::digest(&nar);
     let r = a.peers.fetch_nar(&a.node.store, &nar_hash).await;
@@ -238,7 +238,7 @@ async fn only_liars_means_a_failed_fetch_and_nothing_stored() {
     let a = fetcher(&key).await;
     a.connect(&d).await;
     let hash = StorePathHash::parse(HASH).unwrap();
-    assert!(a.peers.narinfo(&hash).await.is_some());
+    assert!(a.peers.narinfo(&hash).await.unwrap().is_some());
     let nar_hash = NarHash::digest(&nar);
     let r = a.peers.fetch_nar(&a.node.store, &nar_hash).await;
     assert!(matches!(r, PeerFetch::Failed { .. }), "{r:?}");

@@ -27,6 +27,7 @@ use axum::Router;
 use crate::core::narinfo::NarInfo;
 use crate::core::signing::PublicKey;
 use crate::core::store_path::StorePathHash;
+use crate::fetch::Unanswered;
 use crate::metrics::Metrics;
 use crate::store::Store;
 pub use api::NodeInfo;
@@ -188,10 +189,15 @@ async fn get_narinfo(
                     None => Ok(None),
                 })
                 .await?;
+                // A peer that did not answer within the budget (busy, slow link) may still
+                // have it: such a miss is not remembered.
+                let mut unsure = false;
                 if text.is_none() {
                     if let Some(peers) = &state.peers {
-                        if let Some(t) = peers.narinfo(&hash).await {
-                            text = Some(Arc::from(served_narinfo(&t)?));
+                        match peers.narinfo(&hash).await {
+                            Ok(Some(t)) => text = Some(Arc::from(served_narinfo(&t)?)),
+                            Ok(None) => {}
+                            Err(Unanswered) => unsure = true,
                         }
                     }
                 }
@@ -211,7 +217,9 @@ async fn get_narinfo(
                         }
                     }
                 }
-                state.narinfo_cache.put(hash.as_str(), text.clone());
+                if text.is_some() || !unsure {
+                    state.narinfo_cache.put(hash.as_str(), text.clone());
+                }
                 text
             }
         };
