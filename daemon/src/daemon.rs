@@ -252,8 +252,17 @@ pub async fn run(
         let (p, an, a) = start_p2p(&config, &store, trusted.clone(), metrics.clone()).await?;
         (Some(p), an, a)
     };
+    let narinfo_cache = Arc::new(http::NarinfoCache::new(
+        NARINFO_CACHE_ENTRIES,
+        NARINFO_NEGATIVE_TTL,
+    ));
     let quota = match (config.role, config.max_cache_size) {
-        (Role::Peer, Some(max)) => Some(Quota::start(store.clone(), max.into())),
+        (Role::Peer, Some(max)) => {
+            // Evicted paths must not be announced from the served-narinfo cache any more.
+            let cache = narinfo_cache.clone();
+            let on_evict = Box::new(move || cache.clear());
+            Some(Quota::start(store.clone(), max.into(), on_evict))
+        }
         _ => None, // a seed never evicts (validate refuses a quota on one)
     };
     let state = Arc::new(HttpState {
@@ -263,7 +272,7 @@ pub async fn run(
         trusted,
         staging: config.data_dir.join("uploads"),
         max_upload: config.max_upload_size,
-        narinfo_cache: http::NarinfoCache::new(NARINFO_CACHE_ENTRIES, NARINFO_NEGATIVE_TTL),
+        narinfo_cache,
         node: http::NodeInfo {
             version: env!("CARGO_PKG_VERSION"),
             role: config.role,

@@ -19,14 +19,17 @@ pub const INTERVAL: Duration = Duration::from_secs(300);
 pub struct Quota {
     wake: Notify,
     max: u64,
+    on_evict: Box<dyn Fn() + Send + Sync>,
 }
 
 impl Quota {
-    /// Starts the eviction task (on the current runtime) for a store of at most `max` bytes.
-    pub fn start(store: Arc<Store>, max: u64) -> Arc<Quota> {
+    /// Starts the eviction task (on the current runtime) for a store of at most `max` bytes;
+    /// `on_evict` runs after every run that removed paths.
+    pub fn start(store: Arc<Store>, max: u64, on_evict: Box<dyn Fn() + Send + Sync>) -> Arc<Quota> {
         let q = Arc::new(Quota {
             wake: Notify::new(),
             max,
+            on_evict,
         });
         let task = q.clone();
         tokio::spawn(async move { task.run(store).await });
@@ -46,14 +49,19 @@ impl Quota {
         loop {
             let (s, max) = (store.clone(), self.max);
             match tokio::task::spawn_blocking(move || s.evict_to(max)).await {
-                Ok(Ok(r)) if r.paths > 0 || r.bytes_before != r.bytes_after => tracing::info!(
-                    paths = r.paths,
-                    nar_bytes = r.nar_bytes,
-                    before = r.bytes_before,
-                    after = r.bytes_after,
-                    target = r.target,
-                    "evicted to stay under max-cache-size"
-                ),
+                Ok(Ok(r)) if r.paths > 0 || r.bytes_before != r.bytes_after => {
+                    tracing::info!(
+                        paths = r.paths,
+                        nar_bytes = r.nar_bytes,
+                        before = r.bytes_before,
+                        after = r.bytes_after,
+                        target = r.target,
+                        "evicted to stay under max-cache-size"
+                    );
+                    if r.paths > 0 {
+                        (self.on_evict)();
+                    }
+                }
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => tracing::warn!(error = %e, "eviction failed"),
                 Err(e) => tracing::warn!(error = %e, "eviction task failed"),

@@ -209,3 +209,63 @@ fn sharing_modes_status_and_peers() {
     a.stop();
     s.stop();
 }
+
+/// A peer with `--max-cache-size` keeps its store under the quota (least-recently-used NARs
+/// fetched from peers are evicted; packs are compacted) and still serves the whole closure,
+/// fetching evicted NARs again. The uploading seed pins what it was given.
+#[test]
+fn max_cache_size_evicts_fetched_nars() {
+    let corpus = Corpus::small();
+    let env = Env::new();
+    let (out, closure) = small_closure(corpus);
+    let (sk, pk) = env.key("quota");
+    let src = env.signed_store("src", &out, &sk);
+    let token = env.path("token");
+    let mut s_args = p2p(None);
+    s_args.extend(["--upload-token-file".into(), token.display().to_string()]);
+    s_args.extend(["--role".into(), "seed".into()]);
+    let s = start(&env.path("data-s"), &pk, &s_args);
+    let up = env.upload(&src, &s.url(), &out);
+    assert!(up.status.success(), "upload to S: {}", text(&up));
+    let full = s.metric("store_stored_bytes");
+    let quota = full / 2;
+    let mut a_args = p2p(Some(s.p2p.as_deref().unwrap()));
+    a_args.extend(["--max-cache-size".into(), quota.to_string()]);
+    let a = start(&env.path("data-a"), &pk, &a_args);
+    for round in ["1", "2"] {
+        let fresh = env
+            .path(&format!("fresh-{round}/store"))
+            .display()
+            .to_string();
+        let down = env.download(round, &a.url(), &fresh, Some(&pk), &out);
+        assert!(
+            down.status.success(),
+            "round {round}: {}\n{}",
+            text(&down),
+            a.stderr()
+        );
+        env.assert_closure_valid(&fresh, &closure);
+        // Eviction runs in the background right after each fetch.
+        let t = std::time::Instant::now();
+        while a.metric("store_stored_bytes") > quota && t.elapsed().as_secs() < 30 {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        let used = a.metric("store_stored_bytes");
+        assert!(
+            used <= quota,
+            "round {round}: A uses {used} bytes, quota {quota}"
+        );
+        assert!(
+            a.metric("store_nars") < closure.len() as u64,
+            "round {round}: nothing evicted"
+        );
+    }
+    assert!(
+        a.metric("p2p_nars_total") > closure.len() as u64,
+        "evicted NARs fetched again"
+    );
+    // The seed never evicts: it still has everything.
+    assert_eq!(s.metric("store_nars"), closure.len() as u64);
+    a.stop();
+    s.stop();
+}

@@ -46,7 +46,7 @@ pub struct HttpState {
     pub max_upload: u64,
     /// Served narinfo texts and misses, so the hot path (Nix asks for every path of a
     /// closure) needs no store call.
-    pub narinfo_cache: NarinfoCache,
+    pub narinfo_cache: Arc<NarinfoCache>,
     /// Upstream binary caches for local misses (`--upstream`), if any.
     pub upstream: Option<Arc<crate::upstream::Upstream>>,
     /// The P2P node (`--p2p-listen`), if on.
@@ -98,6 +98,11 @@ impl NarinfoCache {
             m.clear();
         }
         m.insert(hash.to_string(), (v, Instant::now()));
+    }
+
+    /// Forgets everything (after an eviction removed paths).
+    pub fn clear(&self) {
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     pub fn forget(&self, hash: &str) {
