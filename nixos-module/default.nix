@@ -111,7 +111,7 @@ in
       example = [ "/ip4/203.0.113.7/tcp/7421/p2p/12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA" ];
       description = ''
         Multiaddrs of known nodes, each ending in /p2p/<peer id> (a node prints its own at
-        startup). They are dialled once when the daemon starts.
+        startup). They are dialled at start and every 30 s while disconnected.
       '';
     };
 

@@ -114,7 +114,7 @@ pkgs.testers.runNixOSTest {
         client.succeed("grep -q '${testKey}' /etc/nix/nix.conf")
         client.wait_for_unit("nix-p2p-cache.service")
         client.wait_for_open_port(7420)
-        # Bootstrap peers are dialled once at startup: restart now that the seed is up.
+        # Bootstrap peers are re-dialled every 30 s; a restart just makes it immediate.
         client.succeed("systemctl restart nix-p2p-cache")
         client.wait_until_succeeds("journalctl -u nix-p2p-cache -o cat | grep -q 'connected to bootstrap peer'")
 
