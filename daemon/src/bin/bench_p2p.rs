@@ -92,8 +92,9 @@ struct Args {
 
 /// How long a daemon or nginx may take to listen, and a seed to announce its NARs.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(120);
-/// The line a seed logs (target `nix_p2p_cache::fetch`, level info) once its NARs are announced.
-const ANNOUNCED: &str = "announced the store's trusted NARs";
+/// The line a seed logs (target `nix_p2p_cache::announce`, level info) once its first
+/// (re)provide round is done: every trusted NAR announced.
+const ANNOUNCED: &str = "reprovided";
 /// Read buffer of a client connection.
 const READ_BUF: usize = 256 * 1024;
 
@@ -264,7 +265,7 @@ impl Ctx {
             .args(["--listen", "127.0.0.1:0"])
             .args(["--trusted-public-key", &self.public_key])
             .args(extra)
-            .env("RUST_LOG", "warn,nix_p2p_cache::fetch=info")
+            .env("RUST_LOG", "warn,nix_p2p_cache::fetch=info,nix_p2p_cache::announce=info")
             .env("NO_COLOR", "1");
         let mut proc = Proc::spawn(name, &mut cmd, &self.logs)?;
         let (http, p2p_addr) = proc
