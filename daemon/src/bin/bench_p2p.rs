@@ -265,7 +265,10 @@ impl Ctx {
             .args(["--listen", "127.0.0.1:0"])
             .args(["--trusted-public-key", &self.public_key])
             .args(extra)
-            .env("RUST_LOG", "warn,nix_p2p_cache::fetch=info,nix_p2p_cache::announce=info")
+            .env(
+                "RUST_LOG",
+                "warn,nix_p2p_cache::fetch=info,nix_p2p_cache::announce=info",
+            )
             .env("NO_COLOR", "1");
         let mut proc = Proc::spawn(name, &mut cmd, &self.logs)?;
         let (http, p2p_addr) = proc
