@@ -51,6 +51,8 @@ use crate::upstream::ChannelReader;
 pub const NARINFO_BUDGET: Duration = Duration::from_millis(50);
 /// Longest wait for the DHT's providers of a NAR.
 pub const PROVIDERS_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connected peers without a provider record tried as providers too.
+const EXTRA_CONNECTED: usize = 8;
 /// Longest wait for a manifest from one provider.
 const MANIFEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait for one block request (at most [`REQUEST_BYTES`] of chunks).
@@ -297,7 +299,9 @@ impl Peers {
         }
     }
 
-    /// Providers in the order they are tried: LAN peers, the narinfo's sender, the DHT's.
+    /// Providers in the order they are tried: LAN peers, the narinfo's sender, the DHT's,
+    /// then (up to [`EXTRA_CONNECTED`]) other connected peers, which may hold the NAR without
+    /// a provider record yet; one that does not is dropped after a few empty answers.
     async fn providers(&self, first: PeerId, nar_hash: NarHash) -> Vec<PeerId> {
         let me = self.client.local_peer_id();
         let mut out: Vec<PeerId> = self.client.lan_peers().await.unwrap_or_default();
@@ -305,6 +309,13 @@ impl Peers {
         out.extend(self.dht_providers(nar_hash).await);
         let mut seen = HashSet::new();
         out.retain(|p| *p != me && seen.insert(*p));
+        let connected = self.client.connected_peers().await.unwrap_or_default();
+        out.extend(
+            connected
+                .into_iter()
+                .filter(|p| *p != me && seen.insert(*p))
+                .take(EXTRA_CONNECTED),
+        );
         out
     }
 

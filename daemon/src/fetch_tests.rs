@@ -193,16 +193,18 @@ async fn chunks_come_from_several_providers_and_a_bad_block_bans_its_sender() {
         "both honest providers sent chunks: {b_down} {c_down}"
     );
     assert!(!b_banned && !c_banned);
-    assert!(d_banned, "the liar is banned");
-    assert!(a.metrics.p2p_bad_blocks.load(Relaxed) >= 1);
-    assert!(
-        a.node.client.stats().peers_banned.load(Relaxed) == 1,
-        "exactly one peer banned"
+    // The liar is banned as soon as one of its answers is read; an answer that arrives after
+    // the honest providers finished (the endgame took its requests) is never read.
+    let bad = a.metrics.p2p_bad_blocks.load(Relaxed);
+    assert_eq!(
+        d_banned,
+        bad >= 1,
+        "banned iff a bad block was seen ({bad})"
     );
-    // Banned means disconnected and refused.
-    let connected = a.node.client.connected_peers().await.unwrap();
-    assert!(!connected.contains(&d.client.local_peer_id()));
-    assert!(a.node.client.dial(d.addr.clone()).await.is_err());
+    assert_eq!(
+        a.node.client.stats().peers_banned.load(Relaxed),
+        u64::from(d_banned)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -243,6 +245,12 @@ async fn only_liars_means_a_failed_fetch_and_nothing_stored() {
     let nar_hash = NarHash::digest(&nar);
     let r = a.peers.fetch_nar(&a.node.store, &nar_hash).await;
     assert!(matches!(r, PeerFetch::Failed { .. }), "{r:?}");
+    // The liar is banned: disconnected and refused.
+    assert!(a.peer_bytes_down(&d).await.1, "the liar is banned");
+    assert!(a.metrics.p2p_bad_blocks.load(Relaxed) >= 1);
+    let connected = a.node.client.connected_peers().await.unwrap();
+    assert!(!connected.contains(&d.client.local_peer_id()));
+    assert!(a.node.client.dial(d.addr.clone()).await.is_err());
     assert!(!a.node.store.has_nar(&nar_hash).unwrap());
     assert_eq!(
         a.node.store.stats().unwrap().chunks,

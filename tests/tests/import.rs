@@ -68,7 +68,8 @@ fn closure_imports_verifies_reassembles_and_damage_is_found() {
             .arg(&data)
             .args(["--from", &corpus.xz_url()]),
     );
-    assert_eq!(stats(&data), s);
+    // (The index file may grow: last-access times are written. Its size is not content.)
+    assert_eq!(content(stats(&data)), content(s.clone()));
 
     run_ok(cmd().args(["verify", "--data-dir"]).arg(&data));
 
@@ -337,4 +338,14 @@ fn kill_9_mid_import_keeps_the_store_consistent() {
     ] {
         assert_eq!(got[k], want[k], "{k}: {got} vs {want}");
     }
+}
+
+/// Stats without what depends on the index file's size (redb grows it in steps).
+fn content(mut s: serde_json::Value) -> serde_json::Value {
+    if let Some(m) = s.as_object_mut() {
+        for k in ["index_bytes", "stored_bytes", "cache_bytes", "live_bytes"] {
+            m.remove(k);
+        }
+    }
+    s
 }
