@@ -15,6 +15,9 @@ use crate::store::Store;
 
 /// Eviction also runs this often without a poke (touches may have changed the order).
 pub const INTERVAL: Duration = Duration::from_secs(300);
+/// NARs used this recently are not evicted (their narinfo was just served: Nix is about to
+/// ask for them), so the quota may be exceeded for that long.
+pub const GRACE: Duration = Duration::from_secs(120);
 
 pub struct Quota {
     wake: Notify,
@@ -46,27 +49,45 @@ impl Quota {
     }
 
     async fn run(&self, store: Arc<Store>) {
+        let grace = grace_secs();
         loop {
             let (s, max) = (store.clone(), self.max);
-            match tokio::task::spawn_blocking(move || s.evict_to(max)).await {
-                Ok(Ok(r)) if r.paths > 0 || r.bytes_before != r.bytes_after => {
-                    tracing::info!(
-                        paths = r.paths,
-                        nar_bytes = r.nar_bytes,
-                        before = r.bytes_before,
-                        after = r.bytes_after,
-                        target = r.target,
-                        "evicted to stay under max-cache-size"
-                    );
+            let mut over = false;
+            match tokio::task::spawn_blocking(move || s.evict_to_sparing(max, grace)).await {
+                Ok(Ok(r)) => {
+                    if r.paths > 0 || r.bytes_before != r.bytes_after {
+                        tracing::info!(
+                            paths = r.paths,
+                            nar_bytes = r.nar_bytes,
+                            before = r.bytes_before,
+                            after = r.bytes_after,
+                            target = r.target,
+                            "evicted to stay under max-cache-size"
+                        );
+                    }
                     if r.paths > 0 {
                         (self.on_evict)();
                     }
+                    over = r.bytes_after > r.target;
                 }
-                Ok(Ok(_)) => {}
                 Ok(Err(e)) => tracing::warn!(error = %e, "eviction failed"),
                 Err(e) => tracing::warn!(error = %e, "eviction task failed"),
             }
-            let _ = tokio::time::timeout(INTERVAL, self.wake.notified()).await;
+            // Still over (recently used NARs were spared): try again once they are not.
+            let wait = if over {
+                Duration::from_secs(grace + 1).min(INTERVAL)
+            } else {
+                INTERVAL
+            };
+            let _ = tokio::time::timeout(wait, self.wake.notified()).await;
         }
     }
+}
+
+/// [`GRACE`], or `NIX_P2P_CACHE_EVICT_GRACE_SECS` (tests and operators who know their clients).
+fn grace_secs() -> u64 {
+    std::env::var("NIX_P2P_CACHE_EVICT_GRACE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(GRACE.as_secs())
 }

@@ -24,9 +24,15 @@ impl Daemon {
     /// Starts `nix-p2p-cache daemon` on a free loopback port and waits for its
     /// `listening http://…` line.
     pub fn start(data: &Path, extra: &[&str]) -> Daemon {
+        Self::start_with_env(data, extra, &[])
+    }
+
+    /// [`Daemon::start`] with extra environment variables.
+    pub fn start_with_env(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         fs::create_dir_all(data).unwrap();
         let stderr = data.with_extension(format!("stderr-{}", unique()));
         let mut child = cmd()
+            .envs(env.iter().copied())
             .args(["daemon", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data)
             .args(extra)

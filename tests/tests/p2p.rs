@@ -229,9 +229,17 @@ fn max_cache_size_evicts_fetched_nars() {
     assert!(up.status.success(), "upload to S: {}", text(&up));
     let full = s.metric("store_stored_bytes");
     let quota = full / 2;
-    let mut a_args = p2p(Some(s.p2p.as_deref().unwrap()));
+    let mut a_args = vec!["--trusted-public-key".to_string(), pk.clone()];
+    a_args.extend(p2p(Some(s.p2p.as_deref().unwrap())));
     a_args.extend(["--max-cache-size".into(), quota.to_string()]);
-    let a = start(&env.path("data-a"), &pk, &a_args);
+    let a_args: Vec<&str> = a_args.iter().map(String::as_str).collect();
+    // NARs used in the last second are spared (the default is 2 minutes): eviction happens
+    // during the download, so a narinfo served must keep its NAR until Nix fetched it.
+    let a = Daemon::start_with_env(
+        &env.path("data-a"),
+        &a_args,
+        &[("NIX_P2P_CACHE_EVICT_GRACE_SECS", "1")],
+    );
     for round in ["1", "2"] {
         let fresh = env
             .path(&format!("fresh-{round}/store"))
@@ -245,10 +253,12 @@ fn max_cache_size_evicts_fetched_nars() {
             a.stderr()
         );
         env.assert_closure_valid(&fresh, &closure);
-        // Eviction runs in the background right after each fetch.
+        // Eviction runs in the background after each fetch; what was just used is spared for
+        // the grace second, then the next run (poked by the next fetch) evicts it.
         let t = std::time::Instant::now();
         while a.metric("store_stored_bytes") > quota && t.elapsed().as_secs() < 30 {
-            std::thread::sleep(std::time::Duration::from_millis(200));
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+            let _ = http(a.port, &get("/nix-cache-info"));
         }
         let used = a.metric("store_stored_bytes");
         assert!(

@@ -27,6 +27,7 @@ use axum::Router;
 use crate::core::narinfo::NarInfo;
 use crate::core::signing::PublicKey;
 use crate::core::store_path::StorePathHash;
+use crate::core::NarHash;
 use crate::fetch::Unanswered;
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -60,8 +61,9 @@ pub struct HttpState {
     pub announcer: Option<Arc<crate::announce::Announcer>>,
 }
 
-/// A served narinfo text (`None`: a miss) and when it was stored.
-type CacheEntry = (Option<Arc<str>>, Instant);
+/// A served narinfo text (`None`: a miss), its NarHash when it was served from the store, and
+/// when it was cached.
+type CacheEntry = (Option<Arc<str>>, Option<NarHash>, Instant);
 
 /// Bounded cache of served narinfos (`Some(text)`) and misses (`None`) by store-path hash.
 /// Cleared when full; an upload drops its hash's entry. Only this process writes the store
@@ -83,21 +85,21 @@ impl NarinfoCache {
         }
     }
 
-    fn get(&self, hash: &str) -> Option<Option<Arc<str>>> {
+    fn get(&self, hash: &str) -> Option<(Option<Arc<str>>, Option<NarHash>)> {
         let m = self.map.lock().unwrap_or_else(|e| e.into_inner());
         match m.get(hash) {
-            Some((None, at)) if at.elapsed() >= self.negative_ttl => None,
-            Some((v, _)) => Some(v.clone()),
+            Some((None, _, at)) if at.elapsed() >= self.negative_ttl => None,
+            Some((v, n, _)) => Some((v.clone(), *n)),
             None => None,
         }
     }
 
-    fn put(&self, hash: &str, v: Option<Arc<str>>) {
+    fn put(&self, hash: &str, v: Option<Arc<str>>, nar: Option<NarHash>) {
         let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
         if m.len() >= self.cap {
             m.clear();
         }
-        m.insert(hash.to_string(), (v, Instant::now()));
+        m.insert(hash.to_string(), (v, nar, Instant::now()));
     }
 
     /// Forgets everything (after an eviction removed paths).
@@ -185,13 +187,28 @@ async fn get_narinfo(
     let r = async {
         let hash = parse_narinfo_file(&file)?;
         let cached = match state.narinfo_cache.get(hash.as_str()) {
-            Some(c) => c,
+            Some((text, nar)) => {
+                // Under a quota, a NAR whose narinfo Nix just got must not be evicted before
+                // Nix asks for it: serving the narinfo counts as using the NAR.
+                if let (Some(nar), Some(_)) = (nar, &state.quota) {
+                    let store = state.store.clone();
+                    tokio::task::spawn_blocking(move || store.touch(&nar));
+                }
+                text
+            }
             None => {
                 let store = state.store.clone();
                 let h = hash.clone();
-                let mut text = blocking(move || match store.narinfo(h.as_str())? {
-                    Some(rec) => Ok(Some(Arc::<str>::from(served_narinfo(&rec.text)?))),
-                    None => Ok(None),
+                let touch = state.quota.is_some();
+                let (mut text, nar) = blocking(move || match store.narinfo(h.as_str())? {
+                    Some(rec) => {
+                        if touch {
+                            store.touch(&rec.nar_hash)?;
+                        }
+                        let t = Arc::<str>::from(served_narinfo(&rec.text)?);
+                        Ok((Some(t), Some(rec.nar_hash)))
+                    }
+                    None => Ok((None, None)),
                 })
                 .await?;
                 // A peer that did not answer within the budget (busy, slow link) may still
@@ -223,7 +240,7 @@ async fn get_narinfo(
                     }
                 }
                 if text.is_some() || !unsure {
-                    state.narinfo_cache.put(hash.as_str(), text.clone());
+                    state.narinfo_cache.put(hash.as_str(), text.clone(), nar);
                 }
                 text
             }
@@ -284,16 +301,17 @@ mod cache_tests {
     #[test]
     fn misses_expire_hits_stay() {
         let c = NarinfoCache::new(4, Duration::from_millis(30));
-        c.put("a", None);
-        c.put("b", Some(Arc::from("text")));
-        assert_eq!(c.get("a"), Some(None));
+        let nar = NarHash::digest(b"nar");
+        c.put("a", None, None);
+        c.put("b", Some(Arc::from("text")), Some(nar));
+        assert_eq!(c.get("a"), Some((None, None)));
         std::thread::sleep(Duration::from_millis(40));
         assert_eq!(c.get("a"), None, "an old miss is asked again");
-        assert_eq!(c.get("b"), Some(Some(Arc::from("text"))));
+        assert_eq!(c.get("b"), Some((Some(Arc::from("text")), Some(nar))));
         c.forget("b");
         assert_eq!(c.get("b"), None);
         for k in ["c", "d", "e", "f"] {
-            c.put(k, None);
+            c.put(k, None, None);
         }
         assert!(c.map.lock().unwrap().len() <= 4, "bounded");
     }

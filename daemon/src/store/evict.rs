@@ -491,7 +491,9 @@ impl Store {
     }
 
     /// Unpinned NARs, least recently used first.
-    fn lru_candidates(&self) -> Result<Vec<Candidate>, StoreError> {
+    /// Unpinned NARs by last access, oldest first; NARs used in the last `grace_secs` are left
+    /// out (a client may be about to fetch them).
+    fn lru_candidates(&self, grace_secs: u64) -> Result<Vec<Candidate>, StoreError> {
         let txn = self.db.begin_read()?;
         let narinfos = txn.open_table(NARINFOS)?;
         let pins = txn.open_table(PINS)?;
@@ -513,12 +515,16 @@ impl Store {
             c.access = c.access.max(rec.added_unix);
         }
         let mut out = Vec::with_capacity(by_nar.len());
+        let recent = now_unix().saturating_sub(grace_secs);
         for (h, mut c) in by_nar {
             if pinned.contains(&h) {
                 continue;
             }
             if let Some(a) = access.get(h.0)? {
                 c.access = a.value();
+            }
+            if grace_secs > 0 && c.access > recent {
+                continue; // in use (e.g. its narinfo was just served): not now
             }
             out.push(c);
         }
@@ -531,6 +537,16 @@ impl Store {
     /// leaves is at most 90 % of `target`, then compacts packs (most dead first) down to that.
     /// Pinned NARs are never removed, so the result may stay above `target`.
     pub fn evict_to(&self, target: u64) -> Result<EvictReport, StoreError> {
+        self.evict_to_sparing(target, 0)
+    }
+
+    /// [`Store::evict_to`], but NARs used in the last `grace_secs` are not evicted this time
+    /// (the daemon: a client that just got a narinfo is about to ask for its NAR).
+    pub fn evict_to_sparing(
+        &self,
+        target: u64,
+        grace_secs: u64,
+    ) -> Result<EvictReport, StoreError> {
         let _span = tracing::info_span!("evict", target).entered();
         self.flush_touches()?;
         let mut writer = lock(&self.writer);
@@ -547,7 +563,7 @@ impl Store {
         let aim = target / 1000 * EVICT_AIM_PER_MILLE + target % 1000 * EVICT_AIM_PER_MILLE / 1000;
         let mut need = before.live().saturating_sub(aim);
         let candidates = if need > 0 {
-            self.lru_candidates()?
+            self.lru_candidates(grace_secs)?
         } else {
             Vec::new()
         };
