@@ -151,3 +151,15 @@ pub fn stats(data: &Path) -> serde_json::Value {
     let out = run_ok(cmd().args(["stats", "--json", "--data-dir"]).arg(data));
     serde_json::from_slice(&out.stdout).expect("stats --json prints JSON")
 }
+
+/// `sha256:<nix-base32>` of `data`, as a narinfo's `NarHash` — computed by the real Nix
+/// (`nix-hash --to-base32`), not by the code under test.
+pub fn nar_hash_of(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    let hex: String = sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let out = run_ok(Command::new("nix-hash").args(["--type", "sha256", "--to-base32", &hex]));
+    format!("sha256:{}", String::from_utf8(out.stdout).unwrap().trim())
+}

@@ -6,7 +6,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use nix_p2p_cache_tests::{cmd, run_ok, stats, Corpus};
+use nix_p2p_cache_tests::{cmd, nar_hash_of, run_ok, stats, Corpus};
 use sha2::{Digest, Sha256};
 
 fn sha(b: &[u8]) -> Vec<u8> {
@@ -184,16 +184,6 @@ impl OnePath {
     }
 }
 
-fn nix_base32_sha256(data: &[u8]) -> String {
-    // nix-hash turns hex into nix-base32 for us: the real Nix is the reference.
-    let hex: String = Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let out = run_ok(Command::new("nix-hash").args(["--type", "sha256", "--to-base32", &hex]));
-    format!("sha256:{}", String::from_utf8(out.stdout).unwrap().trim())
-}
-
 fn assert_refused(data: &Path, one: &OnePath, needle: &[&str]) {
     let out = cmd()
         .args(["import", "--data-dir"])
@@ -236,7 +226,7 @@ fn bad_input_is_refused_by_name_and_leaves_nothing() {
     one.set_nar(&good_nar);
 
     // NAR whose hash is not its narinfo's NarHash.
-    one.set_narinfo(&one.with_field("NarHash", &nix_base32_sha256(b"something else")));
+    one.set_narinfo(&one.with_field("NarHash", &nar_hash_of(b"something else")));
     assert_refused(&data, &one, &[&one.store_path, "NarHash"]);
 
     // Malformed NAR (bad magic), with NarHash/NarSize made to match the bad bytes.
@@ -244,7 +234,7 @@ fn bad_input_is_refused_by_name_and_leaves_nothing() {
     let at = bad.windows(13).position(|w| w == b"nix-archive-1").unwrap();
     bad[at + 12] = b'2';
     one.set_nar(&bad);
-    one.set_narinfo(&one.with_field("NarHash", &nix_base32_sha256(&bad)));
+    one.set_narinfo(&one.with_field("NarHash", &nar_hash_of(&bad)));
     assert_refused(&data, &one, &[&one.store_path, "malformed NAR"]);
     one.set_nar(&good_nar);
 

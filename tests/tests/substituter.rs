@@ -7,7 +7,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use nix_p2p_cache_tests::{cmd, nix, run_ok, stats, Corpus};
+use nix_p2p_cache_tests::{cmd, nar_hash_of, nix, run_ok, stats, Corpus};
 use sha2::{Digest, Sha256};
 
 use nix_p2p_cache_tests::harness::{get, http, http_with, unique, Daemon};
@@ -47,26 +47,6 @@ fn base64(data: &[u8]) -> String {
         }
     }
     out
-}
-
-/// Nix's base32 (as in `sha256:…` hashes).
-fn nix_base32(hash: &[u8]) -> String {
-    const CHARS: &[u8; 32] = b"0123456789abcdfghijklmnpqrsvwxyz";
-    let len = (hash.len() * 8 - 1) / 5 + 1;
-    (0..len)
-        .rev()
-        .map(|n| {
-            let b = n * 5;
-            let (i, j) = (b / 8, b % 8);
-            let lo = (hash[i] as u16) >> j;
-            let hi = if i + 1 < hash.len() {
-                (hash[i + 1] as u16) << (8 - j)
-            } else {
-                0
-            };
-            CHARS[((lo | hi) & 0x1f) as usize] as char
-        })
-        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -283,7 +263,7 @@ fn round_trip(query: &str) {
             .collect();
         assert_eq!(got_sigs, want_sigs, "{p}: Sig lines changed:\n{info}");
 
-        let nar_hash = format!("sha256:{}", nix_base32(&Sha256::digest(nar)));
+        let nar_hash = nar_hash_of(nar);
         let q = run_ok(Command::new("nix-store").args(["-q", "--hash", p]));
         assert_eq!(String::from_utf8(q.stdout).unwrap().trim(), nar_hash);
         assert_eq!(field(&info, "NarHash"), Some(nar_hash.as_str()), "{info}");

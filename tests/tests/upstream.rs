@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix_p2p_cache_tests::Corpus;
-use sha2::{Digest, Sha256};
 
 use nix_p2p_cache_tests::harness::*;
 
@@ -220,26 +219,6 @@ fn nar_of_file(contents: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Nix's base32 (as in `sha256:…` hashes).
-fn nix_base32(hash: &[u8]) -> String {
-    const CHARS: &[u8; 32] = b"0123456789abcdfghijklmnpqrsvwxyz";
-    let len = (hash.len() * 8 - 1) / 5 + 1;
-    (0..len)
-        .rev()
-        .map(|n| {
-            let b = n * 5;
-            let (i, j) = (b / 8, b % 8);
-            let lo = (hash[i] as u16) >> j;
-            let hi = if i + 1 < hash.len() {
-                (hash[i + 1] as u16) << (8 - j)
-            } else {
-                0
-            };
-            CHARS[((lo | hi) & 0x1f) as usize] as char
-        })
-        .collect()
-}
-
 /// A minimal HTTP/1.1 server answering GETs from a fixed map (404 otherwise).
 fn fake_upstream(files: HashMap<String, Vec<u8>>) -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -291,11 +270,12 @@ fn wrong_nar_from_upstream_is_a_502_and_nothing_is_stored() {
     let good = nar_of_file(b"the good contents");
     let evil = nar_of_file(b"the evil contents");
     assert_eq!(good.len(), evil.len());
-    let nar_hash = nix_base32(&Sha256::digest(&good));
+    let nar_hash = nix_p2p_cache_tests::nar_hash_of(&good);
+    let nar_b32 = nar_hash.strip_prefix("sha256:").unwrap();
     let hash = "0123456789abcdfghijklmnpqrsvwxyz";
     let narinfo = format!(
         "StorePath: /nix/store/{hash}-fake\nURL: nar/fake.nar\nCompression: none\n\
-         NarHash: sha256:{nar_hash}\nNarSize: {}\nReferences: \n",
+         NarHash: {nar_hash}\nNarSize: {}\nReferences: \n",
         good.len()
     );
     let port = fake_upstream(HashMap::from([
@@ -310,15 +290,15 @@ fn wrong_nar_from_upstream_is_a_502_and_nothing_is_stored() {
     assert_eq!(r.status, 200, "{r:?}\n{}", a.stderr());
     let body = String::from_utf8(r.body).unwrap();
     assert!(
-        body.contains(&format!("URL: nar/{nar_hash}.nar\n")),
+        body.contains(&format!("URL: nar/{nar_b32}.nar\n")),
         "{body}"
     );
-    let r = http(a.port, &get(&format!("/nar/{nar_hash}.nar")));
+    let r = http(a.port, &get(&format!("/nar/{nar_b32}.nar")));
     assert_eq!(r.status, 502, "{r:?}\n{}", a.stderr());
     assert_eq!(a.metric("store_nars"), 0);
     assert_eq!(a.metric("store_narinfos"), 0);
     // The pending entry is gone: the NAR is now simply unknown.
-    let r = http(a.port, &get(&format!("/nar/{nar_hash}.nar")));
+    let r = http(a.port, &get(&format!("/nar/{nar_b32}.nar")));
     assert_eq!(r.status, 404, "{r:?}");
     a.assert_alive();
     a.stop();
