@@ -336,7 +336,7 @@ impl Peers {
         for _ in 0..MAX_MANIFESTS {
             let (manifest, from) = self.manifest(&providers, &mut asked, &info).await?;
             match self
-                .transfer(store, &info, &text, &trust, manifest, &providers)
+                .transfer(store, &info, &text, &trust, (manifest, from), &providers)
                 .await
             {
                 Ok(()) => return Ok(()),
@@ -412,7 +412,7 @@ impl Peers {
         info: &Arc<NarInfo>,
         text: &Arc<str>,
         trust: &Trust,
-        manifest: Manifest,
+        (manifest, manifest_from): (Manifest, PeerId),
         providers: &[PeerId],
     ) -> Result<(), TransferError> {
         let ids: Vec<ChunkId> = manifest.chunks.iter().map(|c| c.id).collect();
@@ -430,10 +430,8 @@ impl Peers {
         .map_err(|e| TransferError::Other(format!("task: {e}")))?
         .map_err(|e| TransferError::Other(format!("store: {e}")))?;
         let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(QUEUE);
-        let source = format!(
-            "peer {}",
-            providers.first().copied().unwrap_or(PeerId::random())
-        );
+        // The store records where a narinfo's NAR came from: the manifest's sender.
+        let source = format!("peer {manifest_from}");
         let (s, i, t, tr) = (store.clone(), info.clone(), text.clone(), trust.clone());
         let ingest = tokio::task::spawn_blocking(move || {
             s.ingest(&i, &t, &tr, &source, || {

@@ -46,6 +46,17 @@ struct ApiArgs {
 }
 
 impl ApiArgs {
+    /// Prints the daemon's answer to `path`: as JSON with `--json`, else with `human`.
+    fn show(&self, path: &str, human: fn(&serde_json::Value)) -> Result<ExitCode> {
+        let v = self.get(path)?;
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            human(&v);
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
     /// GETs `path` from the daemon's API and parses the JSON.
     fn get(&self, path: &str) -> Result<serde_json::Value> {
         let base = match (&self.url, &self.config) {
@@ -730,24 +741,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             std::io::Write::flush(&mut out)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { api } => {
-            let v = api.get("/api/status")?;
-            if api.json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                print_status(&v);
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Peers { api } => {
-            let v = api.get("/api/peers")?;
-            if api.json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                print_peers(&v);
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Status { api } => api.show("/api/status", print_status),
+        Command::Peers { api } => api.show("/api/peers", print_peers),
         Command::Pin { data, store_paths } => pin_command(&data, &store_paths, true),
         Command::Unpin { data, store_paths } => pin_command(&data, &store_paths, false),
         Command::Gc { data, max_size } => gc_command(&data, max_size),

@@ -390,6 +390,39 @@ impl Env {
             assert!(v.status.success(), "{p} in {store}: {}", text(&v));
         }
     }
+
+    /// `nix copy --from` daemon `via` into a fresh store `fresh-<name>` (Nix cache dir `name`;
+    /// `pk` as in [`Env::download`]); asserts that it succeeded — showing the stderr of `via`
+    /// and of `also` when not — and that every path of `closure` verifies there.
+    pub fn copy_closure_ok(
+        &self,
+        name: &str,
+        via: &Daemon,
+        pk: Option<&str>,
+        out: &str,
+        closure: &[String],
+        also: &[&Daemon],
+    ) -> String {
+        let fresh = self
+            .path(&format!("fresh-{name}/store"))
+            .display()
+            .to_string();
+        let down = self.download(name, &via.url(), &fresh, pk, out);
+        if !down.status.success() {
+            let others: String = also
+                .iter()
+                .map(|d| format!("\n--\n{}", d.stderr()))
+                .collect();
+            panic!(
+                "nix copy from {}: {}\nits stderr:\n{}{others}",
+                via.url(),
+                text(&down),
+                via.stderr()
+            );
+        }
+        self.assert_closure_valid(&fresh, closure);
+        fresh
+    }
 }
 
 pub fn text(o: &Output) -> String {

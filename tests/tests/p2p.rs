@@ -56,16 +56,7 @@ fn closure_through_peers() {
     };
     assert_eq!(mode, 0o600, "node.key permissions");
 
-    let fresh = env.path("fresh-1/store").display().to_string();
-    let down = env.download("1", &a.url(), &fresh, Some(&pk), &out);
-    assert!(
-        down.status.success(),
-        "nix copy from A: {}\nA stderr:\n{}\nS stderr:\n{}",
-        text(&down),
-        a.stderr(),
-        s.stderr()
-    );
-    env.assert_closure_valid(&fresh, &closure);
+    env.copy_closure_ok("1", &a, Some(&pk), &out, &closure, &[&s]);
     assert_eq!(a.metric("store_nars"), n, "A ingested the closure from S");
     assert_eq!(a.metric("store_narinfos"), n);
 
@@ -73,16 +64,7 @@ fn closure_through_peers() {
     s.stop();
     let a_addr = a.p2p.clone().unwrap();
     let b = start(&env.path("data-b"), &pk, &p2p(Some(&a_addr)));
-    let fresh2 = env.path("fresh-2/store").display().to_string();
-    let down = env.download("2", &b.url(), &fresh2, Some(&pk), &out);
-    assert!(
-        down.status.success(),
-        "nix copy from B: {}\nB stderr:\n{}\nA stderr:\n{}",
-        text(&down),
-        b.stderr(),
-        a.stderr()
-    );
-    env.assert_closure_valid(&fresh2, &closure);
+    env.copy_closure_ok("2", &b, Some(&pk), &out, &closure, &[&a]);
     assert_eq!(b.metric("store_nars"), n, "B ingested the closure from A");
 
     // A restarted keeps its peer id (node.key persisted).
@@ -161,15 +143,7 @@ fn sharing_modes_status_and_peers() {
         &pk,
         &p2p(Some(s.p2p.as_deref().unwrap())),
     );
-    let fresh = env.path("fresh/store").display().to_string();
-    let down = env.download("all", &a.url(), &fresh, Some(&pk), &out);
-    assert!(
-        down.status.success(),
-        "nix copy from A: {}\n{}",
-        text(&down),
-        a.stderr()
-    );
-    env.assert_closure_valid(&fresh, &closure);
+    env.copy_closure_ok("all", &a, Some(&pk), &out, &closure, &[&s]);
 
     let st = api(&a, "status");
     assert_eq!(st["role"], "peer");
@@ -241,18 +215,7 @@ fn max_cache_size_evicts_fetched_nars() {
         &[("NIX_P2P_CACHE_EVICT_GRACE_SECS", "1")],
     );
     for round in ["1", "2"] {
-        let fresh = env
-            .path(&format!("fresh-{round}/store"))
-            .display()
-            .to_string();
-        let down = env.download(round, &a.url(), &fresh, Some(&pk), &out);
-        assert!(
-            down.status.success(),
-            "round {round}: {}\n{}",
-            text(&down),
-            a.stderr()
-        );
-        env.assert_closure_valid(&fresh, &closure);
+        env.copy_closure_ok(round, &a, Some(&pk), &out, &closure, &[&s]);
         // Eviction runs in the background after each fetch; what was just used is spared for
         // the grace second, then the next run (poked by the next fetch) evicts it.
         let t = std::time::Instant::now();

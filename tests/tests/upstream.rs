@@ -47,15 +47,7 @@ fn closure_through_upstream_then_served_locally() {
     );
     assert_eq!(a.metric("store_nars"), 0);
 
-    let fresh = env.path("fresh-1/store").display().to_string();
-    let down = env.download("1", &a.url(), &fresh, Some(&pk), &out);
-    assert!(
-        down.status.success(),
-        "nix copy from A: {}\nA stderr:\n{}",
-        text(&down),
-        a.stderr()
-    );
-    env.assert_closure_valid(&fresh, &closure);
+    env.copy_closure_ok("1", &a, Some(&pk), &out, &closure, &[]);
     let n = closure.len() as u64;
     assert_eq!(a.metric("store_nars"), n, "A ingested the closure");
     assert_eq!(a.metric("store_narinfos"), n);
@@ -63,15 +55,7 @@ fn closure_through_upstream_then_served_locally() {
 
     // Without U: served from A's own store.
     u.stop();
-    let fresh2 = env.path("fresh-2/store").display().to_string();
-    let down = env.download("2", &a.url(), &fresh2, Some(&pk), &out);
-    assert!(
-        down.status.success(),
-        "nix copy from A without U: {}\nA stderr:\n{}",
-        text(&down),
-        a.stderr()
-    );
-    env.assert_closure_valid(&fresh2, &closure);
+    env.copy_closure_ok("2", &a, Some(&pk), &out, &closure, &[]);
     assert_eq!(a.metric("upstream_nars_total"), n, "nothing fetched again");
     a.stop();
 }
@@ -143,15 +127,7 @@ fn unsigned_xz_upstream() {
     };
     assert_eq!(sigs(&info), sigs(&upstream_info), "{info}");
 
-    let fresh = env.path("fresh/store").display().to_string();
-    let down = env.download("1", &a.url(), &fresh, None, &out);
-    assert!(
-        down.status.success(),
-        "nix copy from A: {}\nA stderr:\n{}",
-        text(&down),
-        a.stderr()
-    );
-    env.assert_closure_valid(&fresh, &closure);
+    env.copy_closure_ok("1", &a, None, &out, &closure, &[]);
     assert_eq!(a.metric("store_nars"), closure.len() as u64);
     a.stop();
 }
