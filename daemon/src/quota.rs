@@ -39,10 +39,6 @@ impl Quota {
         q
     }
 
-    pub fn max(&self) -> u64 {
-        self.max
-    }
-
     /// Asks for an eviction run soon (never blocks).
     pub fn poke(&self) {
         self.wake.notify_one();

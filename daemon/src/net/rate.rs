@@ -31,10 +31,6 @@ impl RateLimiter {
         }
     }
 
-    pub fn bytes_per_sec(&self) -> u64 {
-        self.bytes_per_sec
-    }
-
     /// Reserves `n` bytes and returns when they may be sent (now or later).
     fn reserve(&self, n: u64) -> Instant {
         let now = Instant::now();
