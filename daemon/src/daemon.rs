@@ -12,12 +12,12 @@ use libp2p::Multiaddr;
 use crate::announce::Announcer;
 use crate::config::{ConfigError, DaemonConfig, Role, Share};
 use crate::core::signing::{PublicKey, SigningError, CACHE_NIXOS_ORG_KEY};
-use crate::core::NarHash;
 use crate::fetch::Peers;
 use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
 use crate::net::{self, BehaviourConfig, NetConfig, StoreResponder, Transport};
 use crate::quota::Quota;
+use crate::resolve::{Resolver, Source};
 use crate::store::{Store, StoreError};
 use crate::upstream::{Upstream, UpstreamError};
 
@@ -162,14 +162,7 @@ async fn start_p2p(
             config.announce,
         ))
     });
-    let announce: Box<dyn Fn(NarHash) + Send + Sync> = match &announcer {
-        Some(a) => {
-            let a = a.clone();
-            Box::new(move |h| a.announce(h))
-        }
-        None => Box::new(|_| {}),
-    };
-    let peers = Arc::new(Peers::new(client, trusted, metrics, announce));
+    let peers = Arc::new(Peers::new(client, trusted, metrics));
     let (p, a2) = (peers.clone(), announcer.clone());
     tokio::spawn(async move {
         if let Err(e) = p.client().bootstrap().await {
@@ -256,6 +249,14 @@ pub async fn run(
         NARINFO_CACHE_ENTRIES,
         NARINFO_NEGATIVE_TTL,
     ));
+    let mut sources: Vec<Arc<dyn Source>> = Vec::new();
+    if let Some(p) = &peers {
+        sources.push(p.clone());
+    }
+    if let Some(u) = upstream {
+        sources.push(u);
+    }
+    let resolver = Arc::new(Resolver::new(store.clone(), sources, metrics.clone()));
     let quota = match (config.role, config.max_cache_size) {
         (Role::Peer, Some(max)) => {
             // Evicted paths must not be announced from the served-narinfo cache any more.
@@ -265,6 +266,28 @@ pub async fn run(
         }
         _ => None, // a seed never evicts (validate refuses a quota on one)
     };
+    // The one "NAR stored" event: fetched or uploaded NARs are announced (trusted ones) and
+    // kept under the quota.
+    let mut stored = resolver.subscribe();
+    let (an, q) = (announcer.clone(), quota.clone());
+    tokio::spawn(async move {
+        loop {
+            match stored.recv().await {
+                Ok(e) => {
+                    if let (true, Some(a)) = (e.trusted, &an) {
+                        a.announce(e.nar_hash);
+                    }
+                    if let Some(q) = &q {
+                        q.poke();
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::debug!(skipped = n, "NAR stored events skipped");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
     let state = Arc::new(HttpState {
         store,
         metrics,
@@ -289,7 +312,7 @@ pub async fn run(
         started: std::time::Instant::now(),
         announcer,
         quota,
-        upstream,
+        resolver,
         peers,
     });
     let listener = tokio::net::TcpListener::bind(config.listen)

@@ -1,29 +1,34 @@
-//! Fetching from peers (design §4): narinfos from connected peers within a short budget, NARs
-//! as chunks from several providers at once.
+//! Fetching from peers (design §4), a [`Source`] of the resolver: narinfos from connected
+//! peers within a short budget, NARs as chunks from several providers at once, streamed into
+//! the flight as they are verified and stored as received.
 //!
 //! narinfo path: on a local miss, every connected peer is asked at once (`NarInfoRequest`);
-//! the first answer within [`NARINFO_BUDGET`] that passes [`check_narinfo`] is kept *pending*
-//! (with the peer that sent it) and served, and a DHT provider lookup for its NAR starts in the
-//! background so the NAR request that follows finds the providers ready. Never a DHT walk on
-//! the narinfo path itself.
+//! the first answer that passes [`check_narinfo`] with a trusted signature wins. What has not
+//! come within [`NARINFO_BUDGET`] is handed to the resolver as a late answer (the asks go on
+//! for up to [`LATE_ASK`]), so a busy peer is waited for instead of turning into a 404. A DHT
+//! provider lookup for the NAR starts in the background when a narinfo is found, so the NAR
+//! request finds the providers ready. Never a DHT walk on the narinfo path itself.
 //!
-//! NAR path (one fetch per NarHash at a time, different NARs in parallel): providers are the
-//! LAN (mDNS) peers, the peer that sent the narinfo and the DHT's, minus banned ones. A
-//! manifest is taken from the first provider that sends one matching the narinfo's
-//! NarHash/NarSize; chunks the store already has are read locally; the rest are asked for in
-//! requests of at most [`REQUEST_BYTES`] / `MAX_WANTS_PER_REQUEST` chunks, scheduled by
-//! [`Transfer`]: each provider keeps up to [`PEER_WINDOW`] requests in flight (so faster peers
-//! pull more), a failed or timed-out request goes to another provider, and when nothing is left
-//! to hand out, idle providers duplicate the oldest outstanding requests (the endgame). Every
-//! block is decompressed within its declared size and checked against its id; a peer that
-//! sends a bad block is disconnected and banned ([`BAN`]). Chunks are restored (slot table) in
-//! order and streamed through a bounded channel into [`Store::ingest`] on a blocking thread,
-//! which checks NarHash, NarSize and the NAR structure. If every block checked out but the NAR
-//! does not hash to NarHash, the manifest lied: its sender is banned and the next provider's
-//! manifest is tried. Memory is bounded by [`LOOKAHEAD_BYTES`] of chunks ahead of the ingest.
+//! NAR path: providers are the LAN (mDNS) peers, the peer that sent the narinfo, the DHT's,
+//! then a few other connected peers, minus banned ones. Manifests are asked of the first two
+//! providers; one is accepted only if its chunking parameters are ours, every chunk is within
+//! the chunking bounds and the sizes add up to NarSize. If two providers' manifests differ,
+//! one of them lies: the flight is held (no byte visible) until the NAR checks, and the other
+//! manifest is tried if it does not. Chunks the store already has are read locally; the rest
+//! are asked for in requests of at most [`REQUEST_BYTES`] / `MAX_WANTS_PER_REQUEST` chunks,
+//! scheduled by [`Transfer`]: each provider keeps up to [`PEER_WINDOW`] requests in flight (so
+//! faster peers pull more), a failed or timed-out request goes to another provider, and when
+//! nothing is left to hand out, idle providers duplicate the oldest outstanding requests (the
+//! endgame). Every block is decompressed into a buffer of its declared size (at most the
+//! chunking maximum) and checked against its id; a peer that sends a bad block is disconnected
+//! and banned ([`BAN`]). Chunks go in NAR order through a bounded channel to a blocking writer
+//! that restores store paths into the flight (clients see them at once) and stages the
+//! received zstd frames as they are ([`crate::store::Staging`]); the NAR is checked against
+//! NarHash ([`Flight::finish`]) before the commit. A NAR that fails NarHash though every block
+//! checked means a lying manifest: its sender is banned. Memory is bounded by
+//! [`LOOKAHEAD_BYTES`] of chunks ahead of the writer.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,6 +40,7 @@ use nix_p2p_cache_proto::MAX_WANTS_PER_REQUEST;
 use tokio::sync::OnceCell;
 use tracing::Instrument;
 
+use crate::core::chunker::ChunkingParams;
 use crate::core::manifest::Manifest;
 use crate::core::narinfo::NarInfo;
 use crate::core::signing::{PublicKey, Trust};
@@ -43,18 +49,22 @@ use crate::core::{ChunkId, NarHash};
 use crate::import::check_narinfo;
 use crate::metrics::{Metrics, NetGauges};
 use crate::net::Client;
-use crate::pending::{NarLocks, Pending, PendingNarinfos};
-use crate::store::{Store, StoreError};
-use crate::upstream::ChannelReader;
+use crate::pending::Pending;
+use crate::resolve::{FetchError, Flight, FlightError, Found, Lookup, Origin, Source};
+use crate::store::{Staging, Store, StoreError};
 
-/// Overall budget for asking connected peers for a narinfo.
+/// Budget for connected peers to answer a narinfo before the other sources are asked.
 pub const NARINFO_BUDGET: Duration = Duration::from_millis(50);
+/// How long the narinfo asks to peers go on in the background after [`NARINFO_BUDGET`].
+pub const LATE_ASK: Duration = Duration::from_secs(3);
 /// Longest wait for the DHT's providers of a NAR.
 pub const PROVIDERS_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connected peers without a provider record tried as providers too.
 const EXTRA_CONNECTED: usize = 8;
 /// Longest wait for a manifest from one provider.
 const MANIFEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a second provider's manifest is waited for once the first one is in.
+const SECOND_OPINION: Duration = Duration::from_millis(300);
 /// Longest wait for one block request (at most [`REQUEST_BYTES`] of chunks).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// Uncompressed chunk bytes asked for in one request (fits a 4 MiB response).
@@ -63,80 +73,67 @@ const REQUEST_BYTES: u64 = 1 << 20;
 pub const PEER_WINDOW: usize = 4;
 /// Requests for chunks the store already has, read at once.
 const LOCAL_WINDOW: usize = 2;
-/// Chunks are not requested further than this ahead of what the ingest has taken.
+/// Chunks are not requested further than this ahead of what the writer has taken.
 const LOOKAHEAD_BYTES: u64 = 32 << 20;
 /// Copies of one request in flight in the endgame (the original included).
 const ENDGAME_COPIES: usize = 2;
 /// Consecutive failed requests after which a provider is dropped from one fetch.
 const MAX_PEER_FAILURES: u32 = 3;
-/// Manifests tried for one NAR (each from another provider) before giving up.
+/// Manifests tried for one NAR (each from another provider) while the flight is held.
 const MAX_MANIFESTS: usize = 3;
 /// How long a peer that sent a bad block or a lying manifest is refused.
 pub const BAN: Duration = Duration::from_secs(3600);
-/// Restored chunks queued between the network and the ingesting thread.
+/// Verified chunks queued between the network and the writing thread.
 const QUEUE: usize = 16;
-/// Pending narinfos kept (cleared when full).
-const PENDING_ENTRIES: usize = 16 * 1024;
 /// Background provider lookups kept (cleared when full).
 const LOOKUP_ENTRIES: usize = 4 * 1024;
-/// NAR fetch locks kept before idle ones are pruned.
-const LOCK_ENTRIES: usize = 1024;
 
-/// What [`Peers::fetch_nar`] did.
-#[derive(Debug)]
-pub enum PeerFetch {
-    /// No pending peer narinfo names this NAR.
-    NotPending,
-    /// The store has the NAR now.
-    Stored,
-    /// Every provider failed; the pending narinfo of `path` was dropped.
-    Failed { path: StorePathHash, error: String },
+/// Why a NAR could not be had from peers.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("no peer can provide it ({providers} providers asked)")]
+    NoManifest { providers: usize },
+    #[error("the manifest from {peer} does not reproduce the NAR: {source}")]
+    BadManifest {
+        peer: PeerId,
+        #[source]
+        source: Box<FlightError>,
+    },
+    #[error("{missing} chunk requests could not be served ({usable} of {total} providers left)")]
+    Stuck {
+        missing: usize,
+        usable: usize,
+        total: usize,
+    },
+    #[error("reading local chunks: {0}")]
+    Local(#[source] StoreError),
 }
 
-type Lookup = Arc<OnceCell<Vec<PeerId>>>;
+type Lookups = Arc<OnceCell<Vec<PeerId>>>;
 
-/// Some connected peer did not answer a narinfo request within [`NARINFO_BUDGET`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Unanswered;
-
-/// The P2P side of the daemon: a network client, the trusted keys, pending narinfos and
-/// background provider lookups.
+/// The P2P side of the daemon: a network client, the trusted keys and background provider
+/// lookups.
 pub struct Peers {
     client: Client,
     trusted: Vec<PublicKey>,
-    pending: PendingNarinfos<PeerId>,
-    lookups: Mutex<HashMap<NarHash, Lookup>>,
-    locks: NarLocks,
+    lookups: Mutex<HashMap<NarHash, Lookups>>,
     metrics: Arc<Metrics>,
-    announce: Box<dyn Fn(NarHash) + Send + Sync>,
+    params: ChunkingParams,
 }
 
 impl Peers {
-    /// `announce` is called with every NAR fetched and stored (it must not block).
-    pub fn new(
-        client: Client,
-        trusted: Vec<PublicKey>,
-        metrics: Arc<Metrics>,
-        announce: Box<dyn Fn(NarHash) + Send + Sync>,
-    ) -> Self {
+    pub fn new(client: Client, trusted: Vec<PublicKey>, metrics: Arc<Metrics>) -> Self {
         Self {
             client,
             trusted,
-            pending: PendingNarinfos::new(PENDING_ENTRIES),
             lookups: Mutex::new(HashMap::new()),
-            locks: NarLocks::new(LOCK_ENTRIES),
             metrics,
-            announce,
+            params: ChunkingParams::V1,
         }
     }
 
     pub fn client(&self) -> &Client {
         &self.client
-    }
-
-    /// Announces a NAR (callable from any thread; never blocks).
-    pub fn announce(&self, nar_hash: NarHash) {
-        (self.announce)(nar_hash)
     }
 
     /// The network's counters for `/metrics` and `status`.
@@ -158,18 +155,13 @@ impl Peers {
         }
     }
 
-    /// Asks the connected peers for the narinfo of `hash` (within [`NARINFO_BUDGET`]).
-    /// `Ok(None)`: every peer answered without it (or there are none); `Err(Unanswered)`: none
-    /// had it, but some did not answer in time.
-    pub async fn narinfo(&self, hash: &StorePathHash) -> Result<Option<Arc<str>>, Unanswered> {
-        if let Some(t) = self.pending.text(hash) {
-            return Ok(Some(t));
-        }
+    /// Asks the connected peers for the narinfo of `hash`; see the module docs.
+    async fn ask_narinfo(&self, hash: &StorePathHash) -> Lookup {
         let Ok(peers) = self.client.connected_peers().await else {
-            return Ok(None);
+            return Lookup::Missing;
         };
         if peers.is_empty() {
-            return Ok(None);
+            return Lookup::Missing;
         }
         let mut asks: FuturesUnordered<_> = peers
             .into_iter()
@@ -183,47 +175,48 @@ impl Peers {
                 async move { (peer, client.request(peer, req).await) }
             })
             .collect();
-        let found = tokio::time::timeout(NARINFO_BUDGET, async {
-            while let Some((peer, r)) = asks.next().await {
-                let Ok(pb::Response {
-                    narinfo: Some(text),
-                    ..
-                }) = r
-                else {
-                    continue;
-                };
-                match check_narinfo(&text, Some(hash), &self.trusted) {
-                    Ok((info, trust @ Trust::Trusted { .. })) => {
-                        return Some((peer, text, info, trust))
+        let trusted = self.trusted.clone();
+        let h = hash.clone();
+        // The asks run on their own task: what is not in by the budget becomes a late answer.
+        let (tx, mut rx) = tokio::sync::oneshot::channel::<Lookup>();
+        tokio::spawn(async move {
+            let outcome = tokio::time::timeout(LATE_ASK, async {
+                while let Some((peer, r)) = asks.next().await {
+                    let Ok(pb::Response {
+                        narinfo: Some(text),
+                        ..
+                    }) = r
+                    else {
+                        continue;
+                    };
+                    match check_narinfo(&text, Some(&h), &trusted) {
+                        Ok((info, trust @ Trust::Trusted { .. })) => {
+                            tracing::debug!(%peer, hash = h.as_str(), "narinfo from a peer");
+                            return Lookup::Found(Pending {
+                                source: Origin::Peer(peer),
+                                text: Arc::from(text),
+                                info: Arc::new(info),
+                                trust,
+                            });
+                        }
+                        Ok(_) => tracing::debug!(%peer, "peer narinfo not trusted"),
+                        Err(e) => tracing::warn!(%peer, error = %e, "peer narinfo refused"),
                     }
-                    Ok(_) => tracing::debug!(%peer, "peer narinfo not trusted"),
-                    Err(e) => tracing::warn!(%peer, error = %e, "peer narinfo refused"),
                 }
-            }
-            None
-        })
-        .await;
-        let (peer, text, info, trust) = match found {
-            Ok(Some(f)) => f,
-            Ok(None) => return Ok(None),
-            Err(_) => return Err(Unanswered),
-        };
-        self.start_lookup(info.nar_hash);
-        let text: Arc<str> = Arc::from(text);
-        self.pending.insert(
-            hash.clone(),
-            Pending {
-                source: peer,
-                text: text.clone(),
-                info: Arc::new(info),
-                trust,
-            },
-        );
-        tracing::debug!(%peer, hash = hash.as_str(), "narinfo from a peer");
-        Ok(Some(text))
+                Lookup::Missing
+            })
+            .await
+            .unwrap_or(Lookup::Unsure);
+            let _ = tx.send(outcome);
+        });
+        match tokio::time::timeout(NARINFO_BUDGET, &mut rx).await {
+            Ok(Ok(l)) => l,
+            Ok(Err(_)) => Lookup::Unsure,
+            Err(_) => Lookup::Late(Box::pin(async move { rx.await.unwrap_or(Lookup::Unsure) })),
+        }
     }
 
-    fn lookup_cell(&self, nar_hash: NarHash) -> Lookup {
+    fn lookup_cell(&self, nar_hash: NarHash) -> Lookups {
         let mut m = self.lookups.lock().unwrap_or_else(|e| e.into_inner());
         if m.len() >= LOOKUP_ENTRIES {
             m.clear();
@@ -257,55 +250,13 @@ impl Peers {
         found
     }
 
-    /// Makes sure the store holds `nar_hash`, fetching it from peers if a pending peer
-    /// narinfo names it. One fetch per NAR at a time; different NARs in parallel.
-    pub async fn fetch_nar(&self, store: &Arc<Store>, nar_hash: &NarHash) -> PeerFetch {
-        let span = tracing::info_span!("peer_fetch", nar = %nar_hash);
-        self.locks
-            .with(
-                nar_hash,
-                self.fetch_locked(store, nar_hash).instrument(span),
-            )
-            .await
-    }
-
-    async fn fetch_locked(&self, store: &Arc<Store>, nar_hash: &NarHash) -> PeerFetch {
-        let Some((path, pending)) = self.pending.by_nar(nar_hash) else {
-            return PeerFetch::NotPending;
-        };
-        let s = store.clone();
-        let h = *nar_hash;
-        let stored = matches!(
-            tokio::task::spawn_blocking(move || s.has_nar(&h)).await,
-            Ok(Ok(true))
-        );
-        let r = if stored {
-            Ok(())
-        } else {
-            self.fetch_from_peers(store, pending).await
-        };
-        self.pending.remove(nar_hash, &path);
-        match r {
-            Ok(()) => {
-                Metrics::inc(&self.metrics.p2p_nars, 1);
-                self.announce(*nar_hash);
-                PeerFetch::Stored
-            }
-            Err(error) => {
-                Metrics::inc(&self.metrics.p2p_nar_failures, 1);
-                tracing::warn!(%error, "fetching the NAR from peers failed");
-                PeerFetch::Failed { path, error }
-            }
-        }
-    }
-
     /// Providers in the order they are tried: LAN peers, the narinfo's sender, the DHT's,
     /// then (up to [`EXTRA_CONNECTED`]) other connected peers, which may hold the NAR without
     /// a provider record yet; one that does not is dropped after a few empty answers.
-    async fn providers(&self, first: PeerId, nar_hash: NarHash) -> Vec<PeerId> {
+    async fn providers(&self, first: Option<PeerId>, nar_hash: NarHash) -> Vec<PeerId> {
         let me = self.client.local_peer_id();
         let mut out: Vec<PeerId> = self.client.lan_peers().await.unwrap_or_default();
-        out.push(first);
+        out.extend(first);
         out.extend(self.dht_providers(nar_hash).await);
         let mut seen = HashSet::new();
         out.retain(|p| *p != me && seen.insert(*p));
@@ -322,34 +273,70 @@ impl Peers {
     async fn fetch_from_peers(
         &self,
         store: &Arc<Store>,
-        pending: Pending<PeerId>,
-    ) -> Result<(), String> {
-        let Pending {
-            source: first,
-            text,
-            info,
-            trust,
-        } = pending;
+        found: &Found,
+        flight: &Arc<Flight>,
+    ) -> Result<(), FetchError> {
+        let first = match &found.source {
+            Origin::Peer(p) => Some(*p),
+            Origin::Upstream(_) => None,
+        };
+        let info = &found.info;
         let mut providers = self.providers(first, info.nar_hash).await;
         tracing::debug!(providers = providers.len(), "fetching from peers");
         let mut asked = HashSet::new();
-        for _ in 0..MAX_MANIFESTS {
-            let (manifest, from) = self.manifest(&providers, &mut asked, &info).await?;
+        let mut manifests = self.manifests(&providers, &mut asked, info).await;
+        if manifests.is_empty() {
+            return Err(PeerError::NoManifest {
+                providers: providers.len(),
+            }
+            .into());
+        }
+        // Two providers, two different manifests: one lies. Hold the bytes until one checks.
+        let held = manifests.len() > 1 && manifests[0].0 != manifests[1].0;
+        flight.hold(held);
+        if !held {
+            manifests.truncate(1);
+        }
+        let mut tried = 0;
+        loop {
+            let Some((manifest, from)) = (!manifests.is_empty()).then(|| manifests.remove(0))
+            else {
+                if !held || tried >= MAX_MANIFESTS {
+                    return Err(PeerError::NoManifest {
+                        providers: providers.len(),
+                    }
+                    .into());
+                }
+                // Held: look for another manifest among the providers not asked yet.
+                manifests = self.manifests(&providers, &mut asked, info).await;
+                if manifests.is_empty() {
+                    return Err(PeerError::NoManifest {
+                        providers: providers.len(),
+                    }
+                    .into());
+                }
+                continue;
+            };
+            tried += 1;
             match self
-                .transfer(store, &info, &text, &trust, (manifest, from), &providers)
+                .transfer(store, found, flight, manifest, from, &providers)
                 .await
             {
-                Ok(()) => return Ok(()),
-                Err(TransferError::BadManifest(e)) => {
+                Err(FetchError::Peers(PeerError::BadManifest { peer, source })) => {
                     Metrics::inc(&self.metrics.p2p_bad_manifests, 1);
-                    tracing::warn!(peer = %from, error = %e, "manifest did not reproduce the NAR");
-                    self.ban(from).await;
-                    providers.retain(|p| *p != from);
+                    tracing::warn!(%peer, error = %source, "manifest did not reproduce the NAR");
+                    self.ban(peer).await;
+                    providers.retain(|p| *p != peer);
+                    if !flight.reset() {
+                        return Err(PeerError::BadManifest { peer, source }.into());
+                    }
                 }
-                Err(TransferError::Other(e)) => return Err(e),
+                r => {
+                    flight.hold(false);
+                    return r;
+                }
             }
         }
-        Err(format!("{MAX_MANIFESTS} manifests from peers were wrong"))
     }
 
     async fn ban(&self, peer: PeerId) {
@@ -358,63 +345,117 @@ impl Peers {
         }
     }
 
-    /// The manifest of `info`'s NAR from the first provider not asked yet that sends a
-    /// matching one. A provider that sends garbage or another NAR's manifest is banned.
-    async fn manifest(
+    /// Asks the next providers not asked yet for the manifest of `info`'s NAR until one
+    /// sends a usable one; then waits briefly ([`SECOND_OPINION`]) for the next provider's,
+    /// so a lying manifest can be noticed. A provider that sends garbage or a manifest that
+    /// cannot be ours is banned.
+    async fn manifests(
         &self,
         providers: &[PeerId],
         asked: &mut HashSet<PeerId>,
         info: &NarInfo,
-    ) -> Result<(Manifest, PeerId), String> {
-        let key = info.nar_hash.nar_key().multihash_bytes();
-        for &peer in providers {
-            if !asked.insert(peer) {
-                continue;
+    ) -> Vec<(Manifest, PeerId)> {
+        let mut out = Vec::new();
+        let fresh: Vec<PeerId> = providers
+            .iter()
+            .copied()
+            .filter(|p| !asked.contains(p))
+            .collect();
+        let mut queue = fresh.into_iter();
+        let mut inflight = FuturesUnordered::new();
+        let ask = |peer: PeerId| {
+            let client = self.client.clone();
+            let key = info.nar_hash.nar_key().multihash_bytes();
+            async move {
+                let req = pb::Request {
+                    kind: Some(pb::request::Kind::Manifest(pb::ManifestRequest {
+                        nar_key: key,
+                    })),
+                };
+                (
+                    peer,
+                    tokio::time::timeout(MANIFEST_TIMEOUT, client.request(peer, req)).await,
+                )
             }
-            let req = pb::Request {
-                kind: Some(pb::request::Kind::Manifest(pb::ManifestRequest {
-                    nar_key: key.clone(),
-                })),
+        };
+        // The first two at once, then one more per provider that has none.
+        for p in queue.by_ref().take(2) {
+            asked.insert(p);
+            inflight.push(ask(p));
+        }
+        let mut deadline: Option<tokio::time::Instant> = None;
+        loop {
+            let next = match deadline {
+                Some(d) => match tokio::time::timeout_at(d, inflight.next()).await {
+                    Ok(n) => n,
+                    Err(_) => break,
+                },
+                None => inflight.next().await,
             };
-            let bytes = match tokio::time::timeout(MANIFEST_TIMEOUT, self.client.request(peer, req))
-                .await
-            {
+            let Some((peer, r)) = next else {
+                break;
+            };
+            let bytes = match r {
                 Ok(Ok(pb::Response {
                     manifest: Some(b), ..
-                })) => b,
-                Ok(Ok(_)) => continue, // does not share it
+                })) => Some(b),
+                Ok(Ok(_)) => None, // does not share it
                 Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "manifest request failed");
-                    continue;
+                    None
                 }
-                Err(_) => continue,
+                Err(_) => None,
             };
-            match Manifest::decode(&bytes) {
-                Ok(m) if m.nar_hash == info.nar_hash && m.nar_size == info.nar_size => {
-                    return Ok((m, peer))
+            if let Some(bytes) = bytes {
+                match self.check_manifest(&bytes, info) {
+                    Ok(m) => {
+                        out.push((m, peer));
+                        if out.len() >= 2 {
+                            break;
+                        }
+                        deadline.get_or_insert(tokio::time::Instant::now() + SECOND_OPINION);
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "peer sent an unusable manifest");
+                        Metrics::inc(&self.metrics.p2p_bad_manifests, 1);
+                        self.ban(peer).await;
+                    }
                 }
-                Ok(_) => tracing::warn!(%peer, "peer sent a manifest of another NAR"),
-                Err(e) => tracing::warn!(%peer, error = %e, "peer sent a bad manifest"),
             }
-            Metrics::inc(&self.metrics.p2p_bad_manifests, 1);
-            self.ban(peer).await;
+            if out.is_empty() {
+                if let Some(p) = queue.next() {
+                    asked.insert(p);
+                    inflight.push(ask(p));
+                }
+            }
         }
-        Err(format!(
-            "no provider sent a usable manifest ({} providers)",
-            providers.len()
-        ))
+        out
     }
 
-    /// Streams the NAR of `manifest` into the store from `providers` (and local chunks).
+    /// A peer's manifest, accepted only if it is for this NAR and could be ours: our chunking
+    /// parameters, every chunk within their bounds, sizes adding up to NarSize (checked by
+    /// `decode`). Nothing of the claimed sizes is allocated before these checks.
+    fn check_manifest(&self, bytes: &[u8], info: &NarInfo) -> Result<Manifest, String> {
+        let m = Manifest::decode(bytes).map_err(|e| e.to_string())?;
+        if m.nar_hash != info.nar_hash || m.nar_size != info.nar_size {
+            return Err("a manifest of another NAR".into());
+        }
+        m.check_chunking(&self.params).map_err(|e| e.to_string())?;
+        Ok(m)
+    }
+
+    /// Streams the NAR of `manifest` into the flight and the store from `providers` (and
+    /// local chunks); see the module docs.
     async fn transfer(
         &self,
         store: &Arc<Store>,
-        info: &Arc<NarInfo>,
-        text: &Arc<str>,
-        trust: &Trust,
-        (manifest, manifest_from): (Manifest, PeerId),
+        found: &Found,
+        flight: &Arc<Flight>,
+        manifest: Manifest,
+        manifest_from: PeerId,
         providers: &[PeerId],
-    ) -> Result<(), TransferError> {
+    ) -> Result<(), FetchError> {
         let ids: Vec<ChunkId> = manifest.chunks.iter().map(|c| c.id).collect();
         let s = store.clone();
         let local: HashSet<ChunkId> = tokio::task::spawn_blocking(move || {
@@ -427,22 +468,26 @@ impl Peers {
             Ok::<_, StoreError>(out)
         })
         .await
-        .map_err(|e| TransferError::Other(format!("task: {e}")))?
-        .map_err(|e| TransferError::Other(format!("store: {e}")))?;
-        let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(QUEUE);
-        // The store records where a narinfo's NAR came from: the manifest's sender.
-        let source = format!("peer {manifest_from}");
-        let (s, i, t, tr) = (store.clone(), info.clone(), text.clone(), trust.clone());
-        let ingest = tokio::task::spawn_blocking(move || {
-            s.ingest(&i, &t, &tr, &source, || {
-                Ok(io::BufReader::with_capacity(
-                    1 << 20,
-                    ChannelReader::new(rx),
-                ))
-            })
+        .map_err(|_| FetchError::Task("local chunk check"))?
+        .map_err(PeerError::Local)?;
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Fetched, PeerError>>(QUEUE);
+        let (s, f) = (store.clone(), flight.clone());
+        // The writer: restored bytes into the flight, received frames into the staging.
+        let writer = tokio::task::spawn_blocking(move || {
+            let mut staging = s.staging()?;
+            while let Some(item) = rx.blocking_recv() {
+                let c = item?;
+                if let Some(frame) = &c.frame {
+                    staging
+                        .append_frame(&c.id, c.data.len() as u32, frame)
+                        .map_err(StoreError::from)?;
+                }
+                f.write(&c.data)?;
+            }
+            Ok::<Staging, FetchError>(staging)
         });
         let transfer = Transfer::new(
-            manifest,
+            manifest.clone(),
             &local,
             providers,
             self.client.clone(),
@@ -450,36 +495,80 @@ impl Peers {
             self.metrics.clone(),
         );
         let pump = tokio::spawn(transfer.run(tx));
-        let outcome = ingest.await;
-        // The pump ends by itself once everything is sent or the ingest hung up.
-        let pumped = match pump.await {
-            Ok(r) => r,
-            Err(e) => Err(format!("transfer task: {e}")),
-        };
-        match outcome {
-            Ok(Ok(o)) => {
-                tracing::info!(nar_size = o.nar_size, "ingested NAR from peers");
-                Ok(())
+        let written = writer.await.map_err(|_| FetchError::Task("peer writer"))?;
+        // The pump ends by itself once everything is sent or the writer hung up.
+        let pumped = pump.await.map_err(|_| FetchError::Task("peer transfer"))?;
+        pumped?;
+        let staging = written?;
+        // Every block checked against its id: a NAR that fails now was a lying manifest.
+        if let Err(source) = flight.finish() {
+            return Err(PeerError::BadManifest {
+                peer: manifest_from,
+                source: Box::new(source),
             }
-            // Every chunk checked against its id, yet the NAR is wrong: the manifest lied.
-            Ok(Err(
-                e @ (StoreError::NarHashMismatch { .. }
-                | StoreError::NarSizeMismatch { .. }
-                | StoreError::BadNar { .. }),
-            )) if pumped.is_ok() => Err(TransferError::BadManifest(e.to_string())),
-            Ok(Err(e)) => Err(TransferError::Other(match pumped {
-                Err(p) => p,
-                Ok(()) => format!("ingest: {e}"),
-            })),
-            Err(e) => Err(TransferError::Other(format!("ingest task: {e}"))),
+            .into());
         }
+        let source = format!("peer {manifest_from}");
+        let (s, i, t, tr) = (
+            store.clone(),
+            found.info.clone(),
+            found.text.clone(),
+            found.trust.clone(),
+        );
+        let outcome = tokio::task::spawn_blocking(move || {
+            s.commit_fetched(&i, &t, &tr, &source, manifest, staging)
+        })
+        .await
+        .map_err(|_| FetchError::Task("commit"))??;
+        tracing::info!(
+            nar_size = outcome.nar_size,
+            new_chunks = outcome.new_chunks,
+            "stored NAR from peers"
+        );
+        Ok(())
     }
 }
 
-#[derive(Debug)]
-enum TransferError {
-    BadManifest(String),
-    Other(String),
+#[async_trait::async_trait]
+impl Source for Peers {
+    fn name(&self) -> &'static str {
+        "peers"
+    }
+
+    fn owns(&self, origin: &Origin) -> bool {
+        matches!(origin, Origin::Peer(_))
+    }
+
+    async fn narinfo(&self, hash: &StorePathHash) -> Lookup {
+        let l = self.ask_narinfo(hash).await;
+        if let Lookup::Found(f) = &l {
+            self.start_lookup(f.info.nar_hash);
+        }
+        l
+    }
+
+    async fn fetch(
+        &self,
+        store: &Arc<Store>,
+        found: &Found,
+        flight: &Arc<Flight>,
+    ) -> Result<bool, FetchError> {
+        let span = tracing::info_span!("peer_fetch", nar = %found.info.nar_hash);
+        match self
+            .fetch_from_peers(store, found, flight)
+            .instrument(span)
+            .await
+        {
+            Ok(()) => {
+                Metrics::inc(&self.metrics.p2p_nars, 1);
+                Ok(matches!(found.trust, Trust::Trusted { .. }))
+            }
+            Err(e) => {
+                Metrics::inc(&self.metrics.p2p_nar_failures, 1);
+                Err(e)
+            }
+        }
+    }
 }
 
 /// DHT providers of a NAR within [`PROVIDERS_TIMEOUT`] (empty on failure).
@@ -498,15 +587,28 @@ async fn dht_providers(client: Client, metrics: Arc<Metrics>, nar_hash: NarHash)
     }
 }
 
-/// Checks one block: decompresses within `size` and compares its id.
-fn check_block(id: &ChunkId, size: u32, data: &[u8]) -> Option<Vec<u8>> {
-    let out = zstd::bulk::decompress(data, size as usize).ok()?;
+/// Checks one block: its zstd frame no larger than zstd's bound for `size` bytes, decompressed
+/// into a buffer of exactly `size` (a frame that inflates further fails), content hashing to
+/// `id`. Returns the content.
+fn check_block(id: &ChunkId, size: u32, frame: &[u8]) -> Option<Vec<u8>> {
+    if frame.len() > zstd::zstd_safe::compress_bound(size as usize) {
+        return None;
+    }
+    let out = zstd::bulk::decompress(frame, size as usize).ok()?;
     (out.len() == size as usize && ChunkId::of(&out) == *id).then_some(out)
+}
+
+/// One chunk of the NAR in order, for the writer: its restored bytes, and the verified frame
+/// it came in when it is new to the store (first use only).
+struct Fetched {
+    id: ChunkId,
+    data: Bytes,
+    frame: Option<Bytes>,
 }
 
 /// Where a request goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Source {
+enum Via {
     Local,
     Peer(PeerId),
 }
@@ -519,7 +621,7 @@ struct Req {
     first_offset: u64,
     local: bool,
     /// Sources this request is in flight to.
-    inflight: HashSet<Source>,
+    inflight: HashSet<Via>,
     /// Providers that failed it.
     failed: HashSet<PeerId>,
 }
@@ -533,8 +635,8 @@ struct PeerState {
 }
 
 /// What one request brought: each chunk checked (`Err(())`: it did not match its id).
-type Checked = Vec<(ChunkId, Result<Vec<u8>, ()>)>;
-type Outcome = (usize, Source, Result<Checked, String>);
+type Checked = Vec<(ChunkId, Result<(Vec<u8>, Option<Bytes>), ()>)>;
+type Outcome = (usize, Via, Result<Checked, String>);
 type InFlight = FuturesUnordered<futures_util::future::BoxFuture<'static, Outcome>>;
 
 /// The scheduler of one NAR's chunks over providers; see the module docs.
@@ -544,8 +646,9 @@ struct Transfer {
     /// Requests neither done nor in flight, by first offset.
     queue: VecDeque<usize>,
     peers: Vec<PeerState>,
-    /// Verified chunks not yet handed to the ingest, with their remaining uses.
-    ready: HashMap<ChunkId, (Vec<u8>, u32)>,
+    /// Verified chunks not yet handed to the writer, with their remaining uses and the frame
+    /// they came in (peers' only; taken by the first use).
+    ready: HashMap<ChunkId, (Vec<u8>, u32, Option<Bytes>)>,
     /// Uses of each chunk in the NAR.
     uses: HashMap<ChunkId, u32>,
     local_inflight: usize,
@@ -622,7 +725,10 @@ impl Transfer {
     }
 
     /// Fetches and sends every chunk in order; `Err` when some chunk cannot be had.
-    async fn run(mut self, tx: tokio::sync::mpsc::Sender<io::Result<Bytes>>) -> Result<(), String> {
+    async fn run(
+        mut self,
+        tx: tokio::sync::mpsc::Sender<Result<Fetched, PeerError>>,
+    ) -> Result<(), PeerError> {
         let order: Vec<(u64, ChunkId)> = self
             .manifest
             .chunk_offsets()
@@ -633,18 +739,27 @@ impl Transfer {
         let result = loop {
             // Hand over every chunk that is ready, in order.
             while let Some(&(offset, id)) = order.get(next) {
-                let Some((data, left)) = self.ready.get_mut(&id) else {
+                let Some((data, left, frame)) = self.ready.get_mut(&id) else {
                     break;
                 };
+                let frame = frame.take();
                 let mut chunk = if *left <= 1 {
-                    self.ready.remove(&id).map(|(d, _)| d).unwrap_or_default()
+                    self.ready
+                        .remove(&id)
+                        .map(|(d, _, _)| d)
+                        .unwrap_or_default()
                 } else {
                     *left -= 1;
                     data.clone()
                 };
                 self.manifest.slots.restore(offset, &mut chunk);
-                if tx.send(Ok(Bytes::from(chunk))).await.is_err() {
-                    return Ok(()); // the ingest gave up; it reports why
+                let item = Fetched {
+                    id,
+                    data: Bytes::from(chunk),
+                    frame,
+                };
+                if tx.send(Ok(item)).await.is_err() {
+                    return Ok(()); // the writer gave up; it reports why
                 }
                 next += 1;
             }
@@ -657,19 +772,18 @@ impl Transfer {
             };
             self.on_outcome(outcome).await;
         };
-        if let Err(e) = &result {
-            let _ = tx.send(Err(io::Error::other(e.clone()))).await;
+        if result.is_err() {
+            let _ = tx.send(Err(self.stuck())).await;
         }
         result
     }
 
-    fn stuck(&self) -> String {
-        let missing = self.reqs.iter().filter(|r| !r.want.is_empty()).count();
-        let usable = self.peers.iter().filter(|p| !p.dropped).count();
-        format!(
-            "{missing} chunk requests could not be served ({usable} of {} providers left)",
-            self.peers.len()
-        )
+    fn stuck(&self) -> PeerError {
+        PeerError::Stuck {
+            missing: self.reqs.iter().filter(|r| !r.want.is_empty()).count(),
+            usable: self.peers.iter().filter(|p| !p.dropped).count(),
+            total: self.peers.len(),
+        }
     }
 
     /// Fills every source's window with queued requests within `horizon`; then, when nothing
@@ -685,7 +799,7 @@ impl Transfer {
                 break;
             };
             let i = self.queue.remove(pos).unwrap_or_default();
-            self.launch(i, Source::Local, inflight);
+            self.launch(i, Via::Local, inflight);
         }
         loop {
             let mut progressed = false;
@@ -703,7 +817,7 @@ impl Transfer {
                 });
                 if let Some(pos) = queued {
                     let i = self.queue.remove(pos).unwrap_or_default();
-                    self.launch(i, Source::Peer(peer), inflight);
+                    self.launch(i, Via::Peer(peer), inflight);
                     progressed = true;
                     continue;
                 }
@@ -717,13 +831,13 @@ impl Transfer {
                             && !r.want.is_empty()
                             && !r.inflight.is_empty()
                             && r.inflight.len() < ENDGAME_COPIES
-                            && !r.inflight.contains(&Source::Peer(peer))
+                            && !r.inflight.contains(&Via::Peer(peer))
                             && !r.failed.contains(&peer)
                     })
                     .min_by_key(|&i| self.reqs[i].first_offset);
                 if let Some(i) = dup {
                     Metrics::inc(&self.metrics.p2p_endgame_requests, 1);
-                    self.launch(i, Source::Peer(peer), inflight);
+                    self.launch(i, Via::Peer(peer), inflight);
                     progressed = true;
                 }
             }
@@ -733,11 +847,11 @@ impl Transfer {
         }
     }
 
-    fn launch(&mut self, i: usize, src: Source, inflight: &mut InFlight) {
+    fn launch(&mut self, i: usize, src: Via, inflight: &mut InFlight) {
         let want = self.reqs[i].want.clone();
         self.reqs[i].inflight.insert(src);
         match src {
-            Source::Local => {
+            Via::Local => {
                 self.local_inflight += 1;
                 let store = self.store.clone();
                 inflight.push(Box::pin(async move {
@@ -747,7 +861,7 @@ impl Transfer {
                     (i, src, r)
                 }));
             }
-            Source::Peer(peer) => {
+            Via::Peer(peer) => {
                 if let Some(p) = self.peers.iter_mut().find(|p| p.id == peer) {
                     p.inflight += 1;
                 }
@@ -762,8 +876,8 @@ impl Transfer {
     async fn on_outcome(&mut self, (i, src, result): Outcome) {
         self.reqs[i].inflight.remove(&src);
         match src {
-            Source::Local => self.local_inflight -= 1,
-            Source::Peer(peer) => {
+            Via::Local => self.local_inflight -= 1,
+            Via::Peer(peer) => {
                 if let Some(p) = self.peers.iter_mut().find(|p| p.id == peer) {
                     p.inflight -= 1;
                 }
@@ -778,12 +892,12 @@ impl Transfer {
                         continue; // not asked for, or already had from another copy
                     };
                     match r {
-                        Ok(data) => {
+                        Ok((data, frame)) => {
                             self.reqs[i].want.swap_remove(pos);
                             let uses = self.uses.get(&id).copied().unwrap_or(1);
-                            self.ready.insert(id, (data, uses));
+                            self.ready.insert(id, (data, uses, frame));
                             progress = true;
-                            if src != Source::Local {
+                            if src != Via::Local {
                                 Metrics::inc(&self.metrics.p2p_blocks, 1);
                             }
                         }
@@ -793,20 +907,20 @@ impl Transfer {
             }
             Err(e) => {
                 tracing::debug!(?src, error = %e, "chunk request failed");
-                if src != Source::Local {
+                if src != Via::Local {
                     Metrics::inc(&self.metrics.p2p_request_failures, 1);
                 }
             }
         }
         match src {
-            Source::Local => {
+            Via::Local => {
                 if !self.reqs[i].want.is_empty() {
                     // Damaged or gone since the plan: ask the peers instead.
                     tracing::warn!(chunks = self.reqs[i].want.len(), "local chunks unreadable");
                     self.reqs[i].local = false;
                 }
             }
-            Source::Peer(peer) => {
+            Via::Peer(peer) => {
                 if bad {
                     Metrics::inc(&self.metrics.p2p_bad_blocks, 1);
                     tracing::warn!(%peer, "peer sent a block that does not match its id: banned");
@@ -845,7 +959,10 @@ impl Transfer {
 fn read_local(store: &Store, want: &[(ChunkId, u32)]) -> Checked {
     want.iter()
         .filter_map(|&(id, size)| match store.chunk_frame(&id) {
-            Ok(Some(frame)) => Some((id, check_block(&id, size, &frame).ok_or(()))),
+            Ok(Some(frame)) => Some((
+                id,
+                check_block(&id, size, &frame).map(|d| (d, None)).ok_or(()),
+            )),
             Ok(None) => None,
             Err(e) => {
                 tracing::warn!(chunk = %id, error = %e, "reading a local chunk");
@@ -890,7 +1007,8 @@ async fn request_blocks(
         .filter_map(|b| {
             let id = ChunkId::from_cid_bytes(&b.cid).ok()?;
             let size = *sizes.get(&id)?;
-            Some((id, check_block(&id, size, &b.data).ok_or(())))
+            let data = check_block(&id, size, &b.data).ok_or(());
+            Some((id, data.map(|d| (d, Some(Bytes::from(b.data))))))
         })
         .collect())
 }

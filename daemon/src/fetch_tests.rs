@@ -1,6 +1,8 @@
 //! `Peers` fetching over libp2p's memory transport with real stores: chunks from several
 //! providers at once, a provider that sends bad blocks or a lying manifest (banned, the fetch
-//! completes from the honest ones), and the upload rate limit.
+//! completes from the honest ones), manifests that cannot be ours, a NAR streamed into a
+//! flight and stored as received, only the missing chunks of an upgrade fetched, and the
+//! upload rate limit.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
@@ -11,7 +13,7 @@ use libp2p::identity::Keypair;
 use libp2p::PeerId;
 use nix_p2p_cache_proto::v1 as pb;
 
-use super::{PeerFetch, Peers};
+use super::{PeerError, Peers};
 use crate::core::manifest::Manifest;
 use crate::core::nar::{write_nar, Node as NarNode};
 use crate::core::signing::SecretKey;
@@ -21,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::net::responder::ResponseFuture;
 use crate::net::tests::{memory_config, spawn_node, Node};
 use crate::net::{NetConfig, Responder, StoreResponder};
+use crate::resolve::{FetchError, Flight, Found, Lookup, Source};
 use crate::store::testing::{ingest, noise};
 use crate::store::Store;
 
@@ -50,6 +53,14 @@ enum Lie {
     WrongBytes,
     /// The manifest has two chunks swapped: every block checks, the NAR does not.
     SwappedManifest,
+    /// The manifest names chunking parameters we do not know.
+    UnknownChunking,
+    /// The first chunks merged into one entry over the chunking maximum (sum still right).
+    OversizedChunk,
+    /// The first chunk's size is one more than it is (sizes no longer sum to NarSize).
+    WrongSum,
+    /// Every block is a zstd frame that inflates to 64 MiB.
+    Bomb,
 }
 
 struct Liar {
@@ -78,6 +89,28 @@ impl Responder for Liar {
                         r.manifest = Some(m.encode());
                     }
                 }
+                Lie::UnknownChunking | Lie::OversizedChunk | Lie::WrongSum => {
+                    if let Some(bytes) = &r.manifest {
+                        let mut m = Manifest::decode(bytes).unwrap();
+                        match lie {
+                            Lie::UnknownChunking => m.chunking = 99,
+                            Lie::OversizedChunk => {
+                                while m.chunks[0].size <= 512 * 1024 {
+                                    let next = m.chunks.remove(1);
+                                    m.chunks[0].size += next.size;
+                                }
+                            }
+                            _ => m.chunks[0].size += 1,
+                        }
+                        r.manifest = Some(m.encode());
+                    }
+                }
+                Lie::Bomb => {
+                    let bomb = zstd::bulk::compress(&vec![0u8; 64 << 20], 1).unwrap();
+                    for b in &mut r.blocks {
+                        b.data = bomb.clone();
+                    }
+                }
             }
             r
         })
@@ -101,6 +134,26 @@ async fn provider(nar: &[u8], key: &SecretKey, lie: Option<Lie>, config: NetConf
     node
 }
 
+/// Everything a flight's client receives (`Err` if the body is aborted).
+async fn collect(
+    s: impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>>,
+) -> Result<Vec<u8>, String> {
+    use futures_util::StreamExt;
+    let mut out = Vec::new();
+    futures_util::pin_mut!(s);
+    while let Some(item) = s.next().await {
+        out.extend_from_slice(&item.map_err(|e| e.to_string())?);
+    }
+    Ok(out)
+}
+
+/// The NAR as the store reassembles it.
+fn stored(store: &Store, nar_hash: &NarHash) -> Vec<u8> {
+    let mut out = Vec::new();
+    std::io::copy(&mut store.nar_reader(nar_hash).unwrap(), &mut out).unwrap();
+    out
+}
+
 struct Fetcher {
     node: Node,
     peers: Peers,
@@ -120,12 +173,7 @@ async fn fetcher(key: &SecretKey) -> Fetcher {
     )
     .await;
     let metrics = Arc::new(Metrics::default());
-    let peers = Peers::new(
-        node.client.clone(),
-        vec![key.public_key()],
-        metrics.clone(),
-        Box::new(|_| {}),
-    );
+    let peers = Peers::new(node.client.clone(), vec![key.public_key()], metrics.clone());
     Fetcher {
         node,
         peers,
@@ -138,31 +186,52 @@ impl Fetcher {
         self.node.client.dial(to.addr.clone()).await.unwrap();
     }
 
-    /// narinfo from the connected peers, then the NAR; returns what the store then holds.
-    async fn fetch(&self, nar: &[u8]) -> Vec<u8> {
+    /// The narinfo from the connected peers (within the short budget or late).
+    async fn narinfo(&self) -> Found {
         let hash = StorePathHash::parse(HASH).unwrap();
-        let text = self
-            .peers
-            .narinfo(&hash)
-            .await
-            .expect("every peer answered")
-            .expect("narinfo from a peer");
-        assert!(text.contains("Sig: "));
-        let nar_hash = NarHash::digest(nar);
+        let mut l = self.peers.narinfo(&hash).await;
+        if let Lookup::Late(f) = l {
+            l = f.await;
+        }
+        let Lookup::Found(found) = l else {
+            panic!("no narinfo from the peers");
+        };
+        assert!(found.text.contains("Sig: "));
+        found
+    }
+
+    /// Fetches `found`'s NAR into a new flight; returns the outcome and the flight.
+    async fn fetch_found(&self, found: &Found) -> (Result<bool, FetchError>, Arc<Flight>) {
+        let spool = self.node.store.dir().join("spool");
+        let flight = Flight::new(&spool, found.info.nar_hash, found.info.nar_size).unwrap();
         let r = tokio::time::timeout(
             Duration::from_secs(60),
-            self.peers.fetch_nar(&self.node.store, &nar_hash),
+            self.peers.fetch(&self.node.store, found, &flight),
         )
         .await
         .expect("fetch finished");
-        assert!(matches!(r, PeerFetch::Stored), "{r:?}");
-        let mut out = Vec::new();
-        std::io::copy(
-            &mut self.node.store.nar_reader(&nar_hash).unwrap(),
-            &mut out,
+        (r, flight)
+    }
+
+    /// narinfo from the connected peers, then the NAR; checks what a client of the flight
+    /// got; returns what the store then holds.
+    async fn fetch(&self, nar: &[u8]) -> Vec<u8> {
+        let found = self.narinfo().await;
+        let nar_hash = NarHash::digest(nar);
+        assert_eq!(found.info.nar_hash, nar_hash);
+        let spool = self.node.store.dir().join("spool");
+        let flight = Flight::new(&spool, nar_hash, nar.len() as u64).unwrap();
+        let client = tokio::spawn(collect(flight.stream(0, u64::MAX)));
+        let r = tokio::time::timeout(
+            Duration::from_secs(60),
+            self.peers.fetch(&self.node.store, &found, &flight),
         )
-        .unwrap();
-        out
+        .await
+        .expect("fetch finished");
+        assert!(matches!(r, Ok(true)), "{r:?}");
+        let streamed = client.await.unwrap().expect("the client got the whole NAR");
+        assert!(streamed == nar, "the client got the NAR's bytes");
+        stored(&self.node.store, &nar_hash)
     }
 
     async fn peer_bytes_down(&self, peer: &Node) -> (u64, bool) {
@@ -215,22 +284,149 @@ async fn a_lying_manifest_is_replaced_by_an_honest_one() {
     let honest = provider(&nar, &key, None, memory_config()).await;
     honest.client.dial(liar.addr.clone()).await.unwrap();
     let a = fetcher(&key).await;
-    // Only the liar is connected when the narinfo is asked for: its manifest is tried first.
+    // Only the liar is connected when the narinfo is asked for: its manifest is tried first,
+    // the honest one's differs, so the flight is held until one of them checks.
     a.connect(&liar).await;
-    let hash = StorePathHash::parse(HASH).unwrap();
-    assert!(a.peers.narinfo(&hash).await.unwrap().is_some());
+    let found = a.narinfo().await;
     a.connect(&honest).await;
     let nar_hash = NarHash::digest(&nar);
-    let r = a.peers.fetch_nar(&a.node.store, &nar_hash).await;
-    assert!(matches!(r, PeerFetch::Stored), "{r:?}");
-    let mut out = Vec::new();
-    std::io::copy(&mut a.node.store.nar_reader(&nar_hash).unwrap(), &mut out).unwrap();
-    assert_eq!(out, nar);
+    let spool = a.node.store.dir().join("spool");
+    let flight = Flight::new(&spool, nar_hash, nar.len() as u64).unwrap();
+    let client = tokio::spawn(collect(flight.stream(0, u64::MAX)));
+    let r = a.peers.fetch(&a.node.store, &found, &flight).await;
+    assert!(matches!(r, Ok(true)), "{r:?}");
+    assert_eq!(
+        client.await.unwrap().unwrap(),
+        nar,
+        "the client saw only the right NAR"
+    );
+    assert_eq!(stored(&a.node.store, &nar_hash), nar);
     assert_eq!(a.metrics.p2p_bad_manifests.load(Relaxed), 1);
     assert!(
         a.peer_bytes_down(&liar).await.1,
         "the manifest's sender is banned"
     );
+}
+
+/// A lone liar's manifest is streamed (nothing to compare it with): the client's body is cut
+/// before its end, nothing is stored, the liar is banned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_lying_manifest_aborts_the_stream_and_stores_nothing() {
+    let key = SecretKey::generate("test-1", [11; 32]);
+    let nar = big_nar(5, 2);
+    let liar = provider(&nar, &key, Some(Lie::SwappedManifest), memory_config()).await;
+    let a = fetcher(&key).await;
+    a.connect(&liar).await;
+    let found = a.narinfo().await;
+    let spool = a.node.store.dir().join("spool");
+    let flight = Flight::new(&spool, found.info.nar_hash, nar.len() as u64).unwrap();
+    let client = tokio::spawn(collect(flight.stream(0, u64::MAX)));
+    let r = a.peers.fetch(&a.node.store, &found, &flight).await;
+    assert!(
+        matches!(r, Err(FetchError::Peers(PeerError::BadManifest { .. }))),
+        "{r:?}"
+    );
+    flight.fail("lying manifest");
+    assert!(
+        client.await.unwrap().is_err(),
+        "the body is aborted, never complete"
+    );
+    assert!(!a.node.store.has_nar(&found.info.nar_hash).unwrap());
+    assert_eq!(a.node.store.stats().unwrap().chunks, 0);
+    assert!(a.peer_bytes_down(&liar).await.1, "banned");
+}
+
+/// Manifests that cannot be ours are refused before anything of their claimed sizes is
+/// allocated: an unknown chunking id, a chunk over the maximum (sizes still summing to
+/// NarSize), sizes that do not sum to NarSize.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifests_that_cannot_be_ours_are_refused() {
+    for (seed, lie) in [
+        (12u8, Lie::UnknownChunking),
+        (13, Lie::OversizedChunk),
+        (14, Lie::WrongSum),
+    ] {
+        let key = SecretKey::generate("test-1", [seed; 32]);
+        let nar = big_nar(seed, 2);
+        let liar = provider(&nar, &key, Some(lie), memory_config()).await;
+        let a = fetcher(&key).await;
+        a.connect(&liar).await;
+        let found = a.narinfo().await;
+        let (r, flight) = a.fetch_found(&found).await;
+        assert!(
+            matches!(r, Err(FetchError::Peers(PeerError::NoManifest { .. }))),
+            "{r:?}"
+        );
+        assert_eq!(flight.written(), 0, "not a byte was fetched");
+        assert_eq!(a.metrics.p2p_bad_manifests.load(Relaxed), 1);
+        assert_eq!(a.metrics.p2p_blocks.load(Relaxed), 0);
+        assert!(a.peer_bytes_down(&liar).await.1, "banned");
+    }
+}
+
+/// A zstd bomb: a block that inflates far beyond its declared size is refused (decompressed
+/// into a buffer of the declared size only), its sender banned, nothing stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zstd_bomb_block_is_refused() {
+    let key = SecretKey::generate("test-1", [15; 32]);
+    let nar = big_nar(15, 1);
+    let liar = provider(&nar, &key, Some(Lie::Bomb), memory_config()).await;
+    let a = fetcher(&key).await;
+    a.connect(&liar).await;
+    let found = a.narinfo().await;
+    let (r, _) = a.fetch_found(&found).await;
+    assert!(r.is_err(), "{r:?}");
+    assert!(a.metrics.p2p_bad_blocks.load(Relaxed) >= 1);
+    assert!(a.peer_bytes_down(&liar).await.1, "banned");
+    assert!(!a.node.store.has_nar(&found.info.nar_hash).unwrap());
+}
+
+/// An upgrade: a node holding one NAR fetches another that shares most of its chunks; only
+/// the chunks it lacks travel, and the received frames are stored as they came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_fetches_only_the_missing_chunks() {
+    let key = SecretKey::generate("test-1", [16; 32]);
+    let old = big_nar(16, 6);
+    // The same files but one.
+    let new = {
+        let mut entries = BTreeMap::new();
+        for i in 0..6usize {
+            let seed = if i == 3 {
+                200
+            } else {
+                16u8.wrapping_add(i as u8)
+            };
+            entries.insert(
+                format!("f{i:03}"),
+                NarNode::Regular {
+                    executable: false,
+                    contents: noise(seed, 1 << 20),
+                },
+            );
+        }
+        let mut nar = Vec::new();
+        write_nar(&mut nar, &NarNode::Directory(entries)).unwrap();
+        nar
+    };
+    let b = provider(&new, &key, None, memory_config()).await;
+    let a = fetcher(&key).await;
+    ingest(
+        &a.node.store,
+        &"b".repeat(32),
+        &old,
+        Some(&key),
+        &[key.public_key()],
+    );
+    a.connect(&b).await;
+    assert_eq!(a.fetch(&new).await, new);
+    let (down, _) = a.peer_bytes_down(&b).await;
+    assert!(
+        down < (new.len() as u64) / 3,
+        "{down} bytes received for a {} byte NAR that shares 5/6 with what A had",
+        new.len()
+    );
+    assert!(a.metrics.p2p_chunks_local.load(Relaxed) > 0);
+    assert!(a.node.store.verify(|_| {}).unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -240,11 +436,10 @@ async fn only_liars_means_a_failed_fetch_and_nothing_stored() {
     let d = provider(&nar, &key, Some(Lie::WrongBytes), memory_config()).await;
     let a = fetcher(&key).await;
     a.connect(&d).await;
-    let hash = StorePathHash::parse(HASH).unwrap();
-    assert!(a.peers.narinfo(&hash).await.unwrap().is_some());
+    let found = a.narinfo().await;
     let nar_hash = NarHash::digest(&nar);
-    let r = a.peers.fetch_nar(&a.node.store, &nar_hash).await;
-    assert!(matches!(r, PeerFetch::Failed { .. }), "{r:?}");
+    let (r, _) = a.fetch_found(&found).await;
+    assert!(r.is_err(), "{r:?}");
     // The liar is banned: disconnected and refused.
     assert!(a.peer_bytes_down(&d).await.1, "the liar is banned");
     assert!(a.metrics.p2p_bad_blocks.load(Relaxed) >= 1);

@@ -13,5 +13,6 @@ pub mod metrics;
 pub mod net;
 pub mod pending;
 pub mod quota;
+pub mod resolve;
 pub mod store;
 pub mod upstream;

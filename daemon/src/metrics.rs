@@ -43,6 +43,12 @@ pub struct Metrics {
     pub p2p_provider_lookups: AtomicU64,
     /// Providers those lookups found (summed).
     pub p2p_providers_found: AtomicU64,
+    /// narinfo lookups that waited for a source past its short budget.
+    pub narinfo_late_waits: AtomicU64,
+    /// NAR requests that joined a fetch already running for the same NAR.
+    pub nar_flight_joins: AtomicU64,
+    /// NAR fetches (flights) that no source could complete.
+    pub nar_fetch_failures: AtomicU64,
 }
 
 /// P2P gauges and totals read off the network layer when `/metrics` is rendered.
@@ -116,6 +122,21 @@ impl Metrics {
                 &self.nar_aborted,
             ),
             ("uploads_total", "narinfo uploads committed.", &self.uploads),
+            (
+                "narinfo_late_waits_total",
+                "narinfo lookups that waited for a source past its short budget.",
+                &self.narinfo_late_waits,
+            ),
+            (
+                "nar_flight_joins_total",
+                "NAR requests that joined a fetch already running for the same NAR.",
+                &self.nar_flight_joins,
+            ),
+            (
+                "nar_fetch_failures_total",
+                "NAR fetches that no source could complete.",
+                &self.nar_fetch_failures,
+            ),
             (
                 "upload_bytes_total",
                 "Bytes received in NAR uploads.",

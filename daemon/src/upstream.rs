@@ -1,17 +1,17 @@
-//! Upstream HTTP binary caches (design §4, the last step of both paths): `--upstream URL…`.
+//! Upstream HTTP binary caches (design §4, the last step of both paths): `--upstream URL…`,
+//! a [`Source`] of the resolver.
 //!
-//! narinfo path: on a local miss the daemon asks each upstream in order with short timeouts
-//! (2 s connect, 5 s total); the first narinfo that parses, is for the asked path and whose
-//! signatures check out (trusted or simply unsigned by a trusted key) is kept in a bounded
-//! in-memory map of *pending* narinfos and served. A narinfo that fails the check is logged and
+//! narinfo: each upstream in order with short timeouts (2 s connect, 5 s total); the first
+//! narinfo that parses, is for the asked path and whose signatures check out (trusted or simply
+//! unsigned by a trusted key) is the answer. A narinfo that fails the check is logged and
 //! treated as a miss.
 //!
-//! NAR path: when Nix asks for a NAR the store does not have, the pending narinfo with that
-//! `NarHash` names the upstream and its NAR URL. The NAR is downloaded on the async side into a
-//! bounded channel (8 blocks), read as a blocking `Read` on a blocking thread, decompressed
-//! with [`import::decompressor`] and ingested with [`Store::ingest`], which checks NarHash,
-//! NarSize and the NAR structure and leaves nothing behind on failure. One download per NAR
-//! at a time (a per-NarHash async lock); a failed one drops the pending entry.
+//! NAR: downloaded from the upstream whose narinfo named it (or, when the narinfo came from
+//! elsewhere, from the first upstream whose narinfo for that path has the same NarHash), into
+//! a bounded channel (8 blocks), decompressed on a blocking thread and teed into the
+//! [`Flight`] (clients see the bytes as they are decompressed; the last one after the NarHash
+//! check) while [`Store::ingest`] stages and commits them. A download has a stall timeout and
+//! an overall deadline; the ingest stops at NarSize + 1 bytes.
 
 use std::io::{self, Read};
 use std::sync::Arc;
@@ -24,9 +24,9 @@ use tracing::Instrument;
 use crate::core::narinfo::NarInfo;
 use crate::core::signing::{PublicKey, Trust};
 use crate::core::store_path::StorePathHash;
-use crate::core::NarHash;
 use crate::import::{check_narinfo, decompressor};
-use crate::pending::{NarLocks, Pending, PendingNarinfos};
+use crate::pending::Pending;
+use crate::resolve::{FetchError, Flight, Found, Lookup, Origin, Source};
 use crate::store::{Store, StoreError};
 
 /// Connect timeout for every upstream request.
@@ -35,14 +35,14 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const NARINFO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest wait for the next bytes of a NAR download.
 const NAR_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Overall deadline of a NAR download: this much, plus NarSize at [`NAR_MIN_RATE`].
+const NAR_DEADLINE_BASE: Duration = Duration::from_secs(60);
+/// Slowest average download rate a NAR deadline allows for (bytes per second).
+const NAR_MIN_RATE: u64 = 64 * 1024;
 /// Largest narinfo accepted from an upstream.
 const MAX_NARINFO: usize = 1024 * 1024;
 /// Blocks of a NAR download in flight between the network and the ingesting thread.
 const QUEUE: usize = 8;
-/// Pending narinfos kept (cleared when full, like the narinfo cache).
-const PENDING_ENTRIES: usize = 16 * 1024;
-/// NAR download locks kept before idle ones are pruned.
-const LOCK_ENTRIES: usize = 1024;
 
 /// Failures talking to an upstream.
 #[derive(Debug, thiserror::Error)]
@@ -71,21 +71,12 @@ pub enum UpstreamError {
     },
     #[error("ingest task failed: {0}")]
     Task(String),
-}
-
-/// What [`Upstream::fetch_nar`] did.
-#[derive(Debug)]
-pub enum NarFetch {
-    /// No pending upstream narinfo names this NAR.
-    NotPending,
-    /// The store has the NAR now; `trusted`: this call ingested it with a trusted narinfo
-    /// (worth announcing to peers).
-    Stored { trusted: bool },
-    /// The download or its ingest failed; the pending narinfo of `path` was dropped.
-    Failed {
-        path: StorePathHash,
-        error: UpstreamError,
-    },
+    #[error("{url}: NAR download stalled for {secs} s", secs = NAR_STALL_TIMEOUT.as_secs())]
+    Stalled { url: String },
+    #[error("{url}: NAR download past its deadline of {secs} s")]
+    Deadline { url: String, secs: u64 },
+    #[error("no upstream has this path with NarHash {0}")]
+    NoMatch(crate::core::NarHash),
 }
 
 /// The configured upstream caches and what has been fetched from them.
@@ -93,8 +84,6 @@ pub struct Upstream {
     client: reqwest::Client,
     urls: Vec<Arc<str>>,
     trusted: Vec<PublicKey>,
-    pending: PendingNarinfos<Arc<str>>,
-    fetching: NarLocks,
 }
 
 impl Upstream {
@@ -122,8 +111,6 @@ impl Upstream {
             client,
             urls,
             trusted,
-            pending: PendingNarinfos::new(PENDING_ENTRIES),
-            fetching: NarLocks::new(LOCK_ENTRIES),
         })
     }
 
@@ -131,13 +118,10 @@ impl Upstream {
         self.urls.iter().map(|u| &**u)
     }
 
-    /// Asks each upstream in order for the narinfo of `hash`; returns its original text.
-    /// `Ok(None)`: no upstream has it (or none had an acceptable one). `Err`: none had it and
-    /// at least one could not be asked (a transient miss, not worth remembering).
-    pub async fn narinfo(&self, hash: &StorePathHash) -> Result<Option<Arc<str>>, UpstreamError> {
-        if let Some(t) = self.pending.text(hash) {
-            return Ok(Some(t));
-        }
+    /// Asks each upstream in order (from `skip` on) for the narinfo of `hash`. `Ok(None)`: no
+    /// upstream has it (or none had an acceptable one). `Err`: none had it and at least one
+    /// could not be asked (a transient miss, not worth remembering).
+    async fn find(&self, hash: &StorePathHash) -> Result<Option<Found>, UpstreamError> {
         let mut failure = None;
         for base in &self.urls {
             let url = format!("{base}/{}.narinfo", hash.as_str());
@@ -159,26 +143,44 @@ impl Upstream {
                     continue;
                 }
             };
-            if info.url.contains("://") || info.url.starts_with('/') || info.url.contains("..") {
+            if bad_nar_url(&info.url) {
                 tracing::warn!(upstream = %base, url = %info.url, "upstream narinfo has a bad URL");
                 continue;
             }
-            let text: Arc<str> = Arc::from(text);
-            self.pending.insert(
-                hash.clone(),
-                Pending {
-                    source: base.clone(),
-                    text: text.clone(),
-                    info: Arc::new(info),
-                    trust,
-                },
-            );
             tracing::debug!(upstream = %base, hash = hash.as_str(), "narinfo from upstream");
-            return Ok(Some(text));
+            return Ok(Some(Pending {
+                source: Origin::Upstream(base.clone()),
+                text: Arc::from(text),
+                info: Arc::new(info),
+                trust,
+            }));
         }
         match failure {
             Some(e) => Err(e),
             None => Ok(None),
+        }
+    }
+
+    /// The upstream and narinfo to download `found`'s NAR with: its own when it came from one
+    /// of ours, else the first upstream whose narinfo for the path has the same NarHash.
+    async fn locate(&self, found: &Found) -> Result<(Arc<str>, Arc<NarInfo>), UpstreamError> {
+        if let Origin::Upstream(base) = &found.source {
+            if let Some(u) = self.urls.iter().find(|u| *u == base) {
+                return Ok((u.clone(), found.info.clone()));
+            }
+        }
+        let hash = found.info.store_path.hash();
+        match self.find(hash).await? {
+            Some(f)
+                if f.info.nar_hash == found.info.nar_hash
+                    && f.info.nar_size == found.info.nar_size =>
+            {
+                let Origin::Upstream(base) = f.source else {
+                    return Err(UpstreamError::NoMatch(found.info.nar_hash));
+                };
+                Ok((base, f.info))
+            }
+            _ => Err(UpstreamError::NoMatch(found.info.nar_hash)),
         }
     }
 
@@ -231,63 +233,22 @@ impl Upstream {
         }
     }
 
-    /// Makes sure the store holds the NAR `nar_hash`, downloading it from the upstream whose
-    /// narinfo named it. On failure the pending entry is dropped (the next narinfo request
-    /// asks the upstreams again). One download per NAR at a time.
-    pub async fn fetch_nar(&self, store: &Arc<Store>, nar_hash: &NarHash) -> NarFetch {
-        self.fetching
-            .with(nar_hash, self.fetch_locked(store, nar_hash))
-            .await
-    }
-
-    async fn fetch_locked(&self, store: &Arc<Store>, nar_hash: &NarHash) -> NarFetch {
-        let Some((path, pending)) = self.pending.by_nar(nar_hash) else {
-            return NarFetch::NotPending;
-        };
-        let Pending {
-            source: upstream,
-            text,
-            info,
-            trust,
-        } = pending;
-        // Another request may have fetched it while we waited for the lock.
-        let s = store.clone();
-        let h = *nar_hash;
-        if let Ok(Ok(true)) = tokio::task::spawn_blocking(move || s.has_nar(&h)).await {
-            return NarFetch::Stored { trusted: false };
-        }
-        let span = tracing::info_span!("upstream_nar", upstream = %upstream, nar = %nar_hash,
-            path = %info.store_path.to_absolute());
-        let trusted = matches!(trust, Trust::Trusted { .. });
-        let r = self
-            .download_and_ingest(store, &upstream, text, info, trust)
-            .instrument(span)
-            .await;
-        // Ingested: the store has the narinfo now. Refused: forget it, so the next narinfo
-        // request asks the upstreams again.
-        self.pending.remove(nar_hash, &path);
-        match r {
-            Ok(()) => NarFetch::Stored { trusted },
-            Err(error) => {
-                tracing::warn!(%error, "upstream NAR refused");
-                NarFetch::Failed { path, error }
-            }
-        }
-    }
-
-    async fn download_and_ingest(
+    /// Downloads the NAR of `info` from `upstream` and streams it into `flight` and the
+    /// store (see the module docs). The narinfo stored is `found`'s.
+    async fn download(
         &self,
         store: &Arc<Store>,
         upstream: &str,
-        text: Arc<str>,
         info: Arc<NarInfo>,
-        trust: Trust,
-    ) -> Result<(), UpstreamError> {
-        if info.url.contains("://") || info.url.starts_with('/') || info.url.contains("..") {
+        found: &Found,
+        flight: &Arc<Flight>,
+    ) -> Result<(), FetchError> {
+        if bad_nar_url(&info.url) {
             return Err(UpstreamError::BadNarUrl {
                 url: upstream.to_string(),
                 nar_url: info.url.clone(),
-            });
+            }
+            .into());
         }
         let url = format!("{upstream}/{}", info.url);
         let http = |source| UpstreamError::Http {
@@ -299,52 +260,161 @@ impl Upstream {
             return Err(UpstreamError::Status {
                 url,
                 status: resp.status().as_u16(),
-            });
+            }
+            .into());
         }
         tracing::debug!(%url, "downloading NAR");
+        let deadline = NAR_DEADLINE_BASE + Duration::from_secs(info.nar_size / NAR_MIN_RATE);
         let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(QUEUE);
         let mut stream = resp.bytes_stream();
+        let pump_url = url.clone();
         let pump = tokio::spawn(async move {
+            let end = tokio::time::Instant::now() + deadline;
             loop {
-                let item = match tokio::time::timeout(NAR_STALL_TIMEOUT, stream.next()).await {
-                    Ok(None) => break,
-                    Ok(Some(Ok(b))) => Ok(b),
-                    Ok(Some(Err(e))) => Err(io::Error::other(e)),
-                    Err(_) => Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "upstream NAR download stalled",
-                    )),
+                let next = tokio::time::timeout(NAR_STALL_TIMEOUT, stream.next());
+                let item: Result<(), UpstreamError> = match tokio::time::timeout_at(end, next).await
+                {
+                    Err(_) => Err(UpstreamError::Deadline {
+                        url: pump_url.clone(),
+                        secs: deadline.as_secs(),
+                    }),
+                    Ok(Err(_)) => Err(UpstreamError::Stalled {
+                        url: pump_url.clone(),
+                    }),
+                    Ok(Ok(None)) => break,
+                    Ok(Ok(Some(Ok(b)))) => {
+                        if tx.send(Ok(b)).await.is_err() {
+                            break; // the ingest gave up
+                        }
+                        continue;
+                    }
+                    Ok(Ok(Some(Err(e)))) => Err(UpstreamError::Http {
+                        url: pump_url.clone(),
+                        source: e,
+                    }),
                 };
-                let failed = item.is_err();
-                if tx.send(item).await.is_err() || failed {
-                    break; // the ingest gave up, or the download did
+                if let Err(e) = item {
+                    let _ = tx.send(Err(io::Error::other(e))).await;
+                    break;
                 }
             }
         });
         let source = upstream.to_string();
         let s = store.clone();
+        let (text, trust, f) = (found.text.clone(), found.trust.clone(), flight.clone());
+        let nar_info = found.info.clone();
+        let compression = info.compression_or_default().to_string();
         let ingest = tokio::task::spawn_blocking(move || {
-            let compression = info.compression_or_default().to_string();
-            s.ingest(&info, &text, &trust, &source, || {
-                decompressor(
+            s.ingest(&nar_info, &text, &trust, &source, || {
+                let raw = decompressor(
                     io::BufReader::with_capacity(1 << 20, ChannelReader::new(rx)),
                     &compression,
-                )
+                )?;
+                Ok(FlightTee {
+                    inner: raw,
+                    flight: f,
+                })
             })
         });
         let outcome = ingest.await;
         pump.abort();
-        let outcome = outcome.map_err(|e| UpstreamError::Task(e.to_string()))?;
+        let outcome = outcome.map_err(|_| FetchError::Task("upstream ingest"))?;
         match outcome {
             Ok(o) => {
                 tracing::info!(nar_size = o.nar_size, "ingested NAR from upstream");
                 Ok(())
             }
-            Err(e) => Err(UpstreamError::Ingest {
-                url,
-                source: Box::new(e),
-            }),
+            Err(e) => {
+                // The flight's own verdict names the cause best when it has one.
+                if let Some(fe) = flight_error(&e) {
+                    return Err(fe.into());
+                }
+                Err(UpstreamError::Ingest {
+                    url,
+                    source: Box::new(e),
+                }
+                .into())
+            }
         }
+    }
+}
+
+#[async_trait::async_trait]
+impl Source for Upstream {
+    fn name(&self) -> &'static str {
+        "upstream"
+    }
+
+    fn owns(&self, origin: &Origin) -> bool {
+        matches!(origin, Origin::Upstream(_))
+    }
+
+    async fn narinfo(&self, hash: &StorePathHash) -> Lookup {
+        match self.find(hash).await {
+            Ok(Some(f)) => Lookup::Found(f),
+            Ok(None) => Lookup::Missing,
+            Err(_) => Lookup::Unsure, // already logged
+        }
+    }
+
+    async fn fetch(
+        &self,
+        store: &Arc<Store>,
+        found: &Found,
+        flight: &Arc<Flight>,
+    ) -> Result<bool, FetchError> {
+        let (upstream, info) = self.locate(found).await?;
+        let span = tracing::info_span!("upstream_nar", upstream = %upstream);
+        self.download(store, &upstream, info, found, flight)
+            .instrument(span)
+            .await?;
+        Ok(matches!(found.trust, Trust::Trusted { .. }))
+    }
+}
+
+fn bad_nar_url(url: &str) -> bool {
+    url.contains("://") || url.starts_with('/') || url.contains("..")
+}
+
+/// Tees the decompressed NAR into the flight as the ingest reads it; at the end checks it
+/// ([`Flight::finish`]), so clients get the last byte before the store commits.
+struct FlightTee<R> {
+    inner: R,
+    flight: Arc<Flight>,
+}
+
+/// Carries a flight's verdict through the ingest's `io::Error`.
+#[derive(Debug)]
+struct TeeFailed(crate::resolve::FlightError);
+
+impl std::fmt::Display for TeeFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for TeeFailed {}
+
+fn flight_error(e: &StoreError) -> Option<crate::resolve::FlightError> {
+    let StoreError::NarRead { source, .. } = e else {
+        return None;
+    };
+    source
+        .get_ref()
+        .and_then(|i| i.downcast_ref::<TeeFailed>())
+        .map(|t| t.0.clone())
+}
+
+impl<R: Read> Read for FlightTee<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let failed = |e| io::Error::new(io::ErrorKind::InvalidData, TeeFailed(e));
+        if n == 0 {
+            self.flight.finish().map_err(failed)?;
+        } else {
+            self.flight.write(&buf[..n]).map_err(failed)?;
+        }
+        Ok(n)
     }
 }
 

@@ -287,8 +287,10 @@ fn hostile_alone(mode: &str) {
         let url = nar_url(&a, p, mode);
         nar_asked += 1;
         let r = http(a.port, &get(&format!("/{url}")));
+        // A NAR streams as its chunks check; a lying manifest shows only at the end, so its
+        // body is cut there: an error status, or a 200 never complete.
         assert!(
-            r.status >= 400,
+            r.status >= 400 || (r.status == 200 && !r.complete),
             "{mode}: A answered {} for the NAR of {p} only H had (complete: {}, right bytes: {})",
             r.status,
             r.complete,

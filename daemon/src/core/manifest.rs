@@ -7,6 +7,7 @@
 use nix_p2p_cache_proto::v1 as pb;
 use prost::Message;
 
+use super::chunker::ChunkingParams;
 use super::hash::{ChunkId, HashError, NarHash};
 use super::normalise::{HashBytes, SlotError, SlotTable, HASH_LEN};
 
@@ -27,6 +28,8 @@ pub enum ManifestError {
     Slots(#[from] SlotError),
     #[error("manifest uses unknown chunking parameters id {0}")]
     UnknownChunking(u32),
+    #[error("manifest chunk {index} is {size} bytes, more than the chunking maximum {max}")]
+    ChunkTooLarge { index: usize, size: u32, max: u32 },
 }
 
 /// A chunk entry: id and uncompressed length.
@@ -54,6 +57,25 @@ impl Manifest {
             *off += c.size as u64;
             Some((o, c))
         })
+    }
+
+    /// Checks that the manifest was cut with `params`: the same parameter id, and every chunk
+    /// within the maximum (a peer's manifest sizes the buffers its blocks are decompressed
+    /// into). The last chunk, and a NAR smaller than the minimum, may be short.
+    pub fn check_chunking(&self, params: &ChunkingParams) -> Result<(), ManifestError> {
+        if self.chunking != params.id {
+            return Err(ManifestError::UnknownChunking(self.chunking));
+        }
+        for (index, c) in self.chunks.iter().enumerate() {
+            if c.size > params.max {
+                return Err(ManifestError::ChunkTooLarge {
+                    index,
+                    size: c.size,
+                    max: params.max,
+                });
+            }
+        }
+        Ok(())
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -198,6 +220,19 @@ mod tests {
         assert!(matches!(
             Manifest::decode(b"\xff\xff\xff"),
             Err(ManifestError::Decode(_))
+        ));
+        assert!(m.check_chunking(&ChunkingParams::V1).is_ok());
+        let mut bad = m.clone();
+        bad.chunking = 77;
+        assert!(matches!(
+            bad.check_chunking(&ChunkingParams::V1),
+            Err(ManifestError::UnknownChunking(77))
+        ));
+        let mut bad = m.clone();
+        bad.chunks[0].size = ChunkingParams::V1.max + 1;
+        assert!(matches!(
+            bad.check_chunking(&ChunkingParams::V1),
+            Err(ManifestError::ChunkTooLarge { index: 0, .. })
         ));
         let mut pbm = pb::NarManifest::decode(&m.encode()[..]).unwrap();
         pbm.chunks[0].id = vec![1, 2, 3];

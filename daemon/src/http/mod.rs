@@ -28,8 +28,8 @@ use crate::core::narinfo::NarInfo;
 use crate::core::signing::PublicKey;
 use crate::core::store_path::StorePathHash;
 use crate::core::NarHash;
-use crate::fetch::Unanswered;
 use crate::metrics::Metrics;
+use crate::resolve::NarinfoAnswer;
 use crate::store::Store;
 pub use api::NodeInfo;
 pub use error::HttpError;
@@ -48,9 +48,9 @@ pub struct HttpState {
     /// Served narinfo texts and misses, so the hot path (Nix asks for every path of a
     /// closure) needs no store call.
     pub narinfo_cache: Arc<NarinfoCache>,
-    /// Upstream binary caches for local misses (`--upstream`), if any.
-    pub upstream: Option<Arc<crate::upstream::Upstream>>,
-    /// The P2P node (`--p2p-listen`), if on.
+    /// Where what the store lacks comes from (peers, upstreams): narinfos and NAR flights.
+    pub resolver: Arc<crate::resolve::Resolver>,
+    /// The P2P node (`--p2p-listen`), if on (for `/api/*` and `/metrics`).
     pub peers: Option<Arc<crate::fetch::Peers>>,
     /// What `/api/status` says about the node.
     pub node: NodeInfo,
@@ -200,7 +200,7 @@ async fn get_narinfo(
                 let store = state.store.clone();
                 let h = hash.clone();
                 let touch = state.quota.is_some();
-                let (mut text, nar) = blocking(move || match store.narinfo(h.as_str())? {
+                let (text, nar) = blocking(move || match store.narinfo(h.as_str())? {
                     Some(rec) => {
                         if touch {
                             store.touch(&rec.nar_hash)?;
@@ -211,37 +211,23 @@ async fn get_narinfo(
                     None => Ok((None, None)),
                 })
                 .await?;
-                // A peer that did not answer within the budget (busy, slow link) may still
-                // have it: such a miss is not remembered.
-                let mut unsure = false;
-                if text.is_none() {
-                    if let Some(peers) = &state.peers {
-                        match peers.narinfo(&hash).await {
-                            Ok(Some(t)) => text = Some(Arc::from(served_narinfo(&t)?)),
-                            Ok(None) => {}
-                            Err(Unanswered) => unsure = true,
+                // Not stored: the sources (peers, upstreams). Only a miss every source was
+                // sure of is remembered; texts found are held by the resolver (pending).
+                if text.is_none() && state.resolver.has_sources() {
+                    match state.resolver.narinfo(&hash).await {
+                        NarinfoAnswer::Found(t) => {
+                            let served = Arc::<str>::from(served_narinfo(&t)?);
+                            Metrics::inc(&state.metrics.narinfo_hits, 1);
+                            return Ok(narinfo_response(&method, served));
                         }
-                    }
-                }
-                let upstream = if text.is_none() {
-                    state.upstream.as_ref()
-                } else {
-                    None
-                };
-                if let Some(up) = upstream {
-                    match up.narinfo(&hash).await {
-                        Ok(Some(t)) => text = Some(Arc::from(served_narinfo(&t)?)),
-                        Ok(None) => {}
-                        Err(_) => {
-                            // Transient (already logged): a miss now, not remembered.
+                        NarinfoAnswer::Missing { certain: false } => {
                             Metrics::inc(&state.metrics.narinfo_misses, 1);
                             return Err(HttpError::NotFound);
                         }
+                        NarinfoAnswer::Missing { certain: true } => {}
                     }
                 }
-                if text.is_some() || !unsure {
-                    state.narinfo_cache.put(hash.as_str(), text.clone(), nar);
-                }
+                state.narinfo_cache.put(hash.as_str(), text.clone(), nar);
                 text
             }
         };
@@ -250,19 +236,23 @@ async fn get_narinfo(
             return Err(HttpError::NotFound);
         };
         Metrics::inc(&state.metrics.narinfo_hits, 1);
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            header::CONTENT_TYPE,
-            "text/x-nix-narinfo".parse().expect("static"),
-        );
-        if method == Method::HEAD {
-            headers.insert(header::CONTENT_LENGTH, text.len().into());
-            return Ok((StatusCode::OK, headers, Body::empty()).into_response());
-        }
-        Ok((StatusCode::OK, headers, text.to_string()).into_response())
+        Ok(narinfo_response(&method, text))
     }
     .await;
     finish(&state, "narinfo", r)
+}
+
+fn narinfo_response(method: &Method, text: Arc<str>) -> Response {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        "text/x-nix-narinfo".parse().expect("static"),
+    );
+    if method == Method::HEAD {
+        headers.insert(header::CONTENT_LENGTH, text.len().into());
+        return (StatusCode::OK, headers, Body::empty()).into_response();
+    }
+    (StatusCode::OK, headers, text.to_string()).into_response()
 }
 
 /// Parses `<store-path hash>.narinfo`: another name is not ours (404), a bad hash is a 400.

@@ -1,4 +1,6 @@
-//! `GET`/`HEAD /nar/<NarHash>.nar`: the NAR reassembled from chunks and streamed.
+//! `GET`/`HEAD /nar/<NarHash>.nar`: the NAR reassembled from chunks and streamed, or, when
+//! the store lacks it, the resolver's flight of it streamed as it arrives (see
+//! [`crate::resolve`]).
 //!
 //! The body is produced on a blocking thread, 256 KiB at a time, through a channel of 4
 //! buffers (bounded memory whatever the NAR size). A read error (damaged chunk, NarHash
@@ -12,12 +14,12 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
 
 use super::{add, blocking, finish, HttpError, HttpState};
 use crate::core::NarHash;
-use crate::fetch::PeerFetch;
 use crate::metrics::Metrics;
-use crate::upstream::NarFetch;
+use crate::resolve::Flight;
 
 const BUF: usize = 256 * 1024;
 const QUEUE: usize = 8;
@@ -133,14 +135,14 @@ async fn serve(
     let store = state.store.clone();
     let mut reader = match blocking(move || Ok(store.nar_reader(&nar_hash)?)).await {
         Ok(r) => r,
-        Err(HttpError::NotFound) if state.peers.is_some() || state.upstream.is_some() => {
-            match from_elsewhere(state, &nar_hash).await? {
-                Some(r) => r,
+        Err(HttpError::NotFound) if ext.is_none() => {
+            return match from_elsewhere(state, &method, headers, nar_hash).await? {
+                Some(resp) => Ok(resp),
                 None => {
                     Metrics::inc(&state.metrics.nar_misses, 1);
-                    return Err(HttpError::NotFound);
+                    Err(HttpError::NotFound)
                 }
-            }
+            };
         }
         Err(HttpError::NotFound) => {
             Metrics::inc(&state.metrics.nar_misses, 1);
@@ -200,76 +202,103 @@ async fn serve(
     Ok((status, resp_headers, body).into_response())
 }
 
-/// A NAR the store lacks, fetched from the upstream whose narinfo named it (ingested, then
-/// read back from the store like any other). `None`: no pending upstream narinfo names it.
-/// A stored NAR's reader.
-async fn stored(
-    state: &Arc<HttpState>,
-    nar_hash: &NarHash,
-) -> Result<crate::store::NarReader, HttpError> {
-    let store = state.store.clone();
-    let h = *nar_hash;
-    blocking(move || Ok(store.nar_reader(&h)?)).await
-}
-
-/// The NAR from peers (if a pending peer narinfo names it), else from the upstreams (asking
-/// them for the narinfo first when it came from peers).
+/// A NAR the store lacks, from the resolver: `HEAD` answers from the pending narinfo without
+/// fetching; `GET` joins (or starts) the NAR's flight and streams it as it arrives — after
+/// its first bytes, so a source that fails at once is a 502, not a cut 200; a range waits
+/// for the whole NAR to be verified. `None`: no source can bring it (and the store still
+/// lacks it: a flight may have just finished).
 async fn from_elsewhere(
     state: &Arc<HttpState>,
-    nar_hash: &NarHash,
-) -> Result<Option<crate::store::NarReader>, HttpError> {
-    if let Some(peers) = &state.peers {
-        match peers.fetch_nar(&state.store, nar_hash).await {
-            PeerFetch::NotPending => {}
-            PeerFetch::Stored => {
-                if let Some(q) = &state.quota {
-                    q.poke();
-                }
-                return Ok(Some(stored(state, nar_hash).await?));
-            }
-            PeerFetch::Failed { path, error } => {
-                state.narinfo_cache.forget(path.as_str());
-                let Some(up) = &state.upstream else {
-                    return Err(HttpError::BadGateway(error));
-                };
-                // Peers failed: the upstreams may have it.
-                if !matches!(up.narinfo(&path).await, Ok(Some(_))) {
-                    return Err(HttpError::BadGateway(error));
-                }
-            }
-        }
+    method: &Method,
+    headers: &HeaderMap,
+    nar_hash: NarHash,
+) -> Result<Option<Response>, HttpError> {
+    let resolver = &state.resolver;
+    if *method == Method::HEAD {
+        let Some(size) = resolver.fetchable_size(&nar_hash) else {
+            return stored_again(state, method, headers, nar_hash).await;
+        };
+        let mut h = nar_headers();
+        h.insert(header::CONTENT_LENGTH, size.into());
+        return Ok(Some((StatusCode::OK, h, Body::empty()).into_response()));
     }
-    from_upstream(state, nar_hash).await
+    let Some(flight) = resolver.nar(&nar_hash)? else {
+        return stored_again(state, method, headers, nar_hash).await;
+    };
+    let size = flight.nar_size();
+    let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+        Some(v) => parse_range(v, size)?,
+        None => None,
+    };
+    if let Err(e) = flight.ready(range.is_some()).await {
+        return Err(HttpError::BadGateway(e.to_string()));
+    }
+    Metrics::inc(&state.metrics.nar_hits, 1);
+    let mut h = nar_headers();
+    let (status, start, end) = match range {
+        Some((start, end)) => {
+            let v = format!("bytes {start}-{}/{size}", end - 1);
+            h.insert(
+                header::CONTENT_RANGE,
+                v.parse()
+                    .map_err(|_| HttpError::Internal("content-range".into()))?,
+            );
+            (StatusCode::PARTIAL_CONTENT, start, end)
+        }
+        None => (StatusCode::OK, 0, size),
+    };
+    h.insert(header::CONTENT_LENGTH, (end - start).into());
+    Ok(Some(
+        (status, h, flight_body(state, &flight, start, end)).into_response(),
+    ))
 }
 
-async fn from_upstream(
+/// After the resolver had nothing: the store may have got the NAR meanwhile.
+async fn stored_again(
     state: &Arc<HttpState>,
-    nar_hash: &NarHash,
-) -> Result<Option<crate::store::NarReader>, HttpError> {
-    let Some(up) = &state.upstream else {
-        return Ok(None);
-    };
-    match up.fetch_nar(&state.store, nar_hash).await {
-        NarFetch::NotPending => Ok(None),
-        NarFetch::Stored { trusted } => {
-            if let Some(q) = &state.quota {
-                q.poke();
-            }
-            if let (true, Some(peers)) = (trusted, &state.peers) {
-                peers.announce(*nar_hash);
-            }
-            add(&state.metrics.upstream_nars, 1);
-            let store = state.store.clone();
-            let h = *nar_hash;
-            Ok(Some(blocking(move || Ok(store.nar_reader(&h)?)).await?))
-        }
-        // Already logged with its cause; never a wrong 200. The served narinfo goes too, so
-        // the next lookup asks the upstreams again.
-        NarFetch::Failed { path, error } => {
-            state.narinfo_cache.forget(path.as_str());
-            Err(HttpError::BadGateway(error.to_string()))
-        }
+    method: &Method,
+    headers: &HeaderMap,
+    nar_hash: NarHash,
+) -> Result<Option<Response>, HttpError> {
+    let store = state.store.clone();
+    match blocking(move || Ok(store.has_nar(&nar_hash)?)).await? {
+        true => Ok(Some(
+            Box::pin(serve(
+                state,
+                method.clone(),
+                headers,
+                &format!("{}.nar", nar_hash.to_base32()),
+            ))
+            .await?,
+        )),
+        false => Ok(None),
     }
+}
+
+fn nar_headers() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(
+        header::CONTENT_TYPE,
+        "application/x-nix-nar".parse().expect("static"),
+    );
+    h.insert(header::ACCEPT_RANGES, "bytes".parse().expect("static"));
+    h
+}
+
+/// A flight's bytes as a response body; an aborted flight aborts the body.
+fn flight_body(state: &HttpState, flight: &Arc<Flight>, start: u64, end: u64) -> Body {
+    let metrics = state.metrics.clone();
+    let stream = flight.stream(start, end).map(move |item| {
+        match &item {
+            Ok(b) => add(&metrics.nar_bytes_served, b.len() as u64),
+            Err(e) => {
+                tracing::warn!(error = %e, "aborting NAR stream");
+                add(&metrics.nar_aborted, 1);
+            }
+        }
+        item
+    });
+    Body::from_stream(stream)
 }
 
 /// Where a response body's bytes come from.

@@ -205,9 +205,10 @@ fn ingest_upload(state: &HttpState, hash: &StorePathHash, text: &str) -> Result<
     let _ = std::fs::remove_file(&staged);
     match outcome {
         Ok(_) => {
-            if let (signing::Trust::Trusted { .. }, Some(peers)) = (&trust, &state.peers) {
-                peers.announce(info.nar_hash);
-            }
+            state.resolver.stored(crate::resolve::NarStored {
+                nar_hash: info.nar_hash,
+                trusted: matches!(trust, signing::Trust::Trusted { .. }),
+            });
             Ok(())
         }
         Err(crate::store::StoreError::NarRead { source, .. })

@@ -17,9 +17,11 @@
 pub mod dht;
 mod evict;
 pub mod pack;
+mod staging;
 pub mod tables;
 
 pub use evict::{EvictReport, GcPolicy, GcReport, RemovedPath, Retention};
+pub use staging::Staging;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
@@ -299,6 +301,8 @@ pub struct Store {
     writer: Mutex<PackWriter>,
     packs: Arc<PackFiles>,
     params: ChunkingParams,
+    /// zstd level of chunk records written by this store.
+    zstd_level: i32,
     /// Last-access times not written yet (see [`Store::touch`]).
     touches: Mutex<evict::Touches>,
 }
@@ -380,6 +384,7 @@ impl Store {
                 gate: RwLock::default(),
             }),
             params: ChunkingParams::V1,
+            zstd_level,
             touches: Mutex::default(),
         })
     }
@@ -554,6 +559,61 @@ impl Store {
             }
         }
 
+        let staged = if self.has_nar(&info.nar_hash)? {
+            None
+        } else {
+            Some(self.stage_nar(info, &store_path, open_nar)?)
+        };
+        self.commit_staged(info, record, retention, staged)
+    }
+
+    /// A new, empty [`Staging`] for an ingest that brings its own chunk frames (a fetch from
+    /// peers), to be committed with [`Store::commit_fetched`].
+    pub fn staging(&self) -> Result<Staging, StoreError> {
+        Ok(Staging::new(&self.dir.join("staging"), self.zstd_level)?)
+    }
+
+    /// Commits a NAR whose chunks the caller has verified (each against its id) and whose
+    /// bytes it has checked against the narinfo's NarHash and NarSize: the chunks the index
+    /// lacks must be in `staging`. A cache entry, like [`Store::ingest`].
+    pub fn commit_fetched(
+        &self,
+        info: &NarInfo,
+        text: &str,
+        trust: &Trust,
+        source: &str,
+        manifest: Manifest,
+        staging: Staging,
+    ) -> Result<IngestOutcome, StoreError> {
+        let store_path = info.store_path.to_absolute();
+        let _span = tracing::info_span!("commit_fetched", path = %store_path).entered();
+        if manifest.nar_hash != info.nar_hash || manifest.nar_size != info.nar_size {
+            return Err(StoreError::BadManifest {
+                nar_hash: info.nar_hash,
+                source: Box::new(ManifestError::BadNarHash),
+            });
+        }
+        let record = StoredNarInfo {
+            text: text.to_string(),
+            trust: trust.into(),
+            source: source.to_string(),
+            nar_hash: info.nar_hash,
+            added_unix: now_unix(),
+        };
+        self.commit_staged(info, record, Retention::Cache, Some((manifest, staging)))
+    }
+
+    /// The serialised part of every ingest: under the pack-writer lock, copies the staged
+    /// records of the chunks the index still lacks into the current pack, fsyncs, and commits
+    /// the index in one transaction (or rolls the pack back and commits nothing).
+    fn commit_staged(
+        &self,
+        info: &NarInfo,
+        record: StoredNarInfo,
+        retention: Retention,
+        staged: Option<(Manifest, Staging)>,
+    ) -> Result<IngestOutcome, StoreError> {
+        let hash = info.store_path.hash().as_str().to_string();
         let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let mut outcome = IngestOutcome {
             nar_size: info.nar_size,
@@ -561,18 +621,38 @@ impl Store {
         };
         let mut new_chunks: HashMap<ChunkId, Location> = HashMap::new();
         let mut manifest = None;
-        if !self.has_nar(&info.nar_hash)? {
-            writer.mark();
-            match self.write_chunks(&mut writer, info, &store_path, open_nar, &mut new_chunks) {
-                Ok(m) => {
-                    writer.sync()?;
-                    manifest = Some(m);
+        // Another ingest may have stored the NAR while this one staged it.
+        if let Some((m, mut staging)) =
+            staged.filter(|_| !self.has_nar(&info.nar_hash).unwrap_or(false))
+        {
+            let missing = {
+                let txn = self.db.begin_read()?;
+                let chunks_t = txn.open_table(CHUNKS)?;
+                let mut seen = HashSet::new();
+                let mut missing = Vec::new();
+                for c in &m.chunks {
+                    if seen.insert(c.id) && chunks_t.get(c.id.0)?.is_none() {
+                        missing.push(c.id);
+                    }
                 }
+                missing
+            };
+            writer.mark();
+            let copied = staging
+                .copy_into(&mut writer, missing)
+                .map_err(StoreError::from)
+                .and_then(|locs| {
+                    writer.sync()?;
+                    Ok(locs)
+                });
+            match copied {
+                Ok(locs) => new_chunks = locs,
                 Err(e) => {
                     writer.rollback()?;
                     return Err(e);
                 }
             }
+            manifest = Some(m);
         }
         let packs = if manifest.is_some() {
             writer.touched_lengths()
@@ -600,36 +680,37 @@ impl Store {
         Ok(outcome)
     }
 
-    /// Streams the NAR into the pack writer; returns its manifest once hash and size check.
-    fn write_chunks<R: Read>(
+    /// Streams the NAR into a [`Staging`] (no store-wide lock: validation, hashing,
+    /// normalisation, chunking and compression run here, in parallel with other ingests);
+    /// returns its manifest once hash and size check. Reads at most NarSize + 1 bytes.
+    fn stage_nar<R: Read>(
         &self,
-        writer: &mut PackWriter,
         info: &NarInfo,
         store_path: &str,
         open_nar: impl FnOnce() -> io::Result<R>,
-        new_chunks: &mut HashMap<ChunkId, Location>,
-    ) -> Result<Manifest, StoreError> {
+    ) -> Result<(Manifest, Staging), StoreError> {
         let read_err = |source| StoreError::NarRead {
             store_path: store_path.to_string(),
             source,
         };
         let nar = open_nar().map_err(read_err)?;
-        let mut tee = CheckingReader::new(nar);
+        // One byte past NarSize is enough to know the NAR is too long.
+        let mut tee = CheckingReader::new(nar.take(info.nar_size.saturating_add(1)));
         let mut norm = Normaliser::new(&mut tee);
         let txn = self.db.begin_read()?;
         let chunks_t = txn.open_table(CHUNKS)?;
         let mut entries = Vec::new();
-        // Compression and pack writes run on a second thread, fed through a bounded queue,
+        let mut staging = self.staging()?;
+        // Compression and staging writes run on a second thread, fed through a bounded queue,
         // while this one reads, hashes, normalises and cuts.
         let (tx, rx) = std::sync::mpsc::sync_channel::<(ChunkId, Vec<u8>)>(COMPRESS_QUEUE);
         let (cut, written) = std::thread::scope(|s| {
+            let st = &mut staging;
             let compressor = s.spawn(move || {
-                let mut locs = HashMap::new();
                 for (id, data) in rx {
-                    let loc = writer.append(&id, &data)?;
-                    locs.insert(id, loc);
+                    st.append_chunk(&id, &data)?;
                 }
-                Ok::<_, PackError>(locs)
+                Ok::<_, PackError>(())
             });
             let cut = (|| {
                 let mut queued = std::collections::HashSet::new();
@@ -659,14 +740,16 @@ impl Store {
             })();
             let written = compressor.join().unwrap_or_else(|_| {
                 Err(PackError::Io {
-                    path: self.dir.join("packs"),
+                    path: self.dir.join("staging"),
                     source: io::Error::other("compressor thread panicked"),
                 })
             });
             (cut, written)
         });
-        *new_chunks = written?;
+        written?;
         cut?;
+        drop(chunks_t);
+        drop(txn);
         let (_, slots) = norm.into_parts();
         let (sha, size) = tee.finish().map_err(|source| StoreError::BadNar {
             store_path: store_path.to_string(),
@@ -686,13 +769,14 @@ impl Store {
                 actual: sha,
             });
         }
-        Ok(Manifest {
+        let manifest = Manifest {
             nar_hash: sha,
             nar_size: size,
             chunking: self.params.id,
             chunks: entries,
             slots,
-        })
+        };
+        Ok((manifest, staging))
     }
 
     #[allow(clippy::too_many_arguments)]

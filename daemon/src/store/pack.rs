@@ -83,7 +83,7 @@ fn header_check(h: &[u8]) -> [u8; 4] {
     c
 }
 
-fn encode_header(id: &ChunkId, raw_len: u32, comp_len: u32) -> [u8; RECORD_HEADER_LEN] {
+pub(crate) fn encode_header(id: &ChunkId, raw_len: u32, comp_len: u32) -> [u8; RECORD_HEADER_LEN] {
     let mut h = [0u8; RECORD_HEADER_LEN];
     h[..4].copy_from_slice(RECORD_MAGIC);
     h[4..36].copy_from_slice(&id.0);

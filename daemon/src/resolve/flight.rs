@@ -1,0 +1,357 @@
+//! `Flight`: one NAR on its way in from a source, streamed to any number of clients while it
+//! is stored.
+//!
+//! The source writes the NAR's bytes in order ([`Flight::write`]); they go to an unlinked
+//! spool file and through a running sha256. Clients ([`Flight::stream`]) read the spool at
+//! their own pace, so memory stays bounded however many clients there are and however slow
+//! they read, and a client that joins late starts from byte 0 like the first. Every byte but the
+//! last is handed out as soon as it is written (the source checked it already: a peer's chunk
+//! against its id; an upstream's bytes are only proven by NarHash); the last one only once the
+//! whole NAR has hashed to NarHash with exactly NarSize bytes ([`Flight::finish`]). A NAR that
+//! fails ends every client's body with an error, so a client never sees a complete wrong 200.
+//!
+//! A flight can be *held*: bytes are spooled but no client sees any until it is verified, and
+//! a held flight can be [`Flight::reset`] to try another source from byte 0. Fetches whose
+//! manifests disagree between providers run held (one of them lies).
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures_util::Stream;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::core::NarHash;
+
+/// Bytes read from the spool per body block.
+const BLOCK: u64 = 256 * 1024;
+
+/// What clients see of a flight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Progress {
+    /// `visible` bytes may be handed out.
+    Running { visible: u64 },
+    /// All NarSize bytes hashed to NarHash.
+    Verified,
+    /// The NAR could not be had from this flight's sources; bodies end with this error.
+    Failed(Arc<str>),
+}
+
+/// Why a flight's bytes were refused.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum FlightError {
+    #[error("the source sent more than NarSize ({nar_size}) bytes")]
+    TooLong { nar_size: u64 },
+    #[error("the NAR is {actual} bytes, but its narinfo says NarSize {expected}")]
+    SizeMismatch { expected: u64, actual: u64 },
+    #[error("the NAR hashes to {actual}, but its narinfo says NarHash {expected}")]
+    HashMismatch { expected: NarHash, actual: NarHash },
+    #[error("writing the spool: {0}")]
+    Spool(String),
+    #[error("the flight already failed: {0}")]
+    Failed(Arc<str>),
+}
+
+struct Writer {
+    written: u64,
+    sha: Sha256,
+    held: bool,
+}
+
+/// One NAR in flight; see the module docs.
+pub struct Flight {
+    nar_hash: NarHash,
+    nar_size: u64,
+    spool: Arc<File>,
+    writer: Mutex<Writer>,
+    progress: watch::Sender<Progress>,
+}
+
+impl Flight {
+    /// A new flight spooling into an unlinked file in `dir`.
+    pub(crate) fn new(dir: &Path, nar_hash: NarHash, nar_size: u64) -> io::Result<Arc<Self>> {
+        std::fs::create_dir_all(dir)?;
+        let spool = tempfile::tempfile_in(dir)?;
+        Ok(Arc::new(Self {
+            nar_hash,
+            nar_size,
+            spool: Arc::new(spool),
+            writer: Mutex::new(Writer {
+                written: 0,
+                sha: Sha256::new(),
+                held: false,
+            }),
+            progress: watch::Sender::new(Progress::Running { visible: 0 }),
+        }))
+    }
+
+    pub(crate) fn nar_size(&self) -> u64 {
+        self.nar_size
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Writer> {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Bytes written so far.
+    #[cfg(test)]
+    pub(crate) fn written(&self) -> u64 {
+        self.lock().written
+    }
+
+    /// Whether any byte may have reached a client.
+    pub(crate) fn exposed(&self) -> bool {
+        let w = self.lock();
+        !w.held && w.written > 0
+    }
+
+    /// Holds (or releases) the bytes: while held, clients see none of them.
+    pub(crate) fn hold(&self, held: bool) {
+        let mut w = self.lock();
+        w.held = held;
+        let visible = if held { 0 } else { w.written };
+        self.publish_running(visible);
+    }
+
+    /// Starts over from byte 0 (another source); only while nothing was exposed.
+    pub(crate) fn reset(&self) -> bool {
+        if self.is_verified() {
+            return false;
+        }
+        let mut w = self.lock();
+        if !w.held && w.written > 0 {
+            return false;
+        }
+        w.written = 0;
+        w.sha = Sha256::new();
+        true
+    }
+
+    fn publish_running(&self, visible: u64) {
+        self.progress.send_if_modified(|p| match p {
+            Progress::Running { visible: v } if *v != visible => {
+                *v = visible;
+                true
+            }
+            _ => false,
+        });
+    }
+
+    /// Appends the next bytes of the NAR (blocking file I/O: call from a blocking thread).
+    pub(crate) fn write(&self, data: &[u8]) -> Result<(), FlightError> {
+        if let Progress::Failed(e) = &*self.progress.borrow() {
+            return Err(FlightError::Failed(e.clone()));
+        }
+        let mut w = self.lock();
+        if w.written + data.len() as u64 > self.nar_size {
+            return Err(FlightError::TooLong {
+                nar_size: self.nar_size,
+            });
+        }
+        self.spool
+            .write_all_at(data, w.written)
+            .map_err(|e| FlightError::Spool(e.to_string()))?;
+        w.sha.update(data);
+        w.written += data.len() as u64;
+        if !w.held {
+            // The last byte waits for the NarHash check.
+            self.publish_running(w.written.min(self.nar_size.saturating_sub(1)));
+        }
+        Ok(())
+    }
+
+    /// Checks the whole NAR against NarSize and NarHash; on success every client may read to
+    /// the end. On failure nothing changes: the caller decides (fail, or reset and retry).
+    pub(crate) fn finish(&self) -> Result<(), FlightError> {
+        if self.is_verified() {
+            return Ok(()); // a reader may meet its end twice
+        }
+        let mut w = self.lock();
+        if w.written != self.nar_size {
+            return Err(FlightError::SizeMismatch {
+                expected: self.nar_size,
+                actual: w.written,
+            });
+        }
+        let actual = NarHash(std::mem::take(&mut w.sha).finalize().into());
+        if actual != self.nar_hash {
+            return Err(FlightError::HashMismatch {
+                expected: self.nar_hash,
+                actual,
+            });
+        }
+        self.progress.send_replace(Progress::Verified);
+        Ok(())
+    }
+
+    /// Ends the flight as failed (no-op once verified): every client's body ends in an error.
+    pub(crate) fn fail(&self, reason: &str) {
+        self.progress.send_if_modified(|p| match p {
+            Progress::Verified | Progress::Failed(_) => false,
+            _ => {
+                *p = Progress::Failed(Arc::from(reason));
+                true
+            }
+        });
+    }
+
+    pub(crate) fn is_verified(&self) -> bool {
+        *self.progress.borrow() == Progress::Verified
+    }
+
+    /// Waits until the first bytes are visible (or, with `whole`, until the NAR is verified).
+    /// `Err`: the flight failed first.
+    pub(crate) async fn ready(&self, whole: bool) -> Result<(), Arc<str>> {
+        let mut rx = self.progress.subscribe();
+        loop {
+            match &*rx.borrow_and_update() {
+                Progress::Verified => return Ok(()),
+                Progress::Failed(e) => return Err(e.clone()),
+                Progress::Running { visible } if *visible > 0 && !whole => return Ok(()),
+                Progress::Running { .. } => {}
+            }
+            if rx.changed().await.is_err() {
+                return Err(Arc::from("flight dropped"));
+            }
+        }
+    }
+
+    /// The bytes `start..end` of the NAR as they become visible; ends with an error if the
+    /// flight fails before they are all out.
+    pub(crate) fn stream(
+        self: &Arc<Self>,
+        start: u64,
+        end: u64,
+    ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+        let rx = self.progress.subscribe();
+        let end = end.min(self.nar_size);
+        let state = (self.clone(), rx, start.min(end));
+        futures_util::stream::unfold(state, move |(flight, mut rx, pos)| async move {
+            if pos >= end {
+                return None;
+            }
+            loop {
+                let progress = rx.borrow_and_update().clone();
+                let visible = match progress {
+                    Progress::Verified => flight.nar_size,
+                    Progress::Running { visible } => visible,
+                    Progress::Failed(e) => {
+                        let err = io::Error::other(format!("NAR {} aborted: {e}", flight.nar_hash));
+                        return Some((Err(err), (flight, rx, end)));
+                    }
+                };
+                if visible > pos {
+                    let n = (visible.min(end) - pos).min(BLOCK);
+                    let spool = flight.spool.clone();
+                    let read = tokio::task::spawn_blocking(move || {
+                        let mut buf = vec![0u8; n as usize];
+                        spool.read_exact_at(&mut buf, pos).map(|()| buf)
+                    })
+                    .await
+                    .map_err(io::Error::other)
+                    .and_then(|r| r);
+                    return Some(match read {
+                        Ok(buf) => (Ok(Bytes::from(buf)), (flight, rx, pos + n)),
+                        Err(e) => (Err(e), (flight, rx, end)),
+                    });
+                }
+                if rx.changed().await.is_err() {
+                    let err = io::Error::other("NAR flight ended");
+                    return Some((Err(err), (flight, rx, end)));
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+
+    async fn collect(s: impl Stream<Item = io::Result<Bytes>>) -> (Vec<u8>, Option<String>) {
+        let mut out = Vec::new();
+        futures_util::pin_mut!(s);
+        while let Some(item) = s.next().await {
+            match item {
+                Ok(b) => out.extend_from_slice(&b),
+                Err(e) => return (out, Some(e.to_string())),
+            }
+        }
+        (out, None)
+    }
+
+    #[tokio::test]
+    async fn clients_get_every_byte_only_after_the_hash_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let nar = b"some NAR bytes, long enough to split".repeat(1000);
+        let f = Flight::new(dir.path(), NarHash::digest(&nar), nar.len() as u64).unwrap();
+        let early = tokio::spawn(collect(f.stream(0, u64::MAX)));
+        let (a, b) = nar.split_at(nar.len() / 2);
+        let w = f.clone();
+        let (a2, b2) = (a.to_vec(), b.to_vec());
+        tokio::task::spawn_blocking(move || w.write(&a2))
+            .await
+            .unwrap()
+            .unwrap();
+        f.ready(false).await.unwrap();
+        let w = f.clone();
+        tokio::task::spawn_blocking(move || w.write(&b2))
+            .await
+            .unwrap()
+            .unwrap();
+        // Everything written, nothing verified: the last byte is still held back.
+        let mut rx = f.progress.subscribe();
+        let visible = match &*rx.borrow_and_update() {
+            Progress::Running { visible } => *visible,
+            p => panic!("{p:?}"),
+        };
+        assert_eq!(visible, nar.len() as u64 - 1);
+        let late = tokio::spawn(collect(f.stream(10, 20)));
+        f.finish().unwrap();
+        assert_eq!(early.await.unwrap(), (nar.clone(), None));
+        assert_eq!(late.await.unwrap(), (nar[10..20].to_vec(), None));
+    }
+
+    #[tokio::test]
+    async fn a_wrong_nar_aborts_every_body_and_too_many_bytes_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let nar = vec![7u8; 100_000];
+        let f = Flight::new(dir.path(), NarHash::digest(&nar), nar.len() as u64).unwrap();
+        let client = tokio::spawn(collect(f.stream(0, u64::MAX)));
+        let mut wrong = nar.clone();
+        wrong[99_000] = 8;
+        assert!(matches!(
+            f.write(&[0u8; 100_001]),
+            Err(FlightError::TooLong { .. })
+        ));
+        f.write(&wrong).unwrap();
+        assert!(matches!(f.finish(), Err(FlightError::HashMismatch { .. })));
+        f.fail("wrong bytes");
+        let (got, err) = client.await.unwrap();
+        assert!(got.len() < nar.len(), "never the whole length");
+        assert!(err.unwrap().contains("wrong bytes"));
+        assert!(f.ready(false).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_held_flight_shows_nothing_and_can_start_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let nar = vec![5u8; 5000];
+        let f = Flight::new(dir.path(), NarHash::digest(&nar), nar.len() as u64).unwrap();
+        f.hold(true);
+        let client = tokio::spawn(collect(f.stream(0, u64::MAX)));
+        f.write(&[1u8; 5000]).unwrap();
+        assert!(!f.exposed());
+        assert!(f.finish().is_err());
+        assert!(f.reset());
+        f.write(&nar).unwrap();
+        f.finish().unwrap();
+        assert_eq!(client.await.unwrap(), (nar, None));
+        assert!(!f.reset(), "a verified flight stays");
+    }
+}
