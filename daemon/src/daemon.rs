@@ -230,15 +230,15 @@ pub async fn run(
         .await
         .map_err(|e| DaemonError::Serve(std::io::Error::other(e)))?
         .map_err(Box::new)?;
+    let metrics = Arc::new(Metrics::default());
     let upstream = if config.upstream.is_empty() {
         None
     } else {
-        let u = Upstream::new(&config.upstream, trusted.clone())?;
+        let u = Upstream::new(&config.upstream, trusted.clone(), metrics.clone())?;
         tracing::info!(upstreams = ?config.upstream, "upstream caches");
         Some(Arc::new(u))
     };
     let store = Arc::new(store);
-    let metrics = Arc::new(Metrics::default());
     let (peers, announcer, p2p_addrs) = if config.p2p_listen.is_empty() {
         (None, None, Vec::new())
     } else {

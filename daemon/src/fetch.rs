@@ -18,8 +18,9 @@
 //! are asked for in requests of at most [`REQUEST_BYTES`] / `MAX_WANTS_PER_REQUEST` chunks,
 //! scheduled by [`Transfer`]: each provider keeps up to [`PEER_WINDOW`] requests in flight (so
 //! faster peers pull more), a failed or timed-out request goes to another provider, and when
-//! nothing is left to hand out, idle providers duplicate the oldest outstanding requests (the
-//! endgame). Every block is decompressed into a buffer of its declared size (at most the
+//! nothing is left to hand out, idle providers duplicate the oldest outstanding requests that
+//! have been out for [`ENDGAME_AFTER`] (the endgame: a straggler is raced, a fast transfer is
+//! not doubled). Every block is decompressed into a buffer of its declared size (at most the
 //! chunking maximum) and checked against its id; a peer that sends a bad block is disconnected
 //! and banned ([`BAN`]). Chunks go in NAR order through a bounded channel to a blocking writer
 //! that restores store paths into the flight (clients see them at once) and stages the
@@ -77,6 +78,10 @@ const LOCAL_WINDOW: usize = 2;
 const LOOKAHEAD_BYTES: u64 = 32 << 20;
 /// Copies of one request in flight in the endgame (the original included).
 const ENDGAME_COPIES: usize = 2;
+/// A request is duplicated in the endgame only once it has been out this long (a request of
+/// 1 MiB takes a few ms on a LAN: duplicating every outstanding one doubled the bytes
+/// received for small NARs).
+const ENDGAME_AFTER: Duration = Duration::from_millis(750);
 /// Consecutive failed requests after which a provider is dropped from one fetch.
 const MAX_PEER_FAILURES: u32 = 3;
 /// Manifests tried for one NAR (each from another provider) while the flight is held.
@@ -624,6 +629,8 @@ struct Req {
     inflight: HashSet<Via>,
     /// Providers that failed it.
     failed: HashSet<PeerId>,
+    /// When its current copy was sent (the endgame duplicates only requests this old).
+    sent: Option<tokio::time::Instant>,
 }
 
 struct PeerState {
@@ -692,6 +699,7 @@ impl Transfer {
                     local: is_local,
                     inflight: HashSet::new(),
                     failed: HashSet::new(),
+                    sent: None,
                 });
                 *slot = Some((reqs.len() - 1, 0));
             }
@@ -767,7 +775,19 @@ impl Transfer {
                 break Ok(());
             };
             self.schedule(offset + LOOKAHEAD_BYTES, &mut inflight);
-            let Some(outcome) = inflight.next().await else {
+            // In the endgame, wake up when the oldest outstanding request becomes old enough
+            // to be duplicated on an idle provider.
+            let wake = self.endgame_wake();
+            let next = async {
+                match wake {
+                    Some(at) => tokio::time::timeout_at(at, inflight.next()).await.ok(),
+                    None => Some(inflight.next().await),
+                }
+            };
+            let Some(next) = next.await else {
+                continue; // a request became old enough to duplicate
+            };
+            let Some(outcome) = next else {
                 break Err(self.stuck());
             };
             self.on_outcome(outcome).await;
@@ -776,6 +796,26 @@ impl Transfer {
             let _ = tx.send(Err(self.stuck())).await;
         }
         result
+    }
+
+    /// When the next outstanding remote request becomes old enough for the endgame (`None`:
+    /// not the endgame, or nothing to duplicate).
+    fn endgame_wake(&self) -> Option<tokio::time::Instant> {
+        if self.queue.iter().any(|&i| !self.reqs[i].local) {
+            return None;
+        }
+        self.reqs
+            .iter()
+            .filter(|r| {
+                !r.local
+                    && !r.want.is_empty()
+                    && !r.inflight.is_empty()
+                    && r.inflight.len() < ENDGAME_COPIES
+            })
+            .filter_map(|r| r.sent)
+            .map(|t| t + ENDGAME_AFTER)
+            .filter(|&t| t > tokio::time::Instant::now())
+            .min()
     }
 
     fn stuck(&self) -> PeerError {
@@ -833,6 +873,7 @@ impl Transfer {
                             && r.inflight.len() < ENDGAME_COPIES
                             && !r.inflight.contains(&Via::Peer(peer))
                             && !r.failed.contains(&peer)
+                            && r.sent.is_some_and(|t| t.elapsed() >= ENDGAME_AFTER)
                     })
                     .min_by_key(|&i| self.reqs[i].first_offset);
                 if let Some(i) = dup {
@@ -849,6 +890,9 @@ impl Transfer {
 
     fn launch(&mut self, i: usize, src: Via, inflight: &mut InFlight) {
         let want = self.reqs[i].want.clone();
+        if self.reqs[i].inflight.is_empty() {
+            self.reqs[i].sent = Some(tokio::time::Instant::now());
+        }
         self.reqs[i].inflight.insert(src);
         match src {
             Via::Local => {

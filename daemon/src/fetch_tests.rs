@@ -229,6 +229,7 @@ impl Fetcher {
         .await
         .expect("fetch finished");
         assert!(matches!(r, Ok(true)), "{r:?}");
+        flight.release(); // what the resolver does after the commit
         let streamed = client.await.unwrap().expect("the client got the whole NAR");
         assert!(streamed == nar, "the client got the NAR's bytes");
         stored(&self.node.store, &nar_hash)

@@ -25,6 +25,7 @@ use crate::core::narinfo::NarInfo;
 use crate::core::signing::{PublicKey, Trust};
 use crate::core::store_path::StorePathHash;
 use crate::import::{check_narinfo, decompressor};
+use crate::metrics::Metrics;
 use crate::pending::Pending;
 use crate::resolve::{FetchError, Flight, Found, Lookup, Origin, Source};
 use crate::store::{Store, StoreError};
@@ -84,11 +85,16 @@ pub struct Upstream {
     client: reqwest::Client,
     urls: Vec<Arc<str>>,
     trusted: Vec<PublicKey>,
+    metrics: Arc<Metrics>,
 }
 
 impl Upstream {
     /// `urls` are tried in order; `trusted` decides each narinfo's trust class.
-    pub fn new(urls: &[String], trusted: Vec<PublicKey>) -> Result<Self, UpstreamError> {
+    pub fn new(
+        urls: &[String],
+        trusted: Vec<PublicKey>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, UpstreamError> {
         let urls = urls
             .iter()
             .map(|u| {
@@ -111,6 +117,7 @@ impl Upstream {
             client,
             urls,
             trusted,
+            metrics,
         })
     }
 
@@ -368,6 +375,7 @@ impl Source for Upstream {
         self.download(store, &upstream, info, found, flight)
             .instrument(span)
             .await?;
+        Metrics::inc(&self.metrics.upstream_nars, 1);
         Ok(matches!(found.trust, Trust::Trusted { .. }))
     }
 }
@@ -455,10 +463,11 @@ mod tests {
     #[test]
     fn refuses_non_http_urls() {
         assert!(matches!(
-            Upstream::new(&["file:///tmp".into()], vec![]),
+            Upstream::new(&["file:///tmp".into()], vec![], Arc::default()),
             Err(UpstreamError::BadUrl(_))
         ));
-        let u = Upstream::new(&["https://cache.nixos.org/".into()], vec![]).unwrap();
+        let u =
+            Upstream::new(&["https://cache.nixos.org/".into()], vec![], Arc::default()).unwrap();
         assert_eq!(u.urls().collect::<Vec<_>>(), ["https://cache.nixos.org"]);
     }
 

@@ -103,6 +103,19 @@ fn serve_conn(mut s: TcpStream, files: &HashMap<String, File>, hits: &Mutex<Hash
     let _ = s.flush();
 }
 
+/// Waits (bounded) for a metric to reach `want`: a flight's client gets the last byte once the
+/// NAR is verified, the commit to the store follows.
+fn wait_metric(a: &Daemon, name: &str, want: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = a.metric(name);
+        if v >= want || Instant::now() > deadline {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A NAR holding one regular file.
 fn nar_of_file(contents: &[u8]) -> Vec<u8> {
     fn s(out: &mut Vec<u8>, b: &[u8]) {
@@ -312,9 +325,10 @@ fn a_trickling_upstream_streams_and_blocks_nothing() {
          trickle ({total:?})"
     );
     assert_eq!(up.hits(&slow.nar_file), 1);
+    let want = 2 + closure.len() as u64;
     assert_eq!(
-        a.metric("store_nars"),
-        2 + closure.len() as u64,
+        wait_metric(&a, "store_nars", want),
+        want,
         "both fetched NARs and the upload are stored"
     );
     // And from the store now.
@@ -366,7 +380,7 @@ fn ten_clients_share_one_fetch() {
         assert!(body == p.nar, "wrong bytes");
     }
     assert_eq!(up.hits(&p.nar_file), 1, "one download for ten clients");
-    assert_eq!(a.metric("store_nars"), 1);
+    assert_eq!(wait_metric(&a, "store_nars", 1), 1);
     a.stop();
 }
 
@@ -397,11 +411,9 @@ fn a_source_lying_mid_stream_aborts_and_the_next_request_succeeds() {
         "a lying source must never give a complete 200: {status}, complete {complete}"
     );
     if status == 200 {
+        // An upstream's bytes are only proven by NarHash: what went out before the end may
+        // include the lie, but never the NAR's full length.
         assert!(first.is_some() && body.len() < p.nar.len());
-        assert!(
-            body[..] == p.nar[..body.len()],
-            "what went out was the right prefix"
-        );
     }
     assert_eq!(a.metric("store_nars"), 0, "nothing stored from the liar");
     assert_eq!(liar.hits(&p.nar_file), 1);
@@ -412,7 +424,7 @@ fn a_source_lying_mid_stream_aborts_and_the_next_request_succeeds() {
         "the right NAR from the honest upstream"
     );
     assert_eq!(honest.hits(&p.nar_file), 1);
-    assert_eq!(a.metric("store_nars"), 1);
+    assert_eq!(wait_metric(&a, "store_nars", 1), 1);
     a.assert_alive();
     a.stop();
 }

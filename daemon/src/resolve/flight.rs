@@ -60,6 +60,8 @@ struct Writer {
     written: u64,
     sha: Sha256,
     held: bool,
+    /// [`Flight::finish`] checked the NAR (clients see its end after [`Flight::release`]).
+    verified: bool,
 }
 
 /// One NAR in flight; see the module docs.
@@ -84,6 +86,7 @@ impl Flight {
                 written: 0,
                 sha: Sha256::new(),
                 held: false,
+                verified: false,
             }),
             progress: watch::Sender::new(Progress::Running { visible: 0 }),
         }))
@@ -164,13 +167,15 @@ impl Flight {
         Ok(())
     }
 
-    /// Checks the whole NAR against NarSize and NarHash; on success every client may read to
-    /// the end. On failure nothing changes: the caller decides (fail, or reset and retry).
+    /// Checks the whole NAR against NarSize and NarHash. On success the bytes are right; the
+    /// clients see the end once the resolver [`Flight::release`]s it (after the commit, so a
+    /// client that got a whole NAR finds it stored). On failure nothing changes: the caller
+    /// decides (fail, or reset and retry).
     pub(crate) fn finish(&self) -> Result<(), FlightError> {
-        if self.is_verified() {
+        let mut w = self.lock();
+        if w.verified {
             return Ok(()); // a reader may meet its end twice
         }
-        let mut w = self.lock();
         if w.written != self.nar_size {
             return Err(FlightError::SizeMismatch {
                 expected: self.nar_size,
@@ -184,11 +189,19 @@ impl Flight {
                 actual,
             });
         }
-        self.progress.send_replace(Progress::Verified);
+        w.verified = true;
         Ok(())
     }
 
-    /// Ends the flight as failed (no-op once verified): every client's body ends in an error.
+    /// Lets every client read a verified NAR to its end (no-op unless [`Flight::finish`]
+    /// succeeded).
+    pub(crate) fn release(&self) {
+        if self.is_verified() {
+            self.progress.send_replace(Progress::Verified);
+        }
+    }
+
+    /// Ends the flight as failed (no-op once released): every client's body ends in an error.
     pub(crate) fn fail(&self, reason: &str) {
         self.progress.send_if_modified(|p| match p {
             Progress::Verified | Progress::Failed(_) => false,
@@ -199,8 +212,9 @@ impl Flight {
         });
     }
 
+    /// Whether the NAR checked ([`Flight::finish`]).
     pub(crate) fn is_verified(&self) -> bool {
-        *self.progress.borrow() == Progress::Verified
+        self.lock().verified
     }
 
     /// Waits until the first bytes are visible (or, with `whole`, until the NAR is verified).
@@ -313,6 +327,7 @@ mod tests {
         assert_eq!(visible, nar.len() as u64 - 1);
         let late = tokio::spawn(collect(f.stream(10, 20)));
         f.finish().unwrap();
+        f.release();
         assert_eq!(early.await.unwrap(), (nar.clone(), None));
         assert_eq!(late.await.unwrap(), (nar[10..20].to_vec(), None));
     }
@@ -351,6 +366,7 @@ mod tests {
         assert!(f.reset());
         f.write(&nar).unwrap();
         f.finish().unwrap();
+        f.release();
         assert_eq!(client.await.unwrap(), (nar, None));
         assert!(!f.reset(), "a verified flight stays");
     }

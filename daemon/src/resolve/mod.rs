@@ -313,6 +313,9 @@ impl Resolver {
                 }
             }
         }
+        // Verified bytes go out to their end only now, after the commit: a client that got a
+        // whole NAR finds it stored.
+        flight.release();
         match &outcome {
             Ok(trusted) => {
                 self.pending.remove(&path);
