@@ -18,7 +18,8 @@
 //!   [`REPROVIDE_INTERVAL`] (provider records live `net::behaviour::PROVIDER_RECORD_TTL`,
 //!   48 h), in batches of [`BATCH_NARS`] NARs with at most [`CONCURRENCY`] DHT queries in flight
 //!   over everything the announcer does; between batches the queue is served. It also deletes
-//!   expired DHT records from the store every [`PURGE_INTERVAL`]. It runs until its task is
+//!   expired DHT records from the store's DHT database ([`Store::dht`]) every
+//!   [`PURGE_INTERVAL`]. It runs until its task is
 //!   aborted or the network stops.
 //! - [`Announcer::announce`] queues one NAR (at most [`QUEUE`] waiting); when the queue is
 //!   full the NAR is dropped with a debug log — the next reprovide announces it.
@@ -193,7 +194,7 @@ impl Announcer {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
-            match tokio::task::spawn_blocking(move || store.purge_expired_dht(now)).await {
+            match tokio::task::spawn_blocking(move || store.dht().purge_expired_dht(now)).await {
                 Ok(Ok(n)) => {
                     self.counters.purged.fetch_add(n, Ordering::Relaxed);
                     tracing::debug!(purged = n, "expired DHT records deleted");

@@ -134,7 +134,7 @@ async fn start_p2p(
     };
     let responder = Arc::new(StoreResponder::new(store.clone()));
     let (client, event_loop) =
-        net::new_with_store(key, &net_config, responder, Some(store.clone()))
+        net::new_with_store(key, &net_config, responder, Some(store.dht().clone()))
             .map_err(|e| p2p(&e))?;
     tokio::spawn(event_loop.run());
     let me = client.local_peer_id();

@@ -4,7 +4,8 @@
 //! Owns only how the behaviours are configured; events are handled by `net::EventLoop`, which
 //! is the only code that touches the `Swarm`.
 //!
-//! Kademlia keeps its records in the store ([`PersistentStore`]) when the node is given one.
+//! Kademlia keeps its records in the store's DHT database ([`PersistentStore`] over
+//! `store::dht::DhtStore`, `dht.redb`) when the node is given one.
 //! kad's own provider publication is off: the daemon reprovides itself, in batches
 //! (`announce::Announcer`), and provider records live [`PROVIDER_RECORD_TTL`].
 
@@ -21,7 +22,7 @@ use nix_p2p_cache_proto::{EXCHANGE_PROTOCOL, KAD_PROTOCOL};
 
 use super::codec::ExchangeCodec;
 use super::record_store::{KadStore, PersistentStore};
-use crate::store::Store;
+use crate::store::dht::DhtStore;
 
 /// `protocol_version` sent with identify.
 pub const IDENTIFY_PROTOCOL: &str = "/nix-p2p-cache/id/1.0.0";
@@ -53,12 +54,12 @@ pub struct Behaviour {
 }
 
 impl Behaviour {
-    /// With a `store`, kad's records persist in it; without one they are kept in memory
+    /// With a `dht` store, kad's records persist in it; without one they are kept in memory
     /// (kad's `MemoryStore`: at most 1024 provided keys, forgotten on restart).
     pub fn new(
         key: &Keypair,
         config: &BehaviourConfig,
-        store: Option<Arc<Store>>,
+        dht: Option<Arc<DhtStore>>,
     ) -> std::io::Result<Self> {
         let peer_id = key.public().to_peer_id();
         let identify = identify::Behaviour::new(
@@ -69,8 +70,8 @@ impl Behaviour {
         kad_config.set_query_timeout(Duration::from_secs(30));
         kad_config.set_provider_publication_interval(None);
         kad_config.set_provider_record_ttl(Some(PROVIDER_RECORD_TTL));
-        let records = match store {
-            Some(store) => KadStore::Persistent(PersistentStore::new(store, peer_id)),
+        let records = match dht {
+            Some(dht) => KadStore::Persistent(PersistentStore::new(dht, peer_id)),
             None => KadStore::Memory(MemoryStore::new(peer_id)),
         };
         let mut kad = kad::Behaviour::with_config(peer_id, records, kad_config);

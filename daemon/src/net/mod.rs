@@ -5,9 +5,10 @@
 //! inbound requests. [`Client`] is a cloneable handle; each method sends a [`Command`] with a
 //! `oneshot` reply and waits. Inbound exchange requests are answered by a [`Responder`] (the
 //! store-backed one is [`StoreResponder`]) on their own tasks, bounded by a semaphore, so a slow
-//! store never stalls the swarm. This module does not decide where a NAR comes from (that is
-//! `fetch`) and does not check what peers send: callers check every block against its id
-//! and every NAR against its NarHash.
+//! store never stalls the swarm; kad's record store runs on the swarm task, on the store's DHT
+//! database (`dht.redb`), which no ingest or eviction writes. This module does not decide
+//! where a NAR comes from (that is `fetch`) and does not check what peers send: callers check
+//! every block against its id and every NAR against its NarHash.
 
 pub mod behaviour;
 pub mod codec;
@@ -35,7 +36,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::config::Share;
 use crate::core::NarKey;
-use crate::store::Store;
+use crate::store::dht::DhtStore;
 pub use behaviour::{Behaviour, BehaviourConfig, BehaviourEvent};
 pub use rate::RateLimiter;
 pub use responder::{Responder, StoreResponder};
@@ -329,19 +330,20 @@ pub fn new(
 }
 
 /// Builds a swarm and its event loop. Run [`EventLoop::run`] on a task; use the [`Client`].
-/// With a `store`, DHT records (provided keys, other peers' provider records) persist in it.
+/// With a `dht` store ([`Store::dht`](crate::store::Store::dht)), DHT records (provided keys,
+/// other peers' provider records) persist in it; the swarm holds only that, never the `Store`.
 pub fn new_with_store(
     key: Keypair,
     config: &NetConfig,
     responder: Arc<dyn Responder>,
-    store: Option<Arc<Store>>,
+    dht: Option<Arc<DhtStore>>,
 ) -> Result<(Client, EventLoop), NetError> {
     let setup = |e: &dyn std::fmt::Display| NetError::Setup(e.to_string());
     let peer_id = key.public().to_peer_id();
     let builder = libp2p::SwarmBuilder::with_existing_identity(key).with_tokio();
     let behaviour_config = config.behaviour.clone();
     let make_behaviour = move |key: &Keypair| {
-        Behaviour::new(key, &behaviour_config, store).map_err(|e| Box::new(e) as BoxError)
+        Behaviour::new(key, &behaviour_config, dht).map_err(|e| Box::new(e) as BoxError)
     };
     let swarm_config =
         |c: libp2p::swarm::Config| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT);

@@ -1,17 +1,19 @@
 //! Kademlia's record store, persistent: [`PersistentStore`] implements
-//! `kad::store::RecordStore` over the store's DHT tables (`store::dht`), so provider records
-//! survive a restart and the number of keys this node provides is not capped (kad's
-//! `MemoryStore` refuses the 1025th and forgets everything on restart).
+//! `kad::store::RecordStore` over the DHT database ([`DhtStore`], `<data-dir>/dht.redb`), so
+//! provider records survive a restart and the number of keys this node provides is not capped
+//! (kad's `MemoryStore` refuses the 1025th and forgets everything on restart).
 //!
 //! Owns only the conversion between kad's types and the store's bytes: `Instant` expiries
 //! become unix seconds and back, peer ids and multiaddrs their byte forms. The bounds on what
 //! remote peers can make us store are [`DhtLimits`], enforced by the store. kad calls every
-//! method synchronously on the swarm task: each is one short redb transaction, and
+//! method synchronously on the swarm task: each is one short redb transaction on `dht.redb`,
+//! which nothing but DHT records writes, so the swarm never waits on the index's writer (ingest
+//! commits, eviction batches); it holds only the `Arc<DhtStore>`, never the `Store`.
 //! [`RecordStore::provided`] reads the provided keys a page at a time. A database error is
 //! logged and reads as "nothing" (or a refused write); nothing here panics.
 //!
 //! [`KadStore`] is what the behaviour holds: the persistent store, or kad's `MemoryStore` for a
-//! node built without a [`Store`] (`net::new`, kept until the daemon passes its store).
+//! node built without a [`DhtStore`] (`net::new`, kept until the daemon passes its store's).
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -22,8 +24,7 @@ use libp2p::kad::{ProviderRecord, Record, RecordKey};
 use libp2p::{Multiaddr, PeerId};
 
 use crate::core::{ChunkId, NarKey};
-use crate::store::dht::{DhtLimits, DhtRecord, DhtWrite, RemoteProvider, NEVER};
-use crate::store::Store;
+use crate::store::dht::{DhtLimits, DhtRecord, DhtStore, DhtWrite, RemoteProvider, NEVER};
 
 /// Provided keys read from the database per page by [`RecordStore::provided`].
 pub const PROVIDED_PAGE: usize = 1024;
@@ -64,20 +65,20 @@ fn to_instant(unix: u64, now: Instant, now_unix: u64) -> Option<Instant> {
     now.checked_add(Duration::from_secs(unix.saturating_sub(now_unix)))
 }
 
-/// kad's record store over [`Store`]; see the module docs.
+/// kad's record store over [`DhtStore`]; see the module docs.
 pub struct PersistentStore {
-    store: Arc<Store>,
+    store: Arc<DhtStore>,
     local: PeerId,
     limits: DhtLimits,
 }
 
 impl PersistentStore {
     /// A store for the node `local` with the default [`DhtLimits`].
-    pub fn new(store: Arc<Store>, local: PeerId) -> Self {
+    pub fn new(store: Arc<DhtStore>, local: PeerId) -> Self {
         Self::with_limits(store, local, DhtLimits::default())
     }
 
-    pub fn with_limits(store: Arc<Store>, local: PeerId, limits: DhtLimits) -> Self {
+    pub fn with_limits(store: Arc<DhtStore>, local: PeerId, limits: DhtLimits) -> Self {
         Self {
             store,
             local,
@@ -249,7 +250,7 @@ fn to_record(r: DhtRecord, now: Instant, now_unix: u64) -> Record {
 /// The keys this node provides, read [`PROVIDED_PAGE`] at a time (one read transaction per
 /// page), so millions of keys are never all in memory. A database error ends the iteration.
 pub struct ProvidedRecords<'a> {
-    store: &'a Store,
+    store: &'a DhtStore,
     local: PeerId,
     after: Option<Vec<u8>>,
     page: std::vec::IntoIter<Vec<u8>>,
@@ -287,7 +288,7 @@ impl<'a> Iterator for ProvidedRecords<'a> {
 }
 
 /// The record store the behaviour holds: persistent, or in memory for a node built without a
-/// [`Store`] (then the 1024-key cap and forgetting on restart apply).
+/// [`DhtStore`] (then the 1024-key cap and forgetting on restart apply).
 pub enum KadStore {
     Persistent(PersistentStore),
     Memory(MemoryStore),
@@ -378,6 +379,7 @@ impl RecordStore for KadStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Store;
 
     #[test]
     fn dht_expiry_round_trips_through_unix_seconds() {
@@ -406,7 +408,7 @@ mod tests {
         let addr: Multiaddr = "/ip4/10.0.0.1/tcp/4001".parse().unwrap();
         let key = |i: u32| RecordKey::new(&i.to_be_bytes());
         {
-            let mut s = PersistentStore::new(Arc::new(Store::open(dir.path()).unwrap()), local);
+            let mut s = PersistentStore::new(Store::open(dir.path()).unwrap().dht().clone(), local);
             for i in 0..3000 {
                 s.add_provider(ProviderRecord::new(key(i), local, Vec::new()))
                     .unwrap();
@@ -420,7 +422,7 @@ mod tests {
             s.add_provider(gone).unwrap();
             s.put(Record::new(key(9), b"v".to_vec())).unwrap();
         }
-        let s = PersistentStore::new(Arc::new(Store::open(dir.path()).unwrap()), local);
+        let s = PersistentStore::new(Store::open(dir.path()).unwrap().dht().clone(), local);
         assert_eq!(s.provided().count(), 3000);
         let mut keys: Vec<_> = s.provided().map(|r| r.key.to_vec()).collect();
         keys.dedup();

@@ -1,6 +1,6 @@
 //! Nodes over libp2p's memory transport: DHT provider lookup, manifest and block exchange with
 //! every block checked, trust rules, and limits; the persistent DHT record store (many keys,
-//! restarts, remote limits) and the announcer.
+//! restarts, remote limits, answering while the index is busy) and the announcer.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -57,7 +57,8 @@ pub(crate) async fn spawn_node(
     config: &NetConfig,
     responder: Arc<dyn Responder>,
 ) -> Node {
-    let (client, event_loop) = new_with_store(key, config, responder, Some(store.clone())).unwrap();
+    let (client, event_loop) =
+        new_with_store(key, config, responder, Some(store.dht().clone())).unwrap();
     tokio::spawn(event_loop.run());
     let addr = client.listen("/memory/0".parse().unwrap()).await.unwrap();
     let addr = addr.with(Protocol::P2p(client.local_peer_id()));
@@ -377,6 +378,7 @@ async fn find_provider(client: &Client, key: RecordKey, peer: PeerId) -> HashSet
 /// How many unexpired remote provider records of `dht_key(i)` `store` holds.
 fn live_providers(store: &Store, i: u32) -> usize {
     store
+        .dht()
         .dht_providers(dht_key(i).as_ref(), unix_now())
         .unwrap()
         .len()
@@ -403,7 +405,8 @@ async fn shut_down(node: Node) -> TempDir {
     } = node;
     drop(client);
     let started = Instant::now();
-    while Arc::strong_count(&store) > 1 {
+    // The event loop's record store holds the DHT database; the `Store` holds it once.
+    while Arc::strong_count(&store) > 1 || Arc::strong_count(store.dht()) > 1 {
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "store still held"
@@ -435,15 +438,22 @@ async fn dht_provides_5000_keys_and_another_node_finds_them() {
     let took = started.elapsed();
     eprintln!("providing {KEYS} keys took {took:?}");
     assert_eq!(failures, 0);
-    assert_eq!(a.store.dht_counts().unwrap().provided, u64::from(KEYS));
+    assert_eq!(
+        a.store.dht().dht_counts().unwrap().provided,
+        u64::from(KEYS)
+    );
 
     // B was sent every ADD_PROVIDER (it is A's only peer) and kept it in its store.
     eventually("B stores every record", || {
-        b.store.dht_counts().unwrap().remote_providers == u64::from(KEYS)
+        b.store.dht().dht_counts().unwrap().remote_providers == u64::from(KEYS)
     })
     .await;
     let last = dht_key(KEYS - 1);
-    let at_b = b.store.dht_providers(last.as_ref(), unix_now()).unwrap();
+    let at_b = b
+        .store
+        .dht()
+        .dht_providers(last.as_ref(), unix_now())
+        .unwrap();
     assert_eq!(at_b.len(), 1);
     assert_eq!(at_b[0].peer, a_id.to_bytes());
     let providers = find_provider(&b.client, last, a_id).await;
@@ -500,6 +510,7 @@ async fn dht_provider_records_survive_a_restart() {
     };
     let limits = DhtLimits::default();
     a.store
+        .dht()
         .dht_add_provider(dht_key(3).as_ref(), &soon, &limits, now)
         .unwrap();
     let forever = RemoteProvider {
@@ -507,6 +518,7 @@ async fn dht_provider_records_survive_a_restart() {
         ..soon.clone()
     };
     a.store
+        .dht()
         .dht_add_provider(dht_key(4).as_ref(), &forever, &limits, now)
         .unwrap();
     drop(b);
@@ -517,13 +529,18 @@ async fn dht_provider_records_survive_a_restart() {
     let a = node_in(dir, a_key).await;
     assert_eq!(a.client.local_peer_id(), a_id);
     let now = unix_now();
-    assert!(a.store.dht_is_provided(dht_key(1).as_ref()).unwrap());
-    let remote = a.store.dht_providers(dht_key(2).as_ref(), now).unwrap();
+    assert!(a.store.dht().dht_is_provided(dht_key(1).as_ref()).unwrap());
+    let remote = a
+        .store
+        .dht()
+        .dht_providers(dht_key(2).as_ref(), now)
+        .unwrap();
     assert_eq!(remote.len(), 1);
     assert_eq!(remote[0].peer, b_id.to_bytes());
     assert!(remote[0].expires_unix > now + 47 * 3600, "48 h TTL kept");
     assert!(a
         .store
+        .dht()
         .dht_providers(dht_key(3).as_ref(), now)
         .unwrap()
         .is_empty());
@@ -571,17 +588,25 @@ async fn dht_add_provider_flood_is_capped() {
     // Let the last ADD_PROVIDER messages land.
     let started = Instant::now();
     let stored = loop {
-        let n = a.store.dht_providers(key.as_ref(), unix_now()).unwrap();
+        let n = a
+            .store
+            .dht()
+            .dht_providers(key.as_ref(), unix_now())
+            .unwrap();
         if n.len() >= 20 || started.elapsed() > Duration::from_secs(10) {
             break n;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let stored_after = a.store.dht_providers(key.as_ref(), unix_now()).unwrap();
+    let stored_after = a
+        .store
+        .dht()
+        .dht_providers(key.as_ref(), unix_now())
+        .unwrap();
     assert_eq!(stored.len(), 20);
     assert_eq!(stored_after, stored, "a key keeps its first 20 providers");
-    assert_eq!(a.store.dht_counts().unwrap().remote_providers, 20);
+    assert_eq!(a.store.dht().dht_counts().unwrap().remote_providers, 20);
     for p in &stored {
         assert!(ids.iter().any(|id| id.to_bytes() == p.peer));
     }
@@ -593,6 +618,86 @@ async fn dht_add_provider_flood_is_capped() {
         live_providers(&a.store, 43) == 1
     })
     .await;
+}
+
+/// The swarm keeps answering while the index's writer is taken (a long ingest commit or an
+/// eviction batch): kad's record store writes `dht.redb`, never `index.redb`. With the DHT
+/// tables in the index, A's swarm task would block in its first record-store write and none
+/// of this would complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dht_and_requests_are_answered_while_the_index_writer_is_held() {
+    const LONG: Duration = Duration::from_secs(20);
+    async fn answered<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(LONG, f)
+            .await
+            .unwrap_or_else(|_| panic!("no answer while the index is busy: {what}"))
+    }
+    let a = node().await;
+    let b = node().await;
+    let (a_id, b_id) = (a.client.local_peer_id(), b.client.local_peer_id());
+    within("B dials A", b.client.dial(a.addr.clone()))
+        .await
+        .unwrap();
+    within("B bootstraps", b.client.bootstrap()).await.unwrap();
+
+    let held = a.store.hold_index_write();
+    // Another index write (as an ingest would do) now waits for `held`.
+    let waiting_write = std::thread::spawn({
+        let store = a.store.clone();
+        move || store.unpin(&"z".repeat(32))
+    });
+
+    // B's ADD_PROVIDER makes A's record store write (a remote provider record)…
+    answered("B provides", b.client.start_providing_key(dht_key(1)))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    while live_providers(&a.store, 1) == 0 {
+        assert!(
+            started.elapsed() < LONG,
+            "A never stored B's provider record"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // …and so does A's own provide (a provided key), before its query to B.
+    answered("A provides", a.client.start_providing_key(dht_key(2)))
+        .await
+        .unwrap();
+    assert!(a.store.dht().dht_is_provided(dht_key(2).as_ref()).unwrap());
+    // A answers DHT lookups from B, exchange requests and commands.
+    let p = find_provider(&b.client, dht_key(2), a_id).await;
+    assert!(p.contains(&a_id), "{p:?}");
+    let p = find_provider(&a.client, dht_key(1), b_id).await;
+    assert!(p.contains(&b_id), "{p:?}");
+    let res = answered(
+        "B asks A for a narinfo",
+        b.client.request(
+            a_id,
+            pb::Request {
+                kind: Some(pb::request::Kind::Narinfo(pb::NarInfoRequest {
+                    store_path_hash: "y".repeat(32),
+                })),
+            },
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res, pb::Response::default());
+    let peers = answered("A's peers", a.client.connected_peers())
+        .await
+        .unwrap();
+    assert!(peers.contains(&b_id));
+
+    // All of that happened with the index's writer still taken.
+    assert!(
+        !waiting_write.is_finished(),
+        "the index write did not wait: the index was not busy"
+    );
+    held.abort().unwrap();
+    assert!(
+        !waiting_write.join().unwrap().unwrap(),
+        "nothing was pinned"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,26 +1,43 @@
-//! DHT records in the index (design §3, §4): the keys this node provides, other peers'
-//! provider records, and Kademlia value records, so none of it is forgotten on restart.
+//! The DHT's records, in their own database `<data-dir>/dht.redb` (design §3, §4): the keys
+//! this node provides, other peers' provider records, and Kademlia value records, so none of
+//! it is forgotten on restart.
 //!
-//! Owns the `dht-*` tables (see [`super::tables`]); knows nothing of libp2p: keys, peer ids and
-//! addresses are opaque bytes here and `net::record_store` converts them. Every method is one
-//! short redb transaction, because `kad` calls them synchronously on the swarm task.
+//! [`DhtStore`] owns `dht.redb` and its `dht-*` tables (see [`super::tables`]); knows nothing
+//! of libp2p: keys, peer ids and addresses are opaque bytes here and `net::record_store`
+//! converts them. `kad` calls these methods synchronously on the swarm task, so every method
+//! is one short redb transaction, and the records live apart from the index (`index.redb`): a
+//! redb database has one writer, and the index's is held by ingest commits and eviction
+//! batches for as long as they take; the swarm must never wait on them.
+//! [`Store`](super::Store) opens the `DhtStore` with the index and hands it out as an `Arc`
+//! ([`Store::dht`](super::Store::dht)), so the record store never holds the `Store` itself.
 //!
 //! Invariants:
 //! - what other peers can make us store is bounded ([`DhtLimits`]): providers per key, remote
 //!   provider records in total, addresses per record, value records and their size; the keys
 //!   this node provides itself are not bounded;
 //! - expiry is stored as unix seconds ([`NEVER`] for none); an expired remote record is never
-//!   returned, and is deleted by the next write to its key or by [`Store::purge_expired_dht`];
-//! - writes from remote peers are committed without fsync (losing the last few on a crash is
-//!   harmless: they are re-announced), with a durable commit every [`DURABLE_EVERY`] writes
-//!   and at each purge, so redb frees pages.
+//!   returned, and is deleted by the next write to its key or by
+//!   [`DhtStore::purge_expired_dht`];
+//! - writes are committed without fsync (losing the last few on a crash is harmless: they are
+//!   re-announced), with a durable commit every [`DURABLE_EVERY`] writes, at each purge and
+//!   when the `DhtStore` is dropped, so redb frees pages;
+//! - a data directory from before `dht.redb` existed had these tables in `index.redb`: on open
+//!   (`migrate_from_index`) the node's own provided keys are copied over once and the old
+//!   tables are deleted from the index; other peers' records are dropped (they are
+//!   re-announced).
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
-use redb::{Durability, ReadTransaction, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, Durability, ReadTransaction, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
 
 use super::tables::{DHT_PROVIDED, DHT_PROVIDERS, DHT_RECORDS};
-use super::{Store, StoreError};
+use super::StoreError;
+
+/// File name of the DHT database in the data directory.
+pub const DHT_DB: &str = "dht.redb";
 
 /// Expiry of a record that does not expire.
 pub const NEVER: u64 = u64::MAX;
@@ -31,7 +48,8 @@ pub const DURABLE_EVERY: u32 = 512;
 /// Expired remote provider records deleted per write transaction by a purge.
 const PURGE_BATCH: usize = 4096;
 
-static DHT_WRITES: AtomicU32 = AtomicU32::new(0);
+/// Provided keys copied per write transaction by [`migrate_from_index`].
+const MIGRATE_BATCH: usize = 16 * 1024;
 
 /// Bounds on what remote peers can make this node store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,15 +186,78 @@ fn read_table<K: redb::Key + 'static, V: redb::Value + 'static>(
     }
 }
 
-impl Store {
-    /// A write transaction for DHT tables: without fsync, except one in [`DURABLE_EVERY`].
-    fn begin_dht_write(&self) -> Result<redb::WriteTransaction, StoreError> {
+/// The DHT database `<data-dir>/dht.redb`; see the module docs.
+pub struct DhtStore {
+    path: PathBuf,
+    db: Database,
+    /// Write transactions begun, for [`DURABLE_EVERY`].
+    writes: AtomicU32,
+    /// A commit without fsync happened since the last durable one.
+    dirty: AtomicBool,
+}
+
+impl std::fmt::Debug for DhtStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DhtStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl Drop for DhtStore {
+    fn drop(&mut self) {
+        if self.dirty.load(Ordering::Acquire) {
+            if let Err(e) = self.begin_write(true).and_then(|txn| Ok(txn.commit()?)) {
+                tracing::warn!(path = %self.path.display(), error = %e,
+                    "DHT records: last writes not synced");
+            }
+        }
+    }
+}
+
+impl DhtStore {
+    /// Opens (creating if needed) `dht.redb` in the data directory `dir`. Another process
+    /// holding it is [`StoreError::Locked`].
+    pub(super) fn open(dir: &Path) -> Result<Self, StoreError> {
+        let path = dir.join(DHT_DB);
+        let db = match Database::create(&path) {
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(StoreError::Locked(dir.to_path_buf()))
+            }
+            r => r?,
+        };
+        Ok(Self {
+            path,
+            db,
+            writes: AtomicU32::new(0),
+            dirty: AtomicBool::new(false),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A write transaction; `durable` or not. Called with the database's writer held from
+    /// `begin_write` on, so `dirty` cannot be cleared while another write is in flight.
+    fn begin_write(&self, durable: bool) -> Result<redb::WriteTransaction, StoreError> {
         let mut txn = self.db.begin_write()?;
-        let n = DHT_WRITES.fetch_add(1, Ordering::Relaxed);
-        if n.wrapping_rem(DURABLE_EVERY) != 0 {
+        if durable {
+            // This commit persists every earlier non-durable one.
+            self.dirty.store(false, Ordering::Release);
+        } else {
             txn.set_durability(Durability::None);
+            self.dirty.store(true, Ordering::Release);
         }
         Ok(txn)
+    }
+
+    /// A write transaction for a single DHT write: without fsync, except one in
+    /// [`DURABLE_EVERY`].
+    fn begin_dht_write(&self) -> Result<redb::WriteTransaction, StoreError> {
+        let n = self.writes.fetch_add(1, Ordering::Relaxed);
+        self.begin_write(n.wrapping_rem(DURABLE_EVERY) == 0)
     }
 
     /// Records that this node provides `key`. Answers whether it is new; a key already
@@ -435,7 +516,7 @@ impl Store {
                 (dead, last)
             };
             if !dead.is_empty() {
-                let txn = self.db.begin_write()?;
+                let txn = self.begin_write(true)?;
                 {
                     let mut t = txn.open_table(DHT_PROVIDERS)?;
                     for (key, peer) in &dead {
@@ -457,7 +538,7 @@ impl Store {
             }
         }
         // Value records: few (bounded by `max_records`), one transaction.
-        let txn = self.db.begin_write()?;
+        let txn = self.begin_write(true)?;
         {
             let mut t = txn.open_table(DHT_RECORDS)?;
             let before = t.len()?;
@@ -469,9 +550,81 @@ impl Store {
     }
 }
 
+/// Moves the DHT tables of an index from before `dht.redb` existed: copies the node's own
+/// provided keys into `dht` (keys already there are kept), then deletes the `dht-*` tables
+/// from `index`; other peers' records are dropped (they are re-announced). Answers how many
+/// keys were copied. Nothing to do (one read transaction) once the tables are gone; a crash
+/// midway copies again on the next open.
+pub(super) fn migrate_from_index(index: &Database, dht: &DhtStore) -> Result<u64, StoreError> {
+    {
+        let txn = index.begin_read()?;
+        let present = read_table(&txn, DHT_PROVIDED)?.is_some()
+            || read_table(&txn, DHT_PROVIDERS)?.is_some()
+            || read_table(&txn, DHT_RECORDS)?.is_some();
+        if !present {
+            return Ok(0);
+        }
+    }
+    let mut copied = 0;
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page: Vec<(Vec<u8>, u64)> = {
+            let txn = index.begin_read()?;
+            let Some(t) = read_table(&txn, DHT_PROVIDED)? else {
+                break;
+            };
+            let range = match &after {
+                Some(a) => t.range::<&[u8]>((
+                    std::ops::Bound::Excluded(a.as_slice()),
+                    std::ops::Bound::Unbounded,
+                ))?,
+                None => t.range::<&[u8]>(..)?,
+            };
+            range
+                .take(MIGRATE_BATCH)
+                .map(|r| r.map(|(k, v)| (k.value().to_vec(), v.value())))
+                .collect::<Result<_, _>>()?
+        };
+        let Some((last, _)) = page.last() else {
+            break;
+        };
+        after = Some(last.clone());
+        let txn = dht.begin_write(true)?;
+        {
+            let mut t = txn.open_table(DHT_PROVIDED)?;
+            for (key, since) in &page {
+                if t.get(key.as_slice())?.is_none() {
+                    t.insert(key.as_slice(), since)?;
+                    copied += 1;
+                }
+            }
+        }
+        txn.commit()?;
+        if page.len() < MIGRATE_BATCH {
+            break;
+        }
+    }
+    let txn = index.begin_write()?;
+    txn.delete_table(DHT_PROVIDED)?;
+    txn.delete_table(DHT_PROVIDERS)?;
+    txn.delete_table(DHT_RECORDS)?;
+    txn.commit()?;
+    tracing::info!(provided_keys = copied, path = %dht.path().display(),
+        "DHT records moved out of the index");
+    Ok(copied)
+}
+
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use super::super::Store;
     use super::*;
+
+    /// The DHT database of a store in `dir` (the index is closed again at once).
+    fn open(dir: &Path) -> Arc<DhtStore> {
+        Store::open(dir).unwrap().dht().clone()
+    }
 
     fn key(i: u32) -> Vec<u8> {
         let mut k = vec![0x12, 0x20];
@@ -493,7 +646,7 @@ mod tests {
     #[test]
     fn dht_provided_keys_page_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = open(dir.path());
         // Before any write the tables do not exist: reads are empty, not errors.
         assert_eq!(store.dht_counts().unwrap(), DhtCounts::default());
         assert!(store.dht_provided_page(None, 10).unwrap().is_empty());
@@ -511,7 +664,7 @@ mod tests {
         assert!(!store.dht_unprovide(&key(7)).unwrap());
         drop(store);
 
-        let store = Store::open(dir.path()).unwrap();
+        let store = open(dir.path());
         assert_eq!(store.dht_counts().unwrap().provided, 2499);
         let mut all = Vec::new();
         let mut after: Option<Vec<u8>> = None;
@@ -531,7 +684,7 @@ mod tests {
     #[test]
     fn dht_remote_providers_expire_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = open(dir.path());
         let limits = DhtLimits::default();
         let k = key(1);
         let w = |p: &RemoteProvider| store.dht_add_provider(&k, p, &limits, NOW).unwrap();
@@ -546,7 +699,7 @@ mod tests {
             .unwrap();
         drop(store);
 
-        let store = Store::open(dir.path()).unwrap();
+        let store = open(dir.path());
         let got = store.dht_providers(&k, NOW).unwrap();
         assert_eq!(
             got,
@@ -575,7 +728,7 @@ mod tests {
     #[test]
     fn dht_remote_limits_hold() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = open(dir.path());
         let limits = DhtLimits {
             max_providers_per_key: 5,
             max_remote_providers: 12,
@@ -643,7 +796,7 @@ mod tests {
     #[test]
     fn dht_value_records() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = open(dir.path());
         let limits = DhtLimits {
             max_records: 2,
             max_value_bytes: 10,
@@ -689,5 +842,66 @@ mod tests {
         assert_eq!(store.dht_counts().unwrap().records, 1);
         assert!(store.dht_remove_record(&key(1)).unwrap());
         assert_eq!(store.dht_records(NOW).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn dht_tables_in_an_old_index_move_to_dht_redb() {
+        const KEYS: u32 = MIGRATE_BATCH as u32 * 2 + 7;
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // What an older version left: the dht-* tables in index.redb.
+            let store = Store::open(dir.path()).unwrap();
+            let txn = store.db.begin_write().unwrap();
+            {
+                let mut provided = txn.open_table(DHT_PROVIDED).unwrap();
+                for i in 0..KEYS {
+                    provided
+                        .insert(key(i).as_slice(), NOW + u64::from(i))
+                        .unwrap();
+                }
+                let mut providers = txn.open_table(DHT_PROVIDERS).unwrap();
+                providers
+                    .insert(
+                        (key(1).as_slice(), [1, 2].as_slice()),
+                        (NEVER, [].as_slice()),
+                    )
+                    .unwrap();
+                let mut records = txn.open_table(DHT_RECORDS).unwrap();
+                records
+                    .insert(key(1).as_slice(), (NEVER, [].as_slice(), [9].as_slice()))
+                    .unwrap();
+            }
+            txn.commit().unwrap();
+            // As if a migration had been cut short: a key already in dht.redb is kept.
+            store.dht().dht_provide(&key(3), 7).unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let counts = DhtCounts {
+            provided: u64::from(KEYS),
+            remote_providers: 0,
+            records: 0,
+        };
+        assert_eq!(store.dht().dht_counts().unwrap(), counts);
+        let first = store.dht().dht_provided_page(None, 2).unwrap();
+        assert_eq!(first, vec![key(0), key(1)]);
+        assert!(store.dht().dht_is_provided(&key(KEYS - 1)).unwrap());
+        {
+            let txn = store.dht().db.begin_read().unwrap();
+            let t = read_table(&txn, DHT_PROVIDED).unwrap().unwrap();
+            assert_eq!(t.get(key(3).as_slice()).unwrap().unwrap().value(), 7);
+            assert_eq!(t.get(key(4).as_slice()).unwrap().unwrap().value(), NOW + 4);
+        }
+        // The index no longer has the tables.
+        {
+            let txn = store.db.begin_read().unwrap();
+            assert!(read_table(&txn, DHT_PROVIDED).unwrap().is_none());
+            assert!(read_table(&txn, DHT_PROVIDERS).unwrap().is_none());
+            assert!(read_table(&txn, DHT_RECORDS).unwrap().is_none());
+        }
+        drop(store);
+        // Once moved, nothing happens again.
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.dht().dht_counts().unwrap(), counts);
+        assert_eq!(migrate_from_index(&store.db, store.dht()).unwrap(), 0);
     }
 }

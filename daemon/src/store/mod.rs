@@ -1,8 +1,10 @@
 //! `Store`: the data directory — append-only pack files plus a redb index (design §3).
 //!
-//! Owns: `packs/` (chunk records, see [`pack`]) and `index.redb` (see [`tables`]). This is the
-//! only module that touches the database. Everything here is synchronous; async callers run it
-//! on `spawn_blocking`.
+//! Owns: `packs/` (chunk records, see [`pack`]), `index.redb` (see [`tables`]) and `dht.redb`
+//! (the DHT's records, a database of its own so the swarm never waits on the index's writer:
+//! see [`dht`]). This is the only module that touches a database. Everything here is
+//! synchronous; async callers run it on `spawn_blocking` (the DHT store's callers excepted:
+//! kad calls it on the swarm task, see [`dht`]).
 //!
 //! Invariants:
 //! - one ingest at a time (the pack writer lock); each ingest is one write transaction;
@@ -101,8 +103,8 @@ pub enum StoreError {
     #[error("stored narinfo for {0} is damaged")]
     BadRecord(String),
     #[error(
-        "{0}: the index is locked by another process (is the daemon running on this data \
-         directory? stop it first)"
+        "{0}: the index (or the DHT database) is locked by another process (is the daemon \
+         running on this data directory? stop it first)"
     )]
     Locked(PathBuf),
     #[error("{0} is not in the store")]
@@ -298,6 +300,8 @@ impl PackFiles {
 pub struct Store {
     dir: PathBuf,
     db: Database,
+    /// The DHT's records (`dht.redb`), shared with kad's record store.
+    dht: Arc<dht::DhtStore>,
     writer: Mutex<PackWriter>,
     packs: Arc<PackFiles>,
     params: ChunkingParams,
@@ -347,6 +351,7 @@ impl Store {
             }
             r => r?,
         };
+        let dht = Arc::new(dht::DhtStore::open(dir)?);
         let txn = db.begin_write()?;
         let (last, known) = {
             // Create every table so readers never meet a missing one.
@@ -368,6 +373,7 @@ impl Store {
             (last, known)
         };
         txn.commit()?;
+        dht::migrate_from_index(&db, &dht)?;
         evict::sweep_orphan_packs(&pack_dir, &known)?;
         let (pack, committed) = match last {
             Some((p, len)) => (p, Some(len)),
@@ -377,6 +383,7 @@ impl Store {
         Ok(Self {
             dir: dir.to_path_buf(),
             db,
+            dht,
             writer: Mutex::new(writer),
             packs: Arc::new(PackFiles {
                 dir: pack_dir,
@@ -391,6 +398,19 @@ impl Store {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The DHT's records: their own database, whose writes never wait on this store's
+    /// (ingest, eviction) and which kad's record store holds without holding the `Store`.
+    pub fn dht(&self) -> &Arc<dht::DhtStore> {
+        &self.dht
+    }
+
+    /// Begins a write transaction on the index and hands it over: every other index write
+    /// (ingest, pin, eviction…) waits until it is dropped. For tests that need a busy index.
+    #[cfg(test)]
+    pub(crate) fn hold_index_write(&self) -> redb::WriteTransaction {
+        self.db.begin_write().expect("index write transaction")
     }
 
     /// The stored narinfo of a store-path hash.

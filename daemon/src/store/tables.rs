@@ -26,6 +26,10 @@ pub const C_UNIQUE_CHUNK_BYTES: &str = "unique_chunk_bytes";
 pub const C_CHUNK_COMPRESSED_BYTES: &str = "chunk_compressed_bytes";
 pub const C_NARINFOS: &str = "narinfos";
 
+// The DHT's tables live in their own database, `dht.redb` (`store::dht::DhtStore`), not in
+// `index.redb`: kad writes them on the swarm task, which must never wait on the index's writer.
+// An index from before that may still hold them; `store::dht::migrate_from_index` moves them.
+
 /// DHT keys this node provides (record key bytes) → unix time it first provided them.
 /// Unbounded: one row per key we announce (`store::dht`).
 pub const DHT_PROVIDED: TableDefinition<&[u8], u64> = TableDefinition::new("dht-provided-v1");
