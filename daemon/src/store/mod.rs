@@ -7,9 +7,13 @@
 //! kad calls it on the swarm task, see [`dht`]).
 //!
 //! Invariants:
-//! - one ingest at a time (the pack writer lock); each ingest is one write transaction;
+//! - ingests run in parallel: each reads, validates, normalises, chunks, hashes and compresses
+//!   into its own [`Staging`] without any store-wide lock; only its commit takes the pack
+//!   writer lock (copy the staged records the index lacks, fsync, one write transaction), and
+//!   nothing waits on a network under it; an ingest reads at most NarSize + 1 bytes;
 //! - pack bytes are fsynced before the transaction that points at them commits;
-//! - a refused NAR leaves nothing behind: its pack tail is truncated, nothing is committed;
+//! - a refused NAR leaves nothing behind: its staged records go with their unlinked file, a
+//!   failed commit truncates the pack tail it wrote, nothing is committed;
 //! - a chunk's refcount is the number of manifest entries naming it; a manifest's refcount the
 //!   number of narinfos naming its NarHash;
 //! - every byte read back is checked against its chunk id; every NAR stream against NarHash;
