@@ -231,13 +231,18 @@ pub async fn run(
         .map_err(|e| DaemonError::Serve(std::io::Error::other(e)))?
         .map_err(Box::new)?;
     let metrics = Arc::new(Metrics::default());
-    let upstream = if config.upstream.is_empty() {
-        None
-    } else {
-        let u = Upstream::new(&config.upstream, trusted.clone(), metrics.clone())?;
+    // One source per upstream, in order: a NAR one of them failed (after exposing bytes) is
+    // then fetched from the next.
+    let upstreams = config
+        .upstream
+        .iter()
+        .map(|u| {
+            Upstream::new(std::slice::from_ref(u), trusted.clone(), metrics.clone()).map(Arc::new)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if !upstreams.is_empty() {
         tracing::info!(upstreams = ?config.upstream, "upstream caches");
-        Some(Arc::new(u))
-    };
+    }
     let store = Arc::new(store);
     let (peers, announcer, p2p_addrs) = if config.p2p_listen.is_empty() {
         (None, None, Vec::new())
@@ -253,7 +258,7 @@ pub async fn run(
     if let Some(p) = &peers {
         sources.push(p.clone());
     }
-    if let Some(u) = upstream {
+    for u in upstreams {
         sources.push(u);
     }
     let resolver = Arc::new(Resolver::new(store.clone(), sources, metrics.clone()));

@@ -435,6 +435,8 @@ impl Peers {
                 }
             }
         }
+        // Tried in provider order (LAN, the narinfo's sender, the DHT's), not arrival order.
+        out.sort_by_key(|(_, p)| providers.iter().position(|q| q == p));
         out
     }
 

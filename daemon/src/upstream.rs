@@ -353,7 +353,7 @@ impl Source for Upstream {
     }
 
     fn owns(&self, origin: &Origin) -> bool {
-        matches!(origin, Origin::Upstream(_))
+        matches!(origin, Origin::Upstream(u) if self.urls.contains(u))
     }
 
     async fn narinfo(&self, hash: &StorePathHash) -> Lookup {

@@ -193,6 +193,7 @@ async fn get_narinfo(
                 if let (Some(nar), Some(_)) = (nar, &state.quota) {
                     let store = state.store.clone();
                     tokio::task::spawn_blocking(move || store.touch(&nar));
+                    state.resolver.note_served(nar, &hash);
                 }
                 text
             }
@@ -226,6 +227,9 @@ async fn get_narinfo(
                         }
                         NarinfoAnswer::Missing { certain: true } => {}
                     }
+                }
+                if let (Some(nar), Some(_)) = (nar, &state.quota) {
+                    state.resolver.note_served(nar, &hash);
                 }
                 state.narinfo_cache.put(hash.as_str(), text.clone(), nar);
                 text

@@ -214,6 +214,9 @@ async fn from_elsewhere(
     nar_hash: NarHash,
 ) -> Result<Option<Response>, HttpError> {
     let resolver = &state.resolver;
+    if resolver.fetchable_size(&nar_hash).is_none() && !resolver.recover(&nar_hash).await {
+        return stored_again(state, method, headers, nar_hash).await;
+    }
     if *method == Method::HEAD {
         let Some(size) = resolver.fetchable_size(&nar_hash) else {
             return stored_again(state, method, headers, nar_hash).await;

@@ -19,7 +19,7 @@
 
 pub mod flight;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -49,6 +49,9 @@ const PENDING_ENTRIES: usize = 64 * 1024;
 const EVENTS: usize = 1024;
 /// NARs whose failed sources are remembered.
 const DEMOTED_ENTRIES: usize = 4096;
+/// Stored narinfos served, remembered by NarHash (oldest out first) so that a NAR evicted
+/// after its narinfo went out can be fetched again.
+const SERVED_ENTRIES: usize = 16 * 1024;
 
 /// Where a narinfo was found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,6 +147,8 @@ pub struct Resolver {
     events: broadcast::Sender<NarStored>,
     metrics: Arc<Metrics>,
     spool_dir: PathBuf,
+    /// Store paths of stored narinfos recently served, by NarHash (see [`Resolver::recover`]).
+    served: Mutex<(HashMap<NarHash, StorePathHash>, VecDeque<NarHash>)>,
 }
 
 impl Resolver {
@@ -159,6 +164,42 @@ impl Resolver {
             events: broadcast::channel(EVENTS).0,
             metrics,
             spool_dir,
+            served: Mutex::default(),
+        }
+    }
+
+    /// Notes that the stored narinfo of `path` (NAR `nar_hash`) was served: if its NAR is
+    /// evicted before Nix asks for it, [`Resolver::recover`] finds it again at the sources.
+    pub fn note_served(&self, nar_hash: NarHash, path: &StorePathHash) {
+        if self.sources.is_empty() {
+            return;
+        }
+        let mut m = self.served.lock().unwrap_or_else(|e| e.into_inner());
+        let (map, order) = &mut *m;
+        if map.insert(nar_hash, path.clone()).is_none() {
+            order.push_back(nar_hash);
+            while order.len() > SERVED_ENTRIES {
+                if let Some(old) = order.pop_front() {
+                    map.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// A NAR neither stored nor pending whose stored narinfo was served (then the NAR was
+    /// evicted): asks the sources for that path again. Answers whether a source has the same
+    /// NAR now (it is pending: [`Resolver::nar`] starts its flight).
+    pub async fn recover(&self, nar_hash: &NarHash) -> bool {
+        let path = {
+            let m = self.served.lock().unwrap_or_else(|e| e.into_inner());
+            m.0.get(nar_hash).cloned()
+        };
+        let Some(path) = path else {
+            return false;
+        };
+        match self.narinfo(&path).await {
+            NarinfoAnswer::Found(_) => self.pending.by_nar(nar_hash).is_some(),
+            NarinfoAnswer::Missing { .. } => false,
         }
     }
 
