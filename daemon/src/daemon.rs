@@ -163,6 +163,19 @@ async fn start_p2p(
         ))
     });
     let peers = Arc::new(Peers::new(client, trusted, metrics));
+    // Connected peers' path summaries, so narinfos are asked only of peers that may hold them.
+    let weak = Arc::downgrade(&peers);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(crate::fetch::SUMMARY_REFRESH);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(p) = weak.upgrade() else {
+                return;
+            };
+            p.refresh_summaries().await;
+        }
+    });
     let (p, a2) = (peers.clone(), announcer.clone());
     tokio::spawn(async move {
         if let Err(e) = p.client().bootstrap().await {

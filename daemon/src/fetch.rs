@@ -46,6 +46,7 @@ use crate::core::manifest::Manifest;
 use crate::core::narinfo::NarInfo;
 use crate::core::signing::{PublicKey, Trust};
 use crate::core::store_path::StorePathHash;
+use crate::core::summary::PathFilter;
 use crate::core::{ChunkId, NarHash};
 use crate::import::check_narinfo;
 use crate::metrics::{Metrics, NetGauges};
@@ -92,6 +93,10 @@ pub const BAN: Duration = Duration::from_secs(3600);
 const QUEUE: usize = 16;
 /// Background provider lookups kept (cleared when full).
 const LOOKUP_ENTRIES: usize = 4 * 1024;
+/// How often connected peers are asked whether their path summary changed.
+pub const SUMMARY_REFRESH: Duration = Duration::from_secs(10);
+/// Longest wait for one peer's summary.
+const SUMMARY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a NAR could not be had from peers.
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +129,8 @@ pub struct Peers {
     lookups: Mutex<HashMap<NarHash, Lookups>>,
     metrics: Arc<Metrics>,
     params: ChunkingParams,
+    /// Connected peers' path summaries (generation, filter); see [`Peers::refresh_summaries`].
+    summaries: Mutex<HashMap<PeerId, Arc<(u64, PathFilter)>>>,
 }
 
 impl Peers {
@@ -134,7 +141,99 @@ impl Peers {
             lookups: Mutex::new(HashMap::new()),
             metrics,
             params: ChunkingParams::V1,
+            summaries: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Asks every connected peer for its path summary (only the changed ones send their
+    /// filter again) and forgets those of peers gone. Runs every [`SUMMARY_REFRESH`].
+    pub async fn refresh_summaries(&self) {
+        let Ok(connected) = self.client.connected_peers().await else {
+            return;
+        };
+        let known: HashMap<PeerId, u64> = {
+            let mut m = self.summaries.lock().unwrap_or_else(|e| e.into_inner());
+            m.retain(|p, _| connected.contains(p));
+            m.iter().map(|(p, s)| (*p, s.0)).collect()
+        };
+        let mut asks: FuturesUnordered<_> = connected
+            .into_iter()
+            .map(|peer| {
+                let client = self.client.clone();
+                let have = known.get(&peer).copied().unwrap_or(0);
+                let req = pb::Request {
+                    kind: Some(pb::request::Kind::Summary(pb::SummaryRequest {
+                        have_generation: have,
+                    })),
+                };
+                async move {
+                    let r = tokio::time::timeout(SUMMARY_TIMEOUT, client.request(peer, req)).await;
+                    (peer, have, r)
+                }
+            })
+            .collect();
+        while let Some((peer, have, r)) = asks.next().await {
+            let summary = match r {
+                Ok(Ok(pb::Response {
+                    summary: Some(s), ..
+                })) => s,
+                // No summary (an older peer, or one that shares nothing with us): always asked.
+                Ok(Ok(_)) => {
+                    self.lock_summaries().remove(&peer);
+                    continue;
+                }
+                _ => continue, // keep what we had; asked again next round
+            };
+            if summary.generation == have && summary.bits.is_empty() {
+                continue; // unchanged
+            }
+            match PathFilter::from_parts(summary.bits, summary.hashes) {
+                Ok(f) => {
+                    self.lock_summaries()
+                        .insert(peer, Arc::new((summary.generation, f)));
+                }
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "peer sent an unusable path summary");
+                    self.lock_summaries().remove(&peer);
+                }
+            }
+        }
+    }
+
+    fn lock_summaries(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, Arc<(u64, PathFilter)>>> {
+        self.summaries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The connected peers worth asking for `hash`: LAN peers always, others unless their
+    /// summary says they lack it.
+    async fn narinfo_candidates(&self, hash: &StorePathHash) -> Vec<PeerId> {
+        let Ok(peers) = self.client.connected_peers().await else {
+            return Vec::new();
+        };
+        let lan: HashSet<PeerId> = self
+            .client
+            .lan_peers()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        let summaries = self.lock_summaries();
+        let before = peers.len();
+        let out: Vec<PeerId> = peers
+            .into_iter()
+            .filter(|p| {
+                lan.contains(p)
+                    || match summaries.get(p) {
+                        Some(s) => s.1.may_contain(hash),
+                        None => true,
+                    }
+            })
+            .collect();
+        Metrics::inc(
+            &self.metrics.p2p_narinfo_asks_skipped,
+            (before - out.len()) as u64,
+        );
+        out
     }
 
     pub fn client(&self) -> &Client {
@@ -162,9 +261,7 @@ impl Peers {
 
     /// Asks the connected peers for the narinfo of `hash`; see the module docs.
     async fn ask_narinfo(&self, hash: &StorePathHash) -> Lookup {
-        let Ok(peers) = self.client.connected_peers().await else {
-            return Lookup::Missing;
-        };
+        let peers = self.narinfo_candidates(hash).await;
         if peers.is_empty() {
             return Lookup::Missing;
         }

@@ -474,3 +474,39 @@ async fn upload_rate_limit_holds() {
     let min = Duration::from_secs_f64(nar.len() as f64 / rate as f64) - Duration::from_millis(400);
     assert!(took >= min, "{took:?} < {min:?}: the limit was not applied");
 }
+
+/// Path summaries: once A holds its peers' summaries, a narinfo is asked only of the peer that
+/// may hold it, and a path no peer holds is a miss without a single request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn narinfos_are_asked_only_of_peers_whose_summary_may_hold_them() {
+    let key = SecretKey::generate("test-1", [17; 32]);
+    let nar = big_nar(17, 1);
+    let b = provider(&nar, &key, None, memory_config()).await;
+    let c = fetcher(&key).await; // an empty store
+    let a = fetcher(&key).await;
+    a.connect(&b).await;
+    a.connect(&c.node).await;
+    a.peers.refresh_summaries().await;
+    let asked = |n: &Node| n.client.stats().requests_in.load(Relaxed);
+    let (b0, c0) = (asked(&b), asked(&c.node));
+    let found = a.narinfo().await;
+    assert_eq!(found.info.nar_hash, NarHash::digest(&nar));
+    assert_eq!(
+        asked(&c.node),
+        c0,
+        "C, whose summary lacks the path, was not asked"
+    );
+    assert_eq!(asked(&b), b0 + 1, "B was asked once");
+    let missing = StorePathHash::parse("1123456789abcdfghijklmnpqrsvwxyz").unwrap();
+    assert!(matches!(a.peers.narinfo(&missing).await, Lookup::Missing));
+    assert_eq!(
+        (asked(&b), asked(&c.node)),
+        (b0 + 1, c0),
+        "a path nobody holds asks nobody"
+    );
+    assert!(a.metrics.p2p_narinfo_asks_skipped.load(Relaxed) >= 3);
+    // A summary that did not change is not sent again.
+    let up = b.client.stats().bytes_up.load(Relaxed);
+    a.peers.refresh_summaries().await;
+    assert!(b.client.stats().bytes_up.load(Relaxed) - up < 1024);
+}

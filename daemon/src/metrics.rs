@@ -43,6 +43,8 @@ pub struct Metrics {
     pub p2p_provider_lookups: AtomicU64,
     /// Providers those lookups found (summed).
     pub p2p_providers_found: AtomicU64,
+    /// Connected peers not asked for a narinfo because their path summary says they lack it.
+    pub p2p_narinfo_asks_skipped: AtomicU64,
     /// narinfo lookups that waited for a source past its short budget.
     pub narinfo_late_waits: AtomicU64,
     /// NAR requests that joined a fetch already running for the same NAR.
@@ -122,6 +124,11 @@ impl Metrics {
                 &self.nar_aborted,
             ),
             ("uploads_total", "narinfo uploads committed.", &self.uploads),
+            (
+                "p2p_narinfo_asks_skipped_total",
+                "Peers not asked for a narinfo because their path summary says they lack it.",
+                &self.p2p_narinfo_asks_skipped,
+            ),
             (
                 "narinfo_late_waits_total",
                 "narinfo lookups that waited for a source past its short budget.",

@@ -12,5 +12,6 @@ pub mod narinfo;
 pub mod normalise;
 pub mod signing;
 pub mod store_path;
+pub mod summary;
 
 pub use hash::{ChunkId, NarHash, NarKey};

@@ -206,6 +206,12 @@ mod tests {
             }],
             manifest: Some(vec![4; 10]),
             narinfo: None,
+            summary: Some(pb::PathSummary {
+                generation: 7,
+                hashes: 3,
+                bits: vec![5; 100],
+                paths: 12,
+            }),
         };
         let mut buf = Cursor::new(Vec::new());
         block_on(codec.write_response(&proto(), &mut buf, res.clone())).unwrap();

@@ -18,6 +18,8 @@ use nix_p2p_cache_proto::v1 as pb;
 use nix_p2p_cache_proto::MAX_MESSAGE_SIZE;
 use prost::Message;
 
+use crate::core::store_path::StorePathHash;
+use crate::core::summary::PathFilter;
 use crate::core::{ChunkId, NarHash};
 use crate::store::{Store, StoreError, TrustClass};
 
@@ -35,6 +37,10 @@ const RESPONSE_MARGIN: usize = 64 * 1024;
 /// A NAR that is stored but not (yet) known as shareable triggers a rescan of the narinfos at
 /// most this often (so requests for private NARs cannot make us scan continuously).
 const RESCAN_INTERVAL: Duration = Duration::from_secs(10);
+/// The path summary is checked for changes (one counter read) at most this often…
+const SUMMARY_CHECK: Duration = Duration::from_secs(2);
+/// …and rebuilt (one scan of the narinfos) when the count changed, or this often anyway.
+const SUMMARY_REBUILD: Duration = Duration::from_secs(60);
 
 /// Answers from a store (see the module docs for what is shared).
 #[derive(Clone)]
@@ -46,6 +52,21 @@ struct Inner {
     store: Arc<Store>,
     /// NarHashes named by a trusted narinfo, and when they were last scanned.
     shareable: Mutex<(HashSet<NarHash>, Option<Instant>)>,
+    /// The summary of the shared store paths sent to peers.
+    summary: Mutex<Option<Summary>>,
+}
+
+/// The Bloom filter of the shared store paths, as last built.
+struct Summary {
+    /// BLAKE3 of the filter (first 8 bytes, never 0): changes with the set, stable across
+    /// restarts.
+    generation: u64,
+    filter: PathFilter,
+    paths: u64,
+    /// Narinfos in the store when it was built.
+    narinfos: u64,
+    built: Instant,
+    checked: Instant,
 }
 
 impl StoreResponder {
@@ -54,6 +75,7 @@ impl StoreResponder {
             inner: Arc::new(Inner {
                 store,
                 shareable: Mutex::new((HashSet::new(), None)),
+                summary: Mutex::new(None),
             }),
         }
     }
@@ -93,6 +115,7 @@ impl Inner {
             Some(Kind::Wantlist(w)) => self.wantlist(w),
             Some(Kind::Manifest(m)) => self.manifest(&m.nar_key),
             Some(Kind::Narinfo(n)) => self.narinfo(&n.store_path_hash),
+            Some(Kind::Summary(r)) => self.summary(r.have_generation),
             None => Ok(pb::Response::default()),
         }
     }
@@ -185,6 +208,57 @@ impl Inner {
             }
         }
         Ok(response)
+    }
+
+    /// The path summary, rebuilt when the store's narinfos changed (see the constants).
+    fn summary(&self, have_generation: u64) -> Result<pb::Response, StoreError> {
+        let mut guard = self.summary.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let stale = match &*guard {
+            None => true,
+            Some(s) if now.duration_since(s.checked) < SUMMARY_CHECK => false,
+            Some(s) => {
+                let count = self.store.narinfo_count()?;
+                count != s.narinfos || now.duration_since(s.built) >= SUMMARY_REBUILD
+            }
+        };
+        if stale {
+            let narinfos = self.store.narinfo_count()?;
+            let paths = self.store.shareable_paths()?;
+            let mut filter = PathFilter::with_capacity(paths.len());
+            for p in &paths {
+                if let Ok(h) = StorePathHash::parse(p) {
+                    filter.insert(&h);
+                }
+            }
+            let d = blake3::hash(filter.bits());
+            let generation = u64::from_le_bytes(d.as_bytes()[..8].try_into().expect("8 bytes")) | 1;
+            *guard = Some(Summary {
+                generation,
+                filter,
+                paths: paths.len() as u64,
+                narinfos,
+                built: now,
+                checked: now,
+            });
+        } else if let Some(s) = guard.as_mut() {
+            s.checked = now;
+        }
+        let s = guard.as_ref().expect("built above");
+        let bits = if have_generation == s.generation {
+            Vec::new()
+        } else {
+            s.filter.bits().to_vec()
+        };
+        Ok(pb::Response {
+            summary: Some(pb::PathSummary {
+                generation: s.generation,
+                hashes: s.filter.hashes(),
+                bits,
+                paths: s.paths,
+            }),
+            ..Default::default()
+        })
     }
 
     fn narinfo(&self, hash: &str) -> Result<pb::Response, StoreError> {

@@ -514,6 +514,29 @@ impl Store {
         Ok(Some(pack::read_frame(&f, &path, &loc, id, &mut dctx)?))
     }
 
+    /// Store-path hashes of the narinfos with a trusted signature (what peers may be told
+    /// about), and how many narinfos the store holds in all. One scan of the narinfo table.
+    pub fn shareable_paths(&self) -> Result<Vec<String>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(NARINFOS)?;
+        let mut out = Vec::new();
+        for r in t.iter()? {
+            let (k, v) = r?;
+            let rec = StoredNarInfo::decode(k.value(), v.value())?;
+            if matches!(rec.trust, TrustClass::Trusted(_)) {
+                out.push(k.value().to_string());
+            }
+        }
+        Ok(out)
+    }
+
+    /// How many narinfos the store holds (one counter read: a cheap change check).
+    pub fn narinfo_count(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        let c = txn.open_table(COUNTERS)?;
+        Ok(c.get(C_NARINFOS)?.map(|v| v.value()).unwrap_or(0))
+    }
+
     /// NarHashes named by at least one narinfo with a trusted signature: the NARs that may be
     /// announced and served to peers (design §5). One scan of the narinfo table.
     pub fn shareable_nars(&self) -> Result<HashSet<NarHash>, StoreError> {
