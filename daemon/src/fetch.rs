@@ -89,6 +89,10 @@ const MAX_PEER_FAILURES: u32 = 3;
 const MAX_MANIFESTS: usize = 3;
 /// How long a peer that sent a bad block or a lying manifest is refused.
 pub const BAN: Duration = Duration::from_secs(3600);
+/// Overall deadline of a NAR fetch from peers: this much, plus NarSize at [`NAR_MIN_RATE`].
+const NAR_DEADLINE_BASE: Duration = Duration::from_secs(60);
+/// Slowest average rate a NAR deadline allows for (bytes per second).
+const NAR_MIN_RATE: u64 = 64 * 1024;
 /// Verified chunks queued between the network and the writing thread.
 const QUEUE: usize = 16;
 /// Background provider lookups kept (cleared when full).
@@ -117,6 +121,8 @@ pub enum PeerError {
     },
     #[error("reading local chunks: {0}")]
     Local(#[source] StoreError),
+    #[error("the NAR did not arrive within its deadline of {secs} s")]
+    Deadline { secs: u64 },
 }
 
 type Lookups = Arc<OnceCell<Vec<PeerId>>>;
@@ -599,7 +605,20 @@ impl Peers {
             self.metrics.clone(),
         );
         let pump = tokio::spawn(transfer.run(tx));
-        let written = writer.await.map_err(|_| FetchError::Task("peer writer"))?;
+        // An overall deadline besides the per-request timeouts: a swarm of providers that each
+        // answer just in time cannot hold a fetch forever.
+        let deadline = NAR_DEADLINE_BASE + Duration::from_secs(found.info.nar_size / NAR_MIN_RATE);
+        let mut writer = writer;
+        let written = match tokio::time::timeout(deadline, &mut writer).await {
+            Ok(w) => w.map_err(|_| FetchError::Task("peer writer"))?,
+            Err(_) => {
+                pump.abort(); // the writer then sees the channel close and ends
+                return Err(PeerError::Deadline {
+                    secs: deadline.as_secs(),
+                }
+                .into());
+            }
+        };
         // The pump ends by itself once everything is sent or the writer hung up.
         let pumped = pump.await.map_err(|_| FetchError::Task("peer transfer"))?;
         pumped?;
