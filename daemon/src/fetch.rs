@@ -717,7 +717,19 @@ fn check_block(id: &ChunkId, size: u32, frame: &[u8]) -> Option<Vec<u8>> {
     if frame.len() > zstd::zstd_safe::compress_bound(size as usize) {
         return None;
     }
-    let out = zstd::bulk::decompress(frame, size as usize).ok()?;
+    // One decompression context per thread: making one costs more than a small chunk.
+    thread_local! {
+        static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let out = DCTX.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let dctx = match &mut *slot {
+            Some(d) => d,
+            None => slot.insert(zstd::bulk::Decompressor::new().ok()?),
+        };
+        dctx.decompress(frame, size as usize).ok()
+    })?;
     (out.len() == size as usize && ChunkId::of(&out) == *id).then_some(out)
 }
 
@@ -1120,10 +1132,13 @@ impl Transfer {
 /// Reads chunks from the store, each checked against its id like a peer's.
 fn read_local(store: &Store, want: &[(ChunkId, u32)]) -> Checked {
     want.iter()
-        .filter_map(|&(id, size)| match store.chunk_frame(&id) {
-            Ok(Some(frame)) => Some((
+        .filter_map(|&(id, size)| match store.chunk_data(&id) {
+            // Checked against its id by the store; the manifest's size must match too.
+            Ok(Some(data)) => Some((
                 id,
-                check_block(&id, size, &frame).map(|d| (d, None)).ok_or(()),
+                (data.len() == size as usize)
+                    .then_some((data, None))
+                    .ok_or(()),
             )),
             Ok(None) => None,
             Err(e) => {

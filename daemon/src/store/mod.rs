@@ -510,12 +510,39 @@ impl Store {
         };
         let (f, path) = self.packs.get(loc.pack)?;
         drop(gate);
-        let mut dctx = new_dctx(&self.dir)?;
-        Ok(Some(pack::read_frame(&f, &path, &loc, id, &mut dctx)?))
+        with_thread_dctx(&self.dir, |dctx| {
+            Ok(Some(pack::read_frame(&f, &path, &loc, id, dctx)?))
+        })
+    }
+
+    /// The content of a stored chunk after a full check (record header, zstd frame, BLAKE3
+    /// against `id`): what a fetch reuses of a chunk it already holds. `None` if not stored.
+    pub fn chunk_data(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, StoreError> {
+        let gate = self.packs.shared();
+        let loc = {
+            let txn = self.db.begin_read()?;
+            let t = txn.open_table(CHUNKS)?;
+            let Some(v) = t.get(id.0)? else {
+                return Ok(None);
+            };
+            loc_of(v.value()).0
+        };
+        let (f, path) = self.packs.get(loc.pack)?;
+        drop(gate);
+        with_thread_dctx(&self.dir, |dctx| {
+            Ok(Some(pack::read_chunk(
+                &f,
+                &path,
+                &loc,
+                id,
+                Check::Full,
+                dctx,
+            )?))
+        })
     }
 
     /// Store-path hashes of the narinfos with a trusted signature (what peers may be told
-    /// about), and how many narinfos the store holds in all. One scan of the narinfo table.
+    /// about). One scan of the narinfo table.
     pub fn shareable_paths(&self) -> Result<Vec<String>, StoreError> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(NARINFOS)?;
@@ -1159,6 +1186,26 @@ fn nar_file_name(url: &str) -> Option<&str> {
         .file_name()
         .and_then(|n| n.to_str())
         .filter(|n| n.contains(".nar"))
+}
+
+/// Runs `f` with this thread's decompression context (making one costs more than decompressing
+/// a small chunk, and chunk reads come one at a time).
+fn with_thread_dctx<T>(
+    dir: &Path,
+    f: impl FnOnce(&mut zstd::bulk::Decompressor<'static>) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    thread_local! {
+        static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    DCTX.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let dctx = match &mut *slot {
+            Some(d) => d,
+            None => slot.insert(new_dctx(dir)?),
+        };
+        f(dctx)
+    })
 }
 
 fn new_dctx(dir: &Path) -> Result<zstd::bulk::Decompressor<'static>, StoreError> {
