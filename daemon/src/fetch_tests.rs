@@ -106,7 +106,9 @@ impl Responder for Liar {
                     }
                 }
                 Lie::Bomb => {
-                    let bomb = zstd::bulk::compress(&vec![0u8; 64 << 20], 1).unwrap();
+                    static BOMB: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+                    let bomb =
+                        BOMB.get_or_init(|| zstd::bulk::compress(&vec![0u8; 64 << 20], 1).unwrap());
                     for b in &mut r.blocks {
                         b.data = bomb.clone();
                     }
@@ -378,6 +380,15 @@ async fn a_zstd_bomb_block_is_refused() {
     let (r, _) = a.fetch_found(&found).await;
     assert!(r.is_err(), "{r:?}");
     assert!(a.metrics.p2p_bad_blocks.load(Relaxed) >= 1);
+    // Bounded memory: one response of such blocks would inflate to 4 GiB; the process (the
+    // liar's one 64 MiB bomb included, and under `cargo test` every other test) stays far below.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let hwm_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    assert!(hwm_kib < 1024 * 1024, "peak RSS {hwm_kib} KiB");
     assert!(a.peer_bytes_down(&liar).await.1, "banned");
     assert!(!a.node.store.has_nar(&found.info.nar_hash).unwrap());
 }
