@@ -78,20 +78,22 @@ mkdir -p "$work/nginx/tmp"
 pids+=($!)
 nginx_url=http://127.0.0.1:$port
 
-# Starts a daemon; once it listens, `addrs` holds its HTTP URL and its P2P address and
-# `last_pid` its pid.
+# Starts a daemon; once it listens, `addrs` holds its HTTP URL (and with --p2p-listen its P2P
+# address) and `last_pid` its pid.
 start_daemon() {
   local name=$1; shift
   "$bin/nix-p2p-cache" daemon --listen 127.0.0.1:0 --data-dir "$work/$name" \
     --trusted-public-key "$pk" --no-mdns "$@" >"$work/$name.out" 2>"$work/$name.err" &
   last_pid=$!
   pids+=("$last_pid")
+  local lines=1
+  case " $* " in *" --p2p-listen "*) lines=2 ;; esac
   for _ in $(seq 200); do
-    [ "$(wc -l < "$work/$name.out")" -ge 2 ] && break
+    [ "$(wc -l < "$work/$name.out")" -ge "$lines" ] && break
     sleep 0.05
   done
   mapfile -t addrs < <(sed -n 's/^listening //p' "$work/$name.out")
-  [ "${#addrs[@]}" -ge 2 ] || { cat "$work/$name.err" >&2; exit 1; }
+  [ "${#addrs[@]}" -ge "$lines" ] || { cat "$work/$name.err" >&2; exit 1; }
 }
 
 cp -r "$work/setup/data-template" "$work/seed"
@@ -112,25 +114,38 @@ copy() { # copy URL NAME [PATH…]: seconds nix copy takes (default: every path)
   echo "$t1 - $t0" | bc -l
 }
 
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
 echo
-echo "## nix copy of ${#paths[@]} paths ($((bytes / 1000000)) MB of NARs): P2P through a fetcher daemon vs nginx"
+echo "## nix copy of ${#paths[@]} paths ($((bytes / 1000000)) MB of NARs): through a fresh daemon vs from nginx"
 echo
-echo "| run | nginx s | via P2P s | P2P / nginx |"
-echo "|---|---|---|---|"
+echo "P2P: the daemon fetches from a seed daemon; pull-through: the daemon (no P2P) has nginx as"
+echo "its --upstream. Each run: nginx, P2P, pull-through, each into a fresh store."
+echo
+echo "| run | nginx s | via P2P s | P2P / nginx | pull-through s | pull-through / nginx |"
+echo "|---|---|---|---|---|---|"
 ratios=()
+pulls=()
 for i in $(seq "$runs"); do
   start_daemon "fetcher-$i" --p2p-listen /ip4/127.0.0.1/tcp/0 --bootstrap "${seed[1]}"
   a=${addrs[0]}
+  fetcher_pid=$last_pid
   sleep 0.5 # connected to the seed
+  start_daemon "pull-$i" --upstream "$nginx_url"
+  u=${addrs[0]}
+  pull_pid=$last_pid
   n=$(copy "$nginx_url" "nginx-$i")
   p=$(copy "$a" "p2p-$i")
-  kill "$last_pid" 2>/dev/null || true
+  q=$(copy "$u" "pull-$i")
+  kill "$fetcher_pid" "$pull_pid" 2>/dev/null || true
   r=$(echo "$p / $n" | bc -l)
+  s=$(echo "$q / $n" | bc -l)
   ratios+=("$r")
-  printf '| %d | %.2f | %.2f | %.2f |\n' "$i" "$n" "$p" "$r"
+  pulls+=("$s")
+  printf '| %d | %.2f | %.2f | %.2f | %.2f | %.2f |\n' "$i" "$n" "$p" "$r" "$q" "$s"
 done
-median=$(printf '%s\n' "${ratios[@]}" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
-printf '\nmedian P2P / nginx = %.2f (target ≤ 1.1)\n' "$median"
+printf '\nmedian P2P / nginx = %.2f (target ≤ 1.1); median pull-through / nginx = %.2f (target ≤ 1.05)\n' \
+  "$(median "${ratios[@]}")" "$(median "${pulls[@]}")"
 
 # An upgrade: generation N after N-1, through one fetcher.
 if [ -n "$corpus" ] && [ -f "$corpus/gen-2.paths" ]; then

@@ -163,3 +163,18 @@ pub fn nar_hash_of(data: &[u8]) -> String {
     let out = run_ok(Command::new("nix-hash").args(["--type", "sha256", "--to-base32", &hex]));
     format!("sha256:{}", String::from_utf8(out.stdout).unwrap().trim())
 }
+
+/// A NAR holding one regular (non-executable) file with `contents`.
+pub fn nar_of_file(contents: &[u8]) -> Vec<u8> {
+    use nix_p2p_cache::core::nar::{write_nar, Node};
+    let mut out = Vec::new();
+    write_nar(
+        &mut out,
+        &Node::Regular {
+            executable: false,
+            contents: contents.to_vec(),
+        },
+    )
+    .expect("writing to a Vec");
+    out
+}

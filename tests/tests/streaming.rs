@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix_p2p_cache_tests::harness::*;
-use nix_p2p_cache_tests::{nar_hash_of, Corpus};
+use nix_p2p_cache_tests::{nar_hash_of, nar_of_file, Corpus};
 
 /// One file of a [`TestUpstream`]: its bytes and, if trickled, the rate in bytes per second.
 #[derive(Clone)]
@@ -114,28 +114,6 @@ fn wait_metric(a: &Daemon, name: &str, want: u64) -> u64 {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// A NAR holding one regular file.
-fn nar_of_file(contents: &[u8]) -> Vec<u8> {
-    fn s(out: &mut Vec<u8>, b: &[u8]) {
-        out.extend_from_slice(&(b.len() as u64).to_le_bytes());
-        out.extend_from_slice(b);
-        out.resize(out.len().div_ceil(8) * 8, 0);
-    }
-    let mut out = Vec::new();
-    for t in [
-        &b"nix-archive-1"[..],
-        b"(",
-        b"type",
-        b"regular",
-        b"contents",
-        contents,
-        b")",
-    ] {
-        s(&mut out, t);
-    }
-    out
 }
 
 /// `len` pseudo-random bytes (incompressible: every chunk new).
@@ -253,7 +231,7 @@ fn a_trickling_upstream_streams_and_blocks_nothing() {
     let slow = fake_path(
         "0123456789abcdfghijklmnpqrsvwxyz",
         "slow",
-        nar_of_file(&noise(1, 12 << 20)),
+        nar_of_file(&noise(1, 20 << 20)),
     );
     let fast = fake_path(
         "1123456789abcdfghijklmnpqrsvwxyz",

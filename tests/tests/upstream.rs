@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nix_p2p_cache_tests::Corpus;
+use nix_p2p_cache_tests::{nar_of_file, Corpus};
 
 use nix_p2p_cache_tests::harness::*;
 
@@ -172,28 +172,6 @@ fn misses_are_fast_404s_and_dead_upstream_is_harmless() {
 
 // ---------------------------------------------------------------------------------------------
 // 4. An upstream that sends the wrong NAR.
-
-/// A NAR holding one regular file.
-fn nar_of_file(contents: &[u8]) -> Vec<u8> {
-    fn s(out: &mut Vec<u8>, b: &[u8]) {
-        out.extend_from_slice(&(b.len() as u64).to_le_bytes());
-        out.extend_from_slice(b);
-        out.resize(out.len().div_ceil(8) * 8, 0);
-    }
-    let mut out = Vec::new();
-    for t in [
-        &b"nix-archive-1"[..],
-        b"(",
-        b"type",
-        b"regular",
-        b"contents",
-        contents,
-        b")",
-    ] {
-        s(&mut out, t);
-    }
-    out
-}
 
 /// A minimal HTTP/1.1 server answering GETs from a fixed map (404 otherwise).
 fn fake_upstream(files: HashMap<String, Vec<u8>>) -> u16 {

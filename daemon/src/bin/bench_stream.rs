@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use nix_p2p_cache::core::nar::{write_nar, Node};
 use nix_p2p_cache::core::NarHash;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -59,30 +60,21 @@ fn parse_args() -> Result<Args> {
 }
 
 /// A NAR of one regular file of `len` pseudo-random bytes.
-fn make_nar(len: usize) -> Vec<u8> {
-    fn s(out: &mut Vec<u8>, b: &[u8]) {
-        out.extend_from_slice(&(b.len() as u64).to_le_bytes());
-        out.extend_from_slice(b);
-        out.resize(out.len().div_ceil(8) * 8, 0);
-    }
+fn make_nar(len: usize) -> Result<Vec<u8>> {
     let mut contents = vec![0u8; len];
     blake3::Hasher::new()
         .update(b"bench-stream")
         .finalize_xof()
         .fill(&mut contents);
     let mut out = Vec::with_capacity(len + 256);
-    for t in [
-        &b"nix-archive-1"[..],
-        b"(",
-        b"type",
-        b"regular",
-        b"contents",
-        &contents,
-        b")",
-    ] {
-        s(&mut out, t);
-    }
-    out
+    write_nar(
+        &mut out,
+        &Node::Regular {
+            executable: false,
+            contents,
+        },
+    )?;
+    Ok(out)
 }
 
 /// Serves `files` (path → body); NAR bodies (under `/nar/`) at `rate` bytes per second.
@@ -194,7 +186,7 @@ async fn main() -> Result<()> {
     let args = parse_args()?;
     let rate = args.rate_mbs * 1e6;
     eprintln!("making a {} MiB NAR…", args.size_mib);
-    let nar = make_nar((args.size_mib << 20) as usize);
+    let nar = make_nar((args.size_mib << 20) as usize)?;
     let nar_hash = NarHash::digest(&nar);
     let hash = "0123456789abcdfghijklmnpqrsvwxyz";
     let narinfo = format!(

@@ -499,26 +499,20 @@ impl Store {
     /// (record header, frame, BLAKE3 of the content against `id`): what a peer is sent.
     /// `None` if the chunk is not stored.
     pub fn chunk_frame(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, StoreError> {
-        let gate = self.packs.shared();
-        let loc = {
-            let txn = self.db.begin_read()?;
-            let t = txn.open_table(CHUNKS)?;
-            let Some(v) = t.get(id.0)? else {
-                return Ok(None);
-            };
-            loc_of(v.value()).0
+        let Some((f, path, loc)) = self.chunk_record(id)? else {
+            return Ok(None);
         };
-        let (f, path) = self.packs.get(loc.pack)?;
-        drop(gate);
         with_thread_dctx(&self.dir, |dctx| {
             Ok(Some(pack::read_frame(&f, &path, &loc, id, dctx)?))
         })
     }
 
-    /// The content of a stored chunk after a full check (record header, zstd frame, BLAKE3
-    /// against `id`): what a fetch reuses of a chunk it already holds. `None` if not stored.
-    pub fn chunk_data(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, StoreError> {
-        let gate = self.packs.shared();
+    /// Where a chunk's record is, with its pack open (held open: a pack GC may unlink it).
+    fn chunk_record(
+        &self,
+        id: &ChunkId,
+    ) -> Result<Option<(Arc<File>, PathBuf, Location)>, StoreError> {
+        let _gate = self.packs.shared();
         let loc = {
             let txn = self.db.begin_read()?;
             let t = txn.open_table(CHUNKS)?;
@@ -528,7 +522,15 @@ impl Store {
             loc_of(v.value()).0
         };
         let (f, path) = self.packs.get(loc.pack)?;
-        drop(gate);
+        Ok(Some((f, path, loc)))
+    }
+
+    /// The content of a stored chunk after a full check (record header, zstd frame, BLAKE3
+    /// against `id`): what a fetch reuses of a chunk it already holds. `None` if not stored.
+    pub fn chunk_data(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, StoreError> {
+        let Some((f, path, loc)) = self.chunk_record(id)? else {
+            return Ok(None);
+        };
         with_thread_dctx(&self.dir, |dctx| {
             Ok(Some(pack::read_chunk(
                 &f,
