@@ -8,10 +8,11 @@
 //!
 //! NAR: downloaded from the upstream whose narinfo named it (or, when the narinfo came from
 //! elsewhere, from the first upstream whose narinfo for that path has the same NarHash), into
-//! a bounded channel (8 blocks), decompressed on a blocking thread and teed into the
-//! [`Flight`] (clients see the bytes as they are decompressed; the last one after the NarHash
-//! check) while [`Store::ingest`] stages and commits them. A download has a stall timeout and
-//! an overall deadline; the ingest stops at NarSize + 1 bytes.
+//! a bounded channel (8 blocks), decompressed on a blocking thread into the [`Flight`] (clients
+//! see the bytes as they are decompressed; the last one after the NarHash check), while
+//! [`Store::ingest`] reads the flight's spool at its own pace and stages and commits the NAR.
+//! A download has a stall timeout and an overall deadline; the flight refuses a byte past
+//! NarSize, and the ingest reads at most NarSize + 1.
 
 use std::io::{self, Read};
 use std::sync::Arc;
@@ -78,6 +79,8 @@ pub enum UpstreamError {
     Deadline { url: String, secs: u64 },
     #[error("no upstream has this path with NarHash {0}")]
     NoMatch(crate::core::NarHash),
+    #[error("reading the NAR download: {0}")]
+    Read(String),
 }
 
 /// The configured upstream caches and what has been fetched from them.
@@ -306,42 +309,63 @@ impl Upstream {
                 }
             }
         });
-        let source = upstream.to_string();
-        let s = store.clone();
-        let (text, trust, f) = (found.text.clone(), found.trust.clone(), flight.clone());
-        let nar_info = found.info.clone();
+        // The feeder decompresses the download into the flight (clients read it from there,
+        // the last byte once NarHash checks); the ingest reads the flight's spool at its own
+        // pace, so no client waits for chunking, compression or the commit.
         let compression = info.compression_or_default().to_string();
-        let ingest = tokio::task::spawn_blocking(move || {
-            s.ingest(&nar_info, &text, &trust, &source, || {
-                let raw = decompressor(
-                    io::BufReader::with_capacity(1 << 20, ChannelReader::new(rx)),
-                    &compression,
-                )?;
-                Ok(FlightTee {
-                    inner: raw,
-                    flight: f,
-                })
-            })
+        let f = flight.clone();
+        let feeder = tokio::task::spawn_blocking(move || -> Result<(), FetchError> {
+            let mut raw = decompressor(
+                io::BufReader::with_capacity(1 << 20, ChannelReader::new(rx)),
+                &compression,
+            )
+            .map_err(|e| UpstreamError::Read(e.to_string()))?;
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                let n = match raw.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(UpstreamError::Read(e.to_string()).into()),
+                };
+                f.write(&buf[..n])?;
+            }
+            f.finish()?;
+            Ok(())
         });
-        let outcome = ingest.await;
+        let source = upstream.to_string();
+        let (s, f) = (store.clone(), flight.clone());
+        let (text, trust, nar_info) = (found.text.clone(), found.trust.clone(), found.info.clone());
+        let ingest = tokio::task::spawn_blocking(move || {
+            s.ingest(&nar_info, &text, &trust, &source, || Ok(f.spool_reader()))
+        });
+        let fed = feeder.await;
         pump.abort();
-        let outcome = outcome.map_err(|_| FetchError::Task("upstream ingest"))?;
-        match outcome {
+        let fed = fed
+            .map_err(|_| FetchError::Task("upstream feeder"))
+            .and_then(|r| r);
+        if let Err(e) = fed {
+            // End the ingest's spool reader: start over (nothing shown yet), or stop it (the
+            // resolver then fails the flight).
+            if !flight.reset() {
+                flight.end_spool(&e.to_string());
+            }
+            let _ = ingest.await;
+            return Err(e);
+        }
+        match ingest
+            .await
+            .map_err(|_| FetchError::Task("upstream ingest"))?
+        {
             Ok(o) => {
                 tracing::info!(nar_size = o.nar_size, "ingested NAR from upstream");
                 Ok(())
             }
-            Err(e) => {
-                // The flight's own verdict names the cause best when it has one.
-                if let Some(fe) = flight_error(&e) {
-                    return Err(fe.into());
-                }
-                Err(UpstreamError::Ingest {
-                    url,
-                    source: Box::new(e),
-                }
-                .into())
+            Err(e) => Err(UpstreamError::Ingest {
+                url,
+                source: Box::new(e),
             }
+            .into()),
         }
     }
 }
@@ -382,48 +406,6 @@ impl Source for Upstream {
 
 fn bad_nar_url(url: &str) -> bool {
     url.contains("://") || url.starts_with('/') || url.contains("..")
-}
-
-/// Tees the decompressed NAR into the flight as the ingest reads it; at the end checks it
-/// ([`Flight::finish`]), so clients get the last byte before the store commits.
-struct FlightTee<R> {
-    inner: R,
-    flight: Arc<Flight>,
-}
-
-/// Carries a flight's verdict through the ingest's `io::Error`.
-#[derive(Debug)]
-struct TeeFailed(crate::resolve::FlightError);
-
-impl std::fmt::Display for TeeFailed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl std::error::Error for TeeFailed {}
-
-fn flight_error(e: &StoreError) -> Option<crate::resolve::FlightError> {
-    let StoreError::NarRead { source, .. } = e else {
-        return None;
-    };
-    source
-        .get_ref()
-        .and_then(|i| i.downcast_ref::<TeeFailed>())
-        .map(|t| t.0.clone())
-}
-
-impl<R: Read> Read for FlightTee<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        let failed = |e| io::Error::new(io::ErrorKind::InvalidData, TeeFailed(e));
-        if n == 0 {
-            self.flight.finish().map_err(failed)?;
-        } else {
-            self.flight.write(&buf[..n]).map_err(failed)?;
-        }
-        Ok(n)
-    }
 }
 
 /// The receiving end of a download as a blocking `Read`.

@@ -126,6 +126,20 @@ impl Daemon {
             .unwrap()
     }
     /// A counter or gauge, `None` when `/metrics` does not export it (yet).
+    /// Waits (up to 60 s) for a metric to reach at least `want`; returns its value then. A
+    /// client gets a fetched NAR's last byte once it is verified; the daemon's commit (and the
+    /// counters that follow it) come right after.
+    pub fn wait_metric(&self, name: &str, want: u64) -> u64 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let v = self.metric(name);
+            if v >= want || std::time::Instant::now() > deadline {
+                return v;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     pub fn try_metric(&self, name: &str) -> Option<u64> {
         let r = http(self.port, &get("/metrics"));
         assert_eq!(r.status, 200, "GET /metrics");

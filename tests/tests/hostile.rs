@@ -179,7 +179,11 @@ impl Counters {
 /// something it lies about (else the test proves nothing); A's counters are read, then A is
 /// stopped and its store must pass `verify` with `nars` NARs.
 fn finish(a: Daemon, h: &mut Hostile, data: &Path, mode: &str, nars: u64) -> Counters {
-    assert_eq!(a.metric("store_nars"), nars, "{mode}: NARs in A's store");
+    assert_eq!(
+        a.wait_metric("store_nars", nars),
+        nars,
+        "{mode}: NARs in A's store"
+    );
     a.assert_alive();
     h.assert_running();
     assert!(

@@ -57,15 +57,23 @@ fn closure_through_peers() {
     assert_eq!(mode, 0o600, "node.key permissions");
 
     env.copy_closure_ok("1", &a, Some(&pk), &out, &closure, &[&s]);
-    assert_eq!(a.metric("store_nars"), n, "A ingested the closure from S");
-    assert_eq!(a.metric("store_narinfos"), n);
+    assert_eq!(
+        a.wait_metric("store_nars", n),
+        n,
+        "A ingested the closure from S"
+    );
+    assert_eq!(a.wait_metric("store_narinfos", n), n);
 
     // Without S: B bootstraps only from A and gets the closure from A's chunks.
     s.stop();
     let a_addr = a.p2p.clone().unwrap();
     let b = start(&env.path("data-b"), &pk, &p2p(Some(&a_addr)));
     env.copy_closure_ok("2", &b, Some(&pk), &out, &closure, &[&a]);
-    assert_eq!(b.metric("store_nars"), n, "B ingested the closure from A");
+    assert_eq!(
+        b.wait_metric("store_nars", n),
+        n,
+        "B ingested the closure from A"
+    );
 
     // A restarted keeps its peer id (node.key persisted).
     let a_id = a_addr.rsplit('/').next().unwrap().to_string();
@@ -234,7 +242,7 @@ fn max_cache_size_evicts_fetched_nars() {
         );
     }
     assert!(
-        a.metric("p2p_nars_total") > closure.len() as u64,
+        a.wait_metric("p2p_nars_total", closure.len() as u64 + 1) > closure.len() as u64,
         "evicted NARs fetched again"
     );
     // The seed never evicts: it still has everything.

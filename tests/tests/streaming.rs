@@ -103,19 +103,6 @@ fn serve_conn(mut s: TcpStream, files: &HashMap<String, File>, hits: &Mutex<Hash
     let _ = s.flush();
 }
 
-/// Waits (bounded) for a metric to reach `want`: a flight's client gets the last byte once the
-/// NAR is verified, the commit to the store follows.
-fn wait_metric(a: &Daemon, name: &str, want: u64) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let v = a.metric(name);
-        if v >= want || Instant::now() > deadline {
-            return v;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// `len` pseudo-random bytes (incompressible: every chunk new).
 fn noise(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -305,7 +292,7 @@ fn a_trickling_upstream_streams_and_blocks_nothing() {
     assert_eq!(up.hits(&slow.nar_file), 1);
     let want = 2 + closure.len() as u64;
     assert_eq!(
-        wait_metric(&a, "store_nars", want),
+        a.wait_metric("store_nars", want),
         want,
         "both fetched NARs and the upload are stored"
     );
@@ -358,7 +345,7 @@ fn ten_clients_share_one_fetch() {
         assert!(body == p.nar, "wrong bytes");
     }
     assert_eq!(up.hits(&p.nar_file), 1, "one download for ten clients");
-    assert_eq!(wait_metric(&a, "store_nars", 1), 1);
+    assert_eq!(a.wait_metric("store_nars", 1), 1);
     a.stop();
 }
 
@@ -402,7 +389,7 @@ fn a_source_lying_mid_stream_aborts_and_the_next_request_succeeds() {
         "the right NAR from the honest upstream"
     );
     assert_eq!(honest.hits(&p.nar_file), 1);
-    assert_eq!(wait_metric(&a, "store_nars", 1), 1);
+    assert_eq!(a.wait_metric("store_nars", 1), 1);
     a.assert_alive();
     a.stop();
 }
@@ -419,7 +406,8 @@ fn nix_copy_through_a_trickling_upstream() {
     let up = TestUpstream::start(files);
     let a = Daemon::start(&env.path("data-a"), &["--upstream", &up.url()]);
     env.copy_closure_ok("1", &a, None, &out, &closure, &[]);
-    assert_eq!(a.metric("store_nars"), closure.len() as u64);
+    let n = closure.len() as u64;
+    assert_eq!(a.wait_metric("store_nars", n), n);
     a.stop();
 }
 
@@ -486,7 +474,8 @@ fn slow_peer_narinfos_are_waited_for() {
         ],
     );
     env.copy_closure_ok("1", &a, Some(&pk), &out, &closure, &[]);
-    assert_eq!(a.metric("store_nars"), closure.len() as u64);
+    let n = closure.len() as u64;
+    assert_eq!(a.wait_metric("store_nars", n), n);
     assert!(a.metric("narinfo_late_waits_total") >= 1);
     a.stop();
     let _ = h.kill();

@@ -49,9 +49,9 @@ fn closure_through_upstream_then_served_locally() {
 
     env.copy_closure_ok("1", &a, Some(&pk), &out, &closure, &[]);
     let n = closure.len() as u64;
-    assert_eq!(a.metric("store_nars"), n, "A ingested the closure");
-    assert_eq!(a.metric("store_narinfos"), n);
-    assert_eq!(a.metric("upstream_nars_total"), n);
+    assert_eq!(a.wait_metric("store_nars", n), n, "A ingested the closure");
+    assert_eq!(a.wait_metric("store_narinfos", n), n);
+    assert_eq!(a.wait_metric("upstream_nars_total", n), n);
 
     // Without U: served from A's own store.
     u.stop();
@@ -128,7 +128,8 @@ fn unsigned_xz_upstream() {
     assert_eq!(sigs(&info), sigs(&upstream_info), "{info}");
 
     env.copy_closure_ok("1", &a, None, &out, &closure, &[]);
-    assert_eq!(a.metric("store_nars"), closure.len() as u64);
+    let n = closure.len() as u64;
+    assert_eq!(a.wait_metric("store_nars", n), n);
     a.stop();
 }
 

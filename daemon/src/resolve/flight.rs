@@ -9,6 +9,8 @@
 //! against its id; an upstream's bytes are only proven by NarHash); the last one only once the
 //! whole NAR has hashed to NarHash with exactly NarSize bytes ([`Flight::finish`]). A NAR that
 //! fails ends every client's body with an error, so a client never sees a complete wrong 200.
+//! The store's ingest of an upstream NAR reads the spool too ([`Flight::spool_reader`]), at its
+//! own pace: clients never wait for chunking, compression or the commit.
 //!
 //! A flight can be *held*: bytes are spooled but no client sees any until it is verified, and
 //! a held flight can be [`Flight::reset`] to try another source from byte 0. Fetches whose
@@ -60,8 +62,12 @@ struct Writer {
     written: u64,
     sha: Sha256,
     held: bool,
-    /// [`Flight::finish`] checked the NAR (clients see its end after [`Flight::release`]).
+    /// [`Flight::finish`] checked the NAR.
     verified: bool,
+    /// Why the flight failed (ends the spool readers).
+    failed: Option<Arc<str>>,
+    /// Bumped by every [`Flight::reset`] (a spool reader of an earlier attempt stops).
+    epoch: u64,
 }
 
 /// One NAR in flight; see the module docs.
@@ -70,6 +76,8 @@ pub struct Flight {
     nar_size: u64,
     spool: Arc<File>,
     writer: Mutex<Writer>,
+    /// Signalled on every write and at the end, for [`SpoolReader`]s.
+    written: std::sync::Condvar,
     progress: watch::Sender<Progress>,
 }
 
@@ -87,7 +95,10 @@ impl Flight {
                 sha: Sha256::new(),
                 held: false,
                 verified: false,
+                failed: None,
+                epoch: 0,
             }),
+            written: std::sync::Condvar::new(),
             progress: watch::Sender::new(Progress::Running { visible: 0 }),
         }))
     }
@@ -116,7 +127,15 @@ impl Flight {
     pub(crate) fn hold(&self, held: bool) {
         let mut w = self.lock();
         w.held = held;
-        let visible = if held { 0 } else { w.written };
+        if !held && w.verified {
+            self.progress.send_replace(Progress::Verified);
+            return;
+        }
+        let visible = if held {
+            0
+        } else {
+            w.written.min(self.nar_size.saturating_sub(1))
+        };
         self.publish_running(visible);
     }
 
@@ -131,6 +150,8 @@ impl Flight {
         }
         w.written = 0;
         w.sha = Sha256::new();
+        w.epoch += 1;
+        self.written.notify_all();
         true
     }
 
@@ -160,6 +181,7 @@ impl Flight {
             .map_err(|e| FlightError::Spool(e.to_string()))?;
         w.sha.update(data);
         w.written += data.len() as u64;
+        self.written.notify_all();
         if !w.held {
             // The last byte waits for the NarHash check.
             self.publish_running(w.written.min(self.nar_size.saturating_sub(1)));
@@ -167,10 +189,9 @@ impl Flight {
         Ok(())
     }
 
-    /// Checks the whole NAR against NarSize and NarHash. On success the bytes are right; the
-    /// clients see the end once the resolver [`Flight::release`]s it (after the commit, so a
-    /// client that got a whole NAR finds it stored). On failure nothing changes: the caller
-    /// decides (fail, or reset and retry).
+    /// Checks the whole NAR against NarSize and NarHash. On success every client may read to
+    /// the end (unless the flight is held: then at [`Flight::release`]). On failure nothing
+    /// changes: the caller decides (fail, or reset and retry).
     pub(crate) fn finish(&self) -> Result<(), FlightError> {
         let mut w = self.lock();
         if w.verified {
@@ -190,6 +211,12 @@ impl Flight {
             });
         }
         w.verified = true;
+        let held = w.held;
+        drop(w);
+        self.written.notify_all();
+        if !held {
+            self.progress.send_replace(Progress::Verified);
+        }
         Ok(())
     }
 
@@ -201,8 +228,21 @@ impl Flight {
         }
     }
 
+    /// Ends the spool readers (the store's ingest) with an error, without telling the clients:
+    /// the source gave up; the resolver fails the flight (or tries another source).
+    pub(crate) fn end_spool(&self, reason: &str) {
+        {
+            let mut w = self.lock();
+            if !w.verified {
+                w.failed = Some(Arc::from(reason));
+            }
+        }
+        self.written.notify_all();
+    }
+
     /// Ends the flight as failed (no-op once released): every client's body ends in an error.
     pub(crate) fn fail(&self, reason: &str) {
+        self.end_spool(reason);
         self.progress.send_if_modified(|p| match p {
             Progress::Verified | Progress::Failed(_) => false,
             _ => {
@@ -215,6 +255,17 @@ impl Flight {
     /// Whether the NAR checked ([`Flight::finish`]).
     pub(crate) fn is_verified(&self) -> bool {
         self.lock().verified
+    }
+
+    /// A blocking reader of everything written to the spool, in order, waiting for the writer;
+    /// it ends once the NAR is verified and read to its end, and fails when the flight fails.
+    /// (For the store's ingest: it checks NarHash itself, so it reads the last byte at once.)
+    pub(crate) fn spool_reader(self: &Arc<Self>) -> SpoolReader {
+        SpoolReader {
+            flight: self.clone(),
+            pos: 0,
+            epoch: self.lock().epoch,
+        }
     }
 
     /// Waits until the first bytes are visible (or, with `whole`, until the NAR is verified).
@@ -279,6 +330,43 @@ impl Flight {
                 }
             }
         })
+    }
+}
+
+/// See [`Flight::spool_reader`].
+pub(crate) struct SpoolReader {
+    flight: Arc<Flight>,
+    pos: u64,
+    epoch: u64,
+}
+
+impl io::Read for SpoolReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let f = &self.flight;
+        let mut w = f.lock();
+        loop {
+            if let Some(e) = &w.failed {
+                return Err(io::Error::other(format!("NAR flight failed: {e}")));
+            }
+            if w.epoch != self.epoch || w.written < self.pos {
+                return Err(io::Error::other("the NAR flight started over"));
+            }
+            if w.written > self.pos {
+                break;
+            }
+            if w.verified {
+                return Ok(0);
+            }
+            w = f.written.wait(w).unwrap_or_else(|e| e.into_inner());
+        }
+        let n = ((w.written - self.pos) as usize).min(buf.len());
+        drop(w);
+        f.spool.read_exact_at(&mut buf[..n], self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
     }
 }
 
@@ -351,6 +439,40 @@ mod tests {
         assert!(got.len() < nar.len(), "never the whole length");
         assert!(err.unwrap().contains("wrong bytes"));
         assert!(f.ready(false).await.is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_spool_reader_follows_the_writer_to_the_end() {
+        use std::io::Read as _;
+        let dir = tempfile::tempdir().unwrap();
+        let nar = b"0123456789".repeat(10_000);
+        let f = Flight::new(dir.path(), NarHash::digest(&nar), nar.len() as u64).unwrap();
+        let mut r = f.spool_reader();
+        let reader = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            r.read_to_end(&mut out).map(|_| out)
+        });
+        let w = f.clone();
+        let n2 = nar.clone();
+        tokio::task::spawn_blocking(move || {
+            for part in n2.chunks(7000) {
+                w.write(part).unwrap();
+            }
+            w.finish().unwrap();
+        })
+        .await
+        .unwrap();
+        assert_eq!(reader.await.unwrap().unwrap(), nar);
+        // A failed flight ends its spool readers with an error.
+        let g = Flight::new(dir.path(), NarHash::digest(b"x"), 10).unwrap();
+        let mut r = g.spool_reader();
+        let reader = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            r.read_to_end(&mut out)
+        });
+        g.write(b"abc").unwrap();
+        g.fail("gone");
+        assert!(reader.await.unwrap().is_err());
     }
 
     #[tokio::test]

@@ -354,8 +354,18 @@ impl Resolver {
                 }
             }
         }
-        // Verified bytes go out to their end only now, after the commit: a client that got a
-        // whole NAR finds it stored.
+        // Out of the map before its end is told: a request that comes after a failure starts
+        // a new flight (or finds the NAR stored) instead of joining this one.
+        {
+            let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
+            if flights
+                .get(&nar_hash)
+                .is_some_and(|f| Arc::ptr_eq(f, &flight))
+            {
+                flights.remove(&nar_hash);
+            }
+        }
+        // A held flight's verified bytes go out now (an unheld one's went at verification).
         flight.release();
         match &outcome {
             Ok(trusted) => {
@@ -389,13 +399,6 @@ impl Resolver {
                 Metrics::inc(&self.metrics.nar_fetch_failures, 1);
                 flight.fail(e);
             }
-        }
-        let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
-        if flights
-            .get(&nar_hash)
-            .is_some_and(|f| Arc::ptr_eq(f, &flight))
-        {
-            flights.remove(&nar_hash);
         }
     }
 
