@@ -401,6 +401,7 @@ impl Peers {
         }
         // Two providers, two different manifests: one lies. Hold the bytes until one checks.
         let held = manifests.len() > 1 && manifests[0].0 != manifests[1].0;
+        tracing::debug!(manifests = manifests.len(), held, "manifests");
         flight.hold(held);
         if !held {
             manifests.truncate(1);

@@ -300,7 +300,13 @@ impl Resolver {
             path = %found.info.store_path.to_absolute());
         let me = self.clone();
         let f = flight.clone();
-        tokio::spawn(async move { me.run_flight(path, found, f).await }.instrument(span));
+        tokio::spawn(
+            async move {
+                tracing::debug!("flight started");
+                me.run_flight(path, found, f).await
+            }
+            .instrument(span),
+        );
         Ok(Some(flight))
     }
 
