@@ -306,12 +306,20 @@ pub async fn run(
             }
         }
     });
+    let staging = config.data_dir.join("uploads");
+    let st = staging.clone();
+    match tokio::task::spawn_blocking(move || http::sweep_staging(&st)).await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => tracing::info!(files = n, "removed unfinished or abandoned uploads"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "sweeping the upload staging dir"),
+        Err(e) => tracing::warn!(error = %e, "sweeping the upload staging dir"),
+    }
     let state = Arc::new(HttpState {
         store,
         metrics,
         upload_token,
         trusted,
-        staging: config.data_dir.join("uploads"),
+        staging,
         max_upload: config.max_upload_size,
         narinfo_cache,
         node: http::NodeInfo {

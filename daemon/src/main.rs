@@ -3,6 +3,35 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// `println!` that ends the process quietly when stdout's reader has gone (`stats | head`)
+/// instead of panicking, and with an error for any other write failure.
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($t)*) {
+            stdout_failed(e)
+        }
+    }};
+}
+
+/// `print!`, as [`outln!`].
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = write!(std::io::stdout(), $($t)*) {
+            stdout_failed(e)
+        }
+    }};
+}
+
+fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("error: writing to stdout: {e}");
+    std::process::exit(1);
+}
+
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -50,7 +79,7 @@ impl ApiArgs {
     fn show(&self, path: &str, human: fn(&serde_json::Value)) -> Result<ExitCode> {
         let v = self.get(path)?;
         if self.json {
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            outln!("{}", serde_json::to_string_pretty(&v)?);
         } else {
             human(&v);
         }
@@ -341,7 +370,7 @@ fn pin_command(data: &DataDir, store_paths: &[String], pin: bool) -> Result<Exit
             (false, true) => "unpinned",
             (false, false) => "was not pinned",
         };
-        println!("{what}: {p}");
+        outln!("{what}: {p}");
     }
     Ok(if failed {
         ExitCode::FAILURE
@@ -357,7 +386,7 @@ fn gc_command(data: &DataDir, max_size: Option<ByteSize>) -> Result<ExitCode> {
     let mut gc = GcReport::default();
     if let Some(max) = max_size {
         let r = store.evict_to(max.0)?;
-        println!(
+        outln!(
             "evicted {} paths ({} NARs, {} of NARs, {} chunks)",
             r.paths,
             r.nars,
@@ -375,7 +404,7 @@ fn gc_command(data: &DataDir, max_size: Option<ByteSize>) -> Result<ExitCode> {
     gc.skipped.extend(g.skipped);
     store.compact().context("compacting the index")?;
     let after = store.stats()?;
-    println!(
+    outln!(
         "compacted {} packs: moved {} live records ({}) in {:.2} s ({:.0} MiB/s), packs {} smaller",
         gc.packs,
         gc.records_copied,
@@ -384,14 +413,14 @@ fn gc_command(data: &DataDir, max_size: Option<ByteSize>) -> Result<ExitCode> {
         gc.bytes_copied as f64 / (1 << 20) as f64 / gc.elapsed.as_secs_f64().max(1e-6),
         human(gc.bytes_reclaimed)
     );
-    println!(
+    outln!(
         "store {} -> {} (freed {})",
         human(before.stored_bytes),
         human(after.stored_bytes),
         human(before.stored_bytes.saturating_sub(after.stored_bytes))
     );
     if let Some(max) = max_size.filter(|m| after.stored_bytes > m.0) {
-        println!(
+        outln!(
             "still above {}: the rest is pinned ({} NARs)",
             human(max.0),
             after.pinned_nars
@@ -447,7 +476,7 @@ fn s<'a>(v: &'a serde_json::Value, k: &str) -> &'a str {
 }
 
 fn print_status(v: &serde_json::Value) {
-    println!(
+    outln!(
         "nix-p2p-cache {} ({}), up {} s",
         s(v, "version"),
         s(v, "role"),
@@ -462,7 +491,7 @@ fn print_status(v: &serde_json::Value) {
         ),
         None => String::new(),
     };
-    println!(
+    outln!(
         "store      {} paths, {} NARs ({}), {} on disk{quota}",
         u(st, "narinfos"),
         u(st, "nars"),
@@ -470,15 +499,15 @@ fn print_status(v: &serde_json::Value) {
         human(u(st, "stored_bytes"))
     );
     let ups = v["upstreams"].as_array().map(|a| a.len()).unwrap_or(0);
-    println!("upstreams  {ups}");
+    outln!("upstreams  {ups}");
     match v.get("p2p").filter(|p| !p.is_null()) {
-        None => println!("p2p        off"),
+        None => outln!("p2p        off"),
         Some(p) => {
-            println!("peer id    {}", s(v, "peer_id"));
+            outln!("peer id    {}", s(v, "peer_id"));
             for a in v["p2p_addresses"].as_array().into_iter().flatten() {
-                println!("listening  {}", a.as_str().unwrap_or("-"));
+                outln!("listening  {}", a.as_str().unwrap_or("-"));
             }
-            println!(
+            outln!(
                 "share      {} (announce {})",
                 s(v, "share"),
                 s(v, "announce")
@@ -487,37 +516,37 @@ fn print_status(v: &serde_json::Value) {
                 .get("upload_rate_limit")
                 .and_then(serde_json::Value::as_u64)
             {
-                println!("upload cap {}/s", human(r));
+                outln!("upload cap {}/s", human(r));
             }
-            println!(
+            outln!(
                 "peers      {} connected, {} banned",
                 u(p, "connected_peers"),
                 u(p, "peers_banned")
             );
-            println!(
+            outln!(
                 "traffic    {} up, {} down",
                 human(u(p, "bytes_up")),
                 human(u(p, "bytes_down"))
             );
-            println!(
+            outln!(
                 "fetched    {} NARs ({} failed), {} blocks, {} chunks reused locally",
                 u(p, "nars_fetched"),
                 u(p, "nar_fetch_failures"),
                 u(p, "blocks_received"),
                 u(p, "chunks_reused_locally")
             );
-            println!(
+            outln!(
                 "providers  {} found in {} DHT lookups",
                 u(p, "providers_found"),
                 u(p, "provider_lookups")
             );
-            println!(
+            outln!(
                 "refused    {} bad blocks, {} bad manifests",
                 u(p, "bad_blocks"),
                 u(p, "bad_manifests")
             );
             if let Some(a) = p.get("announce").filter(|a| !a.is_null()) {
-                println!(
+                outln!(
                     "announced  {} keys ({} failed), {} full rounds",
                     u(a, "keys_provided"),
                     u(a, "failures"),
@@ -531,12 +560,16 @@ fn print_status(v: &serde_json::Value) {
 fn print_peers(v: &serde_json::Value) {
     let list = v.as_array().cloned().unwrap_or_default();
     if list.is_empty() {
-        println!("no peers");
+        outln!("no peers");
         return;
     }
-    println!(
+    outln!(
         "{:<54} {:<5} {:>10} {:>10} {:<8} address",
-        "peer", "lan", "up", "down", "state"
+        "peer",
+        "lan",
+        "up",
+        "down",
+        "state"
     );
     for p in &list {
         let state = if let Some(b) = p.get("banned_secs").and_then(serde_json::Value::as_u64) {
@@ -546,7 +579,7 @@ fn print_peers(v: &serde_json::Value) {
         } else {
             "gone".into()
         };
-        println!(
+        outln!(
             "{:<54} {:<5} {:>10} {:>10} {:<8} {}",
             s(p, "peer_id"),
             if p["lan"].as_bool() == Some(true) {
@@ -611,7 +644,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let cfg = args.into_config()?;
             cfg.validate()
                 .with_context(|| format!("{} is not a valid configuration", file.display()))?;
-            print!(
+            out!(
                 "{}",
                 toml::to_string(&cfg).context("printing the configuration")?
             );
@@ -664,7 +697,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if report.imported > 0 {
                 store.compact().context("compacting the index")?;
             }
-            println!(
+            outln!(
                 "imported {} paths ({} already present), {} of NARs, {} of new chunks stored as {}",
                 report.imported,
                 report.already_present,
@@ -686,38 +719,38 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let store = open_existing(&data.data_dir)?;
             let s = store.stats()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                outln!("{}", serde_json::to_string_pretty(&s)?);
             } else {
-                println!("narinfos            {}", s.narinfos);
-                println!("nars                {}", s.nars);
-                println!(
+                outln!("narinfos            {}", s.narinfos);
+                outln!("nars                {}", s.nars);
+                outln!(
                     "nar_bytes           {} ({})",
                     s.nar_bytes,
                     human(s.nar_bytes)
                 );
-                println!("chunks              {}", s.chunks);
-                println!(
+                outln!("chunks              {}", s.chunks);
+                outln!(
                     "unique_chunk_bytes  {} ({})",
                     s.unique_chunk_bytes,
                     human(s.unique_chunk_bytes)
                 );
-                println!(
+                outln!(
                     "stored_bytes        {} ({})",
                     s.stored_bytes,
                     human(s.stored_bytes)
                 );
-                println!(
+                outln!(
                     "  packs             {} in {} files",
                     human(s.pack_bytes),
                     s.packs
                 );
-                println!(
+                outln!(
                     "  index             {} ({} of manifests)",
                     human(s.index_bytes),
                     human(s.manifest_bytes)
                 );
                 if s.unique_chunk_bytes > 0 {
-                    println!(
+                    outln!(
                         "dedup {:.2}x, compression {:.2}x, overall {:.2}x",
                         s.nar_bytes as f64 / s.unique_chunk_bytes as f64,
                         s.unique_chunk_bytes as f64 / s.chunk_compressed_bytes.max(1) as f64,
@@ -757,14 +790,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             pb.finish_and_clear();
             if problems.is_empty() {
                 let s = store.stats()?;
-                println!(
+                outln!(
                     "ok: {} chunks, {} NARs, {} narinfos verified",
-                    s.chunks, s.nars, s.narinfos
+                    s.chunks,
+                    s.nars,
+                    s.narinfos
                 );
                 Ok(ExitCode::SUCCESS)
             } else {
                 for p in &problems {
-                    println!("DAMAGED: {p}");
+                    outln!("DAMAGED: {p}");
                 }
                 eprintln!("{} problems found", problems.len());
                 Ok(ExitCode::FAILURE)

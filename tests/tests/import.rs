@@ -339,3 +339,27 @@ fn content(mut s: serde_json::Value) -> serde_json::Value {
     }
     s
 }
+
+/// `nix-p2p-cache stats | head`: a reader that goes away ends the command quietly (exit 0),
+/// never a panic (it used to exit 101 with "failed printing to stdout").
+#[test]
+fn stats_into_a_closed_pipe_ends_quietly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    nix_p2p_cache_tests::harness::Daemon::start(&data, &[]).stop(); // an empty store
+    let stderr = tmp.path().join("stderr");
+    // The reader closes its end at once; `stats` writes only after opening the store.
+    let out = Command::new("bash")
+        .args([
+            "-c",
+            r#"set -o pipefail; "$0" stats --data-dir "$1" 2>"$2" | (exec 0<&-; sleep 1)"#,
+        ])
+        .arg(nix_p2p_cache_tests::bin())
+        .arg(&data)
+        .arg(&stderr)
+        .output()
+        .unwrap();
+    let err = fs::read_to_string(&stderr).unwrap_or_default();
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(0), "stderr: {err}");
+}

@@ -738,3 +738,63 @@ fn bad_requests_get_4xx_and_daemon_survives() {
     assert!(r.status == 200 && r.complete && r.body == nar);
     daemon.stop();
 }
+
+/// Two uploads of the same NAR that overlap (as two `nix copy --to` of one path do) both get
+/// a 200 and the path is then stored right; a part file left by a crash is gone after a
+/// restart. (Both uploads used to write one staging file: a 500, or a corrupt NAR.)
+#[test]
+fn overlapping_uploads_of_one_nar_both_succeed() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    let corpus = Corpus::small();
+    let env = Env::new();
+    let token = env.path("token");
+    let data = env.path("data");
+    let daemon = Daemon::start(&data, &["--upload-token-file", token.to_str().unwrap()]);
+    let (info, url, nar) = one_path(corpus);
+    let req = put(&format!("/{url}"), Some(("x", TOKEN)), &nar);
+    let head_len = req.len() - nar.len();
+    let clients: Vec<_> = (0..2u64)
+        .map(|i| {
+            let (port, req) = (daemon.port, req.clone());
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(150 * i));
+                let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                // Headers and half the body, a pause (the other upload runs), the rest.
+                let half = head_len + (req.len() - head_len) / 2;
+                s.write_all(&req[..half]).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(400));
+                s.write_all(&req[half..]).unwrap();
+                let mut resp = Vec::new();
+                let _ = s.read_to_end(&mut resp);
+                String::from_utf8_lossy(&resp).into_owned()
+            })
+        })
+        .collect();
+    for c in clients {
+        let resp = c.join().unwrap();
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    }
+    let p = corpus.out_path(1);
+    let info_path = format!("/{}.narinfo", hash_part(&p));
+    let r = http(
+        daemon.port,
+        &put(&info_path, Some(("x", TOKEN)), info.as_bytes()),
+    );
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    let served = narinfo(&daemon, &p);
+    let nar_url = field(&served, "URL").unwrap();
+    let r = http(daemon.port, &get(&format!("/{nar_url}")));
+    assert!(
+        r.complete && r.body == dump(&p),
+        "the stored NAR is the path's"
+    );
+    daemon.stop();
+
+    // A part file of an upload cut by a crash is swept at the next start.
+    let part = data.join("uploads").join("x.nar.part-1-1");
+    fs::write(&part, b"half an upload").unwrap();
+    let daemon = Daemon::start(&data, &["--upload-token-file", token.to_str().unwrap()]);
+    assert!(!part.exists(), "stale part file removed");
+    daemon.stop();
+}

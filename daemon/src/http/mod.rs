@@ -33,6 +33,7 @@ use crate::resolve::NarinfoAnswer;
 use crate::store::Store;
 pub use api::NodeInfo;
 pub use error::HttpError;
+pub use upload::sweep_staging;
 
 /// Everything the handlers share.
 pub struct HttpState {

@@ -23,6 +23,38 @@ use crate::store::Retention;
 
 /// Largest narinfo accepted.
 const MAX_NARINFO: usize = 1024 * 1024;
+/// Marks a NAR upload still being received (`<name>.part-<pid>-<n>`).
+const PART: &str = ".part-";
+/// A staged NAR whose narinfo has not come this long after is removed at the next start.
+const STAGED_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// Clears the staging dir at start: part files (uploads cut by a crash or a restart) and
+/// staged NARs older than [`STAGED_MAX_AGE`] (their narinfo never came). Returns how many
+/// files went.
+pub fn sweep_staging(dir: &FsPath) -> io::Result<usize> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut removed = 0;
+    for e in entries {
+        let e = e?;
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        let old = e
+            .metadata()?
+            .modified()
+            .ok()
+            .and_then(|m| m.elapsed().ok())
+            .is_some_and(|age| age >= STAGED_MAX_AGE);
+        if name.contains(PART) || old {
+            std::fs::remove_file(e.path())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
 
 fn check_auth(state: &HttpState, headers: &HeaderMap) -> Result<(), HttpError> {
     let Some(token) = state.upload_token.as_deref() else {
@@ -106,9 +138,14 @@ pub async fn put_nar(
             .await
             .map_err(|e| HttpError::Internal(format!("staging dir: {e}")))?;
         let dest = state.staging.join(name);
+        // Each upload writes its own part file, renamed over the staged name once complete:
+        // two uploads of one NAR never write into the same file, and a narinfo PUT that has
+        // the staged file open keeps reading a complete one.
+        static PARTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = PARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let part = state
             .staging
-            .join(format!("{name}.part-{}", std::process::id()));
+            .join(format!("{name}{PART}{}-{n}", std::process::id()));
         let res = receive(&state, body, &part).await;
         if let Err(e) = res {
             let _ = tokio::fs::remove_file(&part).await;

@@ -347,15 +347,23 @@ impl Store {
     }
 
     pub fn open_with(dir: &Path, zstd_level: i32) -> Result<Self, StoreError> {
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        create_private_dir(dir)?;
         let pack_dir = dir.join("packs");
-        let db = match Database::create(dir.join("index.redb")) {
+        let index = dir.join("index.redb");
+        let new_index = !index.exists();
+        let db = match Database::create(&index) {
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
                 return Err(StoreError::Locked(dir.to_path_buf()))
             }
             r => r?,
         };
         let dht = Arc::new(dht::DhtStore::open(dir)?);
+        if new_index {
+            // Private uploads are in here: only the daemon's user reads the index.
+            use std::os::unix::fs::PermissionsExt as _;
+            fs::set_permissions(&index, fs::Permissions::from_mode(0o600))
+                .map_err(io_err(&index))?;
+        }
         let txn = db.begin_write()?;
         let (last, known) = {
             // Create every table so readers never meet a missing one.
@@ -1190,6 +1198,20 @@ fn nar_file_name(url: &str) -> Option<&str> {
         .filter(|n| n.contains(".nar"))
 }
 
+/// Creates the data dir (and missing parents) readable by its owner only: it holds private
+/// uploads. An existing dir keeps its mode (the operator's, or systemd's `StateDirectory`).
+fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_err(dir))
+}
+
 /// Runs `f` with this thread's decompression context (making one costs more than decompressing
 /// a small chunk, and chunk reads come one at a time).
 fn with_thread_dctx<T>(
@@ -1629,6 +1651,28 @@ mod tests {
         assert!(shareable.contains(&info.nar_hash));
         assert!(!shareable.contains(&pinfo.nar_hash));
         assert_eq!(shareable.len(), 1);
+    }
+
+    #[test]
+    fn a_new_data_dir_and_index_are_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("new").join("data");
+        let store = Store::open(&dir).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(
+            mode(&dir.join("index.redb")) & 0o077,
+            0,
+            "index readable by others"
+        );
+        drop(store);
+        // An existing dir keeps the mode its operator gave it.
+        let other = tmp.path().join("existing");
+        std::fs::create_dir(&other).unwrap();
+        std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o750)).unwrap();
+        drop(Store::open(&other).unwrap());
+        assert_eq!(mode(&other), 0o750);
     }
 
     #[test]
