@@ -1360,9 +1360,10 @@ impl<R: Read> Read for CheckingReader<R> {
 /// Streams a stored NAR (see [`Store::nar_reader`]). Holds no database handle, and holds the
 /// pack files it reads open (a pack GC may unlink them meanwhile).
 ///
-/// Reading the whole NAR checks NarHash *before the last chunk is handed out*, so a damaged NAR
-/// never yields its complete length: the reader errors instead. A range read (which cannot be
-/// checked against NarHash) checks every chunk against its id before any of its bytes go out.
+/// Every chunk is checked against its id before any of its bytes go out; reading the whole
+/// NAR also checks NarHash *before the last chunk is handed out*, so a NAR that does not
+/// reassemble to its NarHash (a damaged manifest) never yields its complete length: the reader
+/// errors instead.
 pub struct NarReader {
     files: HashMap<u32, (Arc<File>, PathBuf)>,
     manifest: Manifest,
@@ -1433,13 +1434,10 @@ impl NarReader {
 
     fn load_next(&mut self) -> io::Result<()> {
         let (id, loc) = self.locs[self.next];
-        // A whole-NAR read is checked against NarHash (before its last chunk goes out), so
-        // per-chunk BLAKE3 would hash every byte twice; a range read checks every chunk.
-        let check = if self.sha.is_some() {
-            Check::Frame
-        } else {
-            Check::Full
-        };
+        // Every chunk is checked against its id before any of its bytes go out (a damaged
+        // chunk never reaches a client, even as the prefix of an aborted body); a whole-NAR
+        // read is also checked against NarHash before its last chunk goes out.
+        let check = Check::Full;
         let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidData, e);
         let (f, path) = self
             .files
@@ -1651,6 +1649,36 @@ mod tests {
         assert!(shareable.contains(&info.nar_hash));
         assert!(!shareable.contains(&pinfo.nar_hash));
         assert_eq!(shareable.len(), 1);
+    }
+
+    #[test]
+    fn a_whole_nar_read_stops_at_a_damaged_chunk_before_its_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let nar = sample_nar(4);
+        let info = ingest(&store, &"d".repeat(32), &nar, None, &[]);
+        let m = store.manifest(&info.nar_hash).unwrap().unwrap();
+        // The first chunk is noise: zstd keeps it as a raw block, so a flipped byte in the
+        // middle of its frame still decodes — to wrong content.
+        let first = m.chunks[0].id;
+        let loc = {
+            let txn = store.db.begin_read().unwrap();
+            let t = txn.open_table(CHUNKS).unwrap();
+            loc_of(t.get(first.0).unwrap().unwrap().value()).0
+        };
+        drop(store);
+        let pack = pack::pack_path(&dir.path().join("packs"), loc.pack);
+        let mut bytes = std::fs::read(&pack).unwrap();
+        let at =
+            (loc.offset + pack::RECORD_HEADER_LEN as u64 + u64::from(loc.comp_len) / 2) as usize;
+        bytes[at] ^= 0x55;
+        std::fs::write(&pack, bytes).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut r = store.nar_reader(&info.nar_hash).unwrap();
+        assert!(
+            r.next_block().is_err(),
+            "the damaged first chunk is refused before any of its bytes go out"
+        );
     }
 
     #[test]
