@@ -312,26 +312,18 @@ enum Command {
     },
 }
 
-/// SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
+/// SIGINT or SIGTERM. The handlers are installed at once (before the daemon says it listens),
+/// so a signal right after start still shuts it down cleanly; needs the runtime.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    Ok(async move {
         tokio::select! {
-            _ = ctrl_c => {}
+            _ = int.recv() => {}
             _ = term.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    })
 }
 
 /// Opens an existing store for a command that changes it; says so if the daemon has it.
@@ -621,10 +613,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            rt.block_on(nix_p2p_cache::daemon::run(
-                cfg,
-                shutdown_signal(),
-                |addr, p2p| {
+            rt.block_on(async {
+                let shutdown = shutdown_signal()?;
+                nix_p2p_cache::daemon::run(cfg, shutdown, |addr, p2p| {
                     use std::io::Write as _;
                     let mut out = std::io::stdout().lock();
                     let _ = writeln!(out, "listening http://{addr}");
@@ -632,8 +623,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         let _ = writeln!(out, "listening {a}");
                     }
                     let _ = out.flush();
-                },
-            ))?;
+                })
+                .await
+                .map_err(anyhow::Error::from)
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig { file, mut args } => {

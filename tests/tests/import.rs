@@ -363,3 +363,15 @@ fn stats_into_a_closed_pipe_ends_quietly() {
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(out.status.code(), Some(0), "stderr: {err}");
 }
+
+/// SIGTERM right after the daemon said it listens shuts it down cleanly (exit 0): the signal
+/// handlers are installed before the `listening` line (they used to be installed only once the
+/// server polled them, and an early SIGTERM killed the process).
+#[test]
+fn sigterm_right_after_start_is_a_clean_shutdown() {
+    let tmp = tempfile::tempdir().unwrap();
+    for i in 0..10 {
+        // `stop` sends SIGTERM and asserts exit status 0.
+        nix_p2p_cache_tests::harness::Daemon::start(&tmp.path().join(format!("d{i}")), &[]).stop();
+    }
+}
