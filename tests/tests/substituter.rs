@@ -798,3 +798,84 @@ fn overlapping_uploads_of_one_nar_both_succeed() {
     assert!(!part.exists(), "stale part file removed");
     daemon.stop();
 }
+
+/// Hundreds of clients that ask for a large NAR and never read it (more than the runtime's 512
+/// blocking threads) do not starve the daemon: narinfos, `/metrics` and a whole NAR are still
+/// served. (Each stored NAR body used to hold a blocking thread for its whole download.)
+#[test]
+fn slow_readers_do_not_starve_the_daemon() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+    let env = Env::new();
+    let token = env.path("token");
+    let daemon = Daemon::start(
+        &env.path("data"),
+        &["--upload-token-file", token.to_str().unwrap()],
+    );
+    // A 48 MiB NAR: far more than loopback socket buffers hold.
+    let mut contents = vec![0u8; 48 << 20];
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for b in contents.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    let nar = nix_p2p_cache_tests::nar_of_file(&contents);
+    drop(contents);
+    let hash = "4123456789abcdfghijklmnpqrsvwxyz";
+    let nar_hash = nar_hash_of(&nar);
+    let info = format!(
+        "StorePath: /nix/store/{hash}-big\nURL: nar/big.nar\nCompression: none\n\
+         NarHash: {nar_hash}\nNarSize: {}\nReferences: \n",
+        nar.len()
+    );
+    let auth = Some(("x", TOKEN));
+    assert_eq!(
+        http(daemon.port, &put("/nar/big.nar", auth, &nar)).status,
+        200
+    );
+    let r = http(
+        daemon.port,
+        &put(&format!("/{hash}.narinfo"), auth, info.as_bytes()),
+    );
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    let served =
+        String::from_utf8(http(daemon.port, &get(&format!("/{hash}.narinfo"))).body).unwrap();
+    let url = format!("/{}", field(&served, "URL").unwrap());
+
+    let slow: Vec<TcpStream> = (0..560)
+        .map(|_| {
+            let mut s = TcpStream::connect(("127.0.0.1", daemon.port)).unwrap();
+            s.write_all(&get(&url)).unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2)); // every slow request has started its body
+                                                // Bounded waits: a starved daemon would not answer at all.
+    let ask = |path: &str| {
+        let mut s = TcpStream::connect(("127.0.0.1", daemon.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(&get(path)).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        out
+    };
+    let n = ask(&format!("/{hash}.narinfo"));
+    assert!(
+        n.starts_with(b"HTTP/1.1 200"),
+        "narinfo: {:?}",
+        String::from_utf8_lossy(&n)
+    );
+    let m = ask("/metrics");
+    assert!(m.starts_with(b"HTTP/1.1 200"), "metrics");
+    let r = http(daemon.port, &get(&url));
+    assert!(
+        r.status == 200 && r.complete && r.body == nar,
+        "a whole NAR among slow readers"
+    );
+    drop(slow);
+    daemon.assert_alive();
+    daemon.stop();
+}

@@ -2,10 +2,11 @@
 //! the store lacks it, the resolver's flight of it streamed as it arrives (see
 //! [`crate::resolve`]).
 //!
-//! The body is produced on a blocking thread, 256 KiB at a time, through a channel of 4
-//! buffers (bounded memory whatever the NAR size). A read error (damaged chunk, NarHash
-//! mismatch) is sent down the body stream, which makes hyper abort the connection: with a
-//! `Content-Length` set, the client sees a short body and fails, never a complete wrong one.
+//! A stored NAR's body is read a chunk at a time on blocking threads, one chunk ahead of the
+//! client, and no thread is held between chunks (bounded memory whatever the NAR size, and a
+//! slow client pins nothing). A read error (damaged chunk, NarHash mismatch) is sent down the
+//! body stream, which makes hyper abort the connection: with a `Content-Length` set, the
+//! client sees a short body and fails, never a complete wrong one.
 
 use std::io::Read;
 use std::sync::Arc;
@@ -22,7 +23,6 @@ use crate::metrics::Metrics;
 use crate::resolve::Flight;
 
 const BUF: usize = 256 * 1024;
-const QUEUE: usize = 8;
 
 /// What a `/nar/<file>` request names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -334,39 +334,49 @@ impl Source {
     }
 }
 
-/// Streams `source` into a response body from a blocking thread; a read error aborts the body.
-/// The NAR counts as used for eviction (`Store::touch`, which may write: on that thread too).
-fn stream_body(state: &HttpState, nar_hash: NarHash, mut source: Source) -> Body {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(QUEUE);
+/// Streams `source` into a response body; a read error aborts the body. Each block is read
+/// on a blocking thread that is free again once the block is read (one block read ahead),
+/// so a client that reads slowly holds memory for a block or two and no thread: hundreds of
+/// slow readers cannot starve the runtime's blocking pool (which the store calls of every
+/// other request need). The NAR counts as used for eviction (`Store::touch`).
+fn stream_body(state: &HttpState, nar_hash: NarHash, source: Source) -> Body {
+    type Read = tokio::task::JoinHandle<(Source, std::io::Result<Option<Vec<u8>>>)>;
+    fn read_next(mut source: Source) -> Read {
+        tokio::task::spawn_blocking(move || {
+            let r = source.next();
+            (source, r)
+        })
+    }
     let metrics = state.metrics.clone();
     let store = state.store.clone();
-    let span = tracing::info_span!("nar", nar = %nar_hash);
     tokio::task::spawn_blocking(move || {
-        let _e = span.enter();
         if let Err(e) = store.touch(&nar_hash) {
-            tracing::warn!(error = %e, "recording the NAR's last access failed");
-        }
-        loop {
-            let item = match source.next() {
-                Ok(None) => break,
-                Ok(Some(block)) => {
-                    add(&metrics.nar_bytes_served, block.len() as u64);
-                    Ok(Bytes::from(block))
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "aborting NAR stream");
-                    add(&metrics.nar_aborted, 1);
-                    Err(e)
-                }
-            };
-            let failed = item.is_err();
-            if tx.blocking_send(item).is_err() || failed {
-                break; // client gone, or stream aborted
-            }
+            tracing::warn!(nar = %nar_hash, error = %e, "recording the NAR's last access failed");
         }
     });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
+    let stream = futures_util::stream::unfold(Some(read_next(source)), move |next| {
+        let metrics = metrics.clone();
+        async move {
+            let (source, item) = match next?.await {
+                Ok(v) => v,
+                Err(e) => {
+                    let e = std::io::Error::other(format!("NAR read task failed: {e}"));
+                    return Some((Err(e), None));
+                }
+            };
+            match item {
+                Ok(None) => None,
+                Ok(Some(block)) => {
+                    add(&metrics.nar_bytes_served, block.len() as u64);
+                    Some((Ok(Bytes::from(block)), Some(read_next(source))))
+                }
+                Err(e) => {
+                    tracing::error!(nar = %nar_hash, error = %e, "aborting NAR stream");
+                    add(&metrics.nar_aborted, 1);
+                    Some((Err(e), None))
+                }
+            }
+        }
     });
     Body::from_stream(stream)
 }
