@@ -51,6 +51,9 @@ use crate::core::{ChunkId, NarHash};
 use pack::{Check, Location, PackError, PackWriter};
 use tables::*;
 
+/// Pack files kept open for reading (beyond it, idle handles are closed).
+const OPEN_PACKS: usize = 256;
+
 /// Chunks waiting for the compressor thread during an ingest.
 const COMPRESS_QUEUE: usize = 16;
 
@@ -284,7 +287,22 @@ impl PackFiles {
             return Ok((f.clone(), path));
         }
         let f = Arc::new(File::open(&path).map_err(io_err(&path))?);
-        open.insert(pack, f.clone());
+        if open.len() >= OPEN_PACKS {
+            // Bounded: a seed has thousands of packs, a process a limited number of file
+            // descriptors. Readers keep the handles they hold; idle ones close first.
+            let idle: Vec<u32> = open
+                .iter()
+                .filter(|(_, f)| Arc::strong_count(f) == 1)
+                .map(|(p, _)| *p)
+                .take(OPEN_PACKS / 4)
+                .collect();
+            for p in idle {
+                open.remove(&p);
+            }
+        }
+        if open.len() < OPEN_PACKS {
+            open.insert(pack, f.clone());
+        }
         Ok((f, path))
     }
 
@@ -1679,6 +1697,27 @@ mod tests {
             r.next_block().is_err(),
             "the damaged first chunk is refused before any of its bytes go out"
         );
+    }
+
+    #[test]
+    fn open_pack_handles_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = PackFiles {
+            dir: dir.path().to_path_buf(),
+            open: Mutex::default(),
+            gate: RwLock::default(),
+        };
+        for p in 1..=(OPEN_PACKS as u32 * 3) {
+            std::fs::write(pack::pack_path(dir.path(), p), pack::FILE_HEADER).unwrap();
+        }
+        // One handle held by a reader the whole time: never closed under it.
+        let (held, _) = files.get(1).unwrap();
+        for p in 2..=(OPEN_PACKS as u32 * 3) {
+            files.get(p).unwrap();
+            assert!(files.open.lock().unwrap().len() <= OPEN_PACKS);
+        }
+        assert_eq!(Arc::strong_count(&held), 2, "the held pack stays cached");
+        assert!(files.get(1).is_ok());
     }
 
     #[test]
