@@ -228,6 +228,8 @@ in
           );
           Restart = "on-failure";
           RestartSec = 5;
+          # Every HTTP client and every peer is a file descriptor: 1024 is reached by a busy node.
+          LimitNOFILE = 65536;
 
           DynamicUser = true;
           StateDirectory = "nix-p2p-cache";

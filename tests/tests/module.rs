@@ -324,6 +324,7 @@ fn contrib_unit_and_sample_config_are_accepted() {
         "NoNewPrivileges=yes",
         "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK",
         "Restart=on-failure",
+        "LimitNOFILE=65536",
     ] {
         assert!(unit.lines().any(|l| l == directive), "{directive} missing");
     }
