@@ -569,18 +569,10 @@ impl Peers {
     ) -> Result<(), FetchError> {
         let ids: Vec<ChunkId> = manifest.chunks.iter().map(|c| c.id).collect();
         let s = store.clone();
-        let local: HashSet<ChunkId> = tokio::task::spawn_blocking(move || {
-            let mut out = HashSet::new();
-            for id in ids {
-                if s.has_chunk(&id)? {
-                    out.insert(id);
-                }
-            }
-            Ok::<_, StoreError>(out)
-        })
-        .await
-        .map_err(|_| FetchError::Task("local chunk check"))?
-        .map_err(PeerError::Local)?;
+        let local: HashSet<ChunkId> = tokio::task::spawn_blocking(move || s.stored_chunks(&ids))
+            .await
+            .map_err(|_| FetchError::Task("local chunk check"))?
+            .map_err(PeerError::Local)?;
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Fetched, PeerError>>(QUEUE);
         let (s, f) = (store.clone(), flight.clone());
         // The writer: restored bytes into the flight, received frames into the staging.

@@ -48,7 +48,7 @@ use crate::core::narinfo::NarInfo;
 use crate::core::normalise::Normaliser;
 use crate::core::signing::Trust;
 use crate::core::{ChunkId, NarHash};
-use pack::{Check, Location, PackError, PackWriter};
+use pack::{Location, PackError, PackWriter};
 use tables::*;
 
 /// Pack files kept open for reading (beyond it, idle handles are closed).
@@ -179,6 +179,17 @@ pub struct StoredNarInfo {
 }
 
 impl StoredNarInfo {
+    /// The record of `info` (as `text`) received now from `source`.
+    fn new(info: &NarInfo, text: &str, trust: &Trust, source: &str) -> Self {
+        Self {
+            text: text.to_string(),
+            trust: trust.into(),
+            source: source.to_string(),
+            nar_hash: info.nar_hash,
+            added_unix: now_unix(),
+        }
+    }
+
     fn encode(&self) -> Vec<u8> {
         let (trust, key) = match &self.trust {
             TrustClass::Trusted(k) => (1, k.clone()),
@@ -310,11 +321,10 @@ impl PackFiles {
         &self,
         id: &ChunkId,
         loc: &Location,
-        check: Check,
         dctx: &mut zstd::bulk::Decompressor<'static>,
     ) -> Result<Vec<u8>, StoreError> {
         let (f, path) = self.get(loc.pack)?;
-        Ok(pack::read_chunk(&f, &path, loc, id, check, dctx)?)
+        Ok(pack::read_chunk(&f, &path, loc, id, dctx)?)
     }
 }
 
@@ -409,7 +419,7 @@ impl Store {
             Some((p, len)) => (p, Some(len)),
             None => (1, None),
         };
-        let writer = PackWriter::open(&pack_dir, pack, committed, zstd_level)?;
+        let writer = PackWriter::open(&pack_dir, pack, committed)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             db,
@@ -514,6 +524,20 @@ impl Store {
         Ok(Some(bytes))
     }
 
+    /// Which of `ids` are stored (index only; the bytes are checked when read). One read
+    /// transaction for them all.
+    pub fn stored_chunks(&self, ids: &[ChunkId]) -> Result<HashSet<ChunkId>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(CHUNKS)?;
+        let mut out = HashSet::new();
+        for id in ids {
+            if t.get(id.0)?.is_some() {
+                out.insert(*id);
+            }
+        }
+        Ok(out)
+    }
+
     /// Whether a chunk is stored (index only; the bytes are checked when read).
     pub fn has_chunk(&self, id: &ChunkId) -> Result<bool, StoreError> {
         let txn = self.db.begin_read()?;
@@ -558,31 +582,31 @@ impl Store {
             return Ok(None);
         };
         with_thread_dctx(&self.dir, |dctx| {
-            Ok(Some(pack::read_chunk(
-                &f,
-                &path,
-                &loc,
-                id,
-                Check::Full,
-                dctx,
-            )?))
+            Ok(Some(pack::read_chunk(&f, &path, &loc, id, dctx)?))
         })
     }
 
     /// Store-path hashes of the narinfos with a trusted signature (what peers may be told
     /// about). One scan of the narinfo table.
     pub fn shareable_paths(&self) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        self.for_each_trusted(|hash, _| out.push(hash.to_string()))?;
+        Ok(out)
+    }
+
+    /// Calls `f` with the store-path hash and record of every narinfo with a trusted
+    /// signature: what peers may be told about. One scan of the narinfo table.
+    fn for_each_trusted(&self, mut f: impl FnMut(&str, StoredNarInfo)) -> Result<(), StoreError> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(NARINFOS)?;
-        let mut out = Vec::new();
         for r in t.iter()? {
             let (k, v) = r?;
             let rec = StoredNarInfo::decode(k.value(), v.value())?;
             if matches!(rec.trust, TrustClass::Trusted(_)) {
-                out.push(k.value().to_string());
+                f(k.value(), rec);
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// How many narinfos the store holds (one counter read: a cheap change check).
@@ -595,16 +619,10 @@ impl Store {
     /// NarHashes named by at least one narinfo with a trusted signature: the NARs that may be
     /// announced and served to peers (design §5). One scan of the narinfo table.
     pub fn shareable_nars(&self) -> Result<HashSet<NarHash>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let t = txn.open_table(NARINFOS)?;
         let mut out = HashSet::new();
-        for r in t.iter()? {
-            let (k, v) = r?;
-            let rec = StoredNarInfo::decode(k.value(), v.value())?;
-            if matches!(rec.trust, TrustClass::Trusted(_)) {
-                out.insert(rec.nar_hash);
-            }
-        }
+        self.for_each_trusted(|_, rec| {
+            out.insert(rec.nar_hash);
+        })?;
         Ok(out)
     }
 
@@ -639,13 +657,7 @@ impl Store {
         let store_path = info.store_path.to_absolute();
         let hash = info.store_path.hash().as_str().to_string();
         let _span = tracing::info_span!("ingest", path = %store_path).entered();
-        let record = StoredNarInfo {
-            text: text.to_string(),
-            trust: trust.into(),
-            source: source.to_string(),
-            nar_hash: info.nar_hash,
-            added_unix: now_unix(),
-        };
+        let record = StoredNarInfo::new(info, text, trust, source);
         if let Some(old) = self.narinfo(&hash)? {
             if old.nar_hash == info.nar_hash && old.text == record.text && old.trust == record.trust
             {
@@ -695,13 +707,7 @@ impl Store {
                 source: Box::new(ManifestError::BadNarHash),
             });
         }
-        let record = StoredNarInfo {
-            text: text.to_string(),
-            trust: trust.into(),
-            source: source.to_string(),
-            nar_hash: info.nar_hash,
-            added_unix: now_unix(),
-        };
+        let record = StoredNarInfo::new(info, text, trust, source);
         self.commit_staged(info, record, Retention::Cache, Some((manifest, staging)))
     }
 
@@ -724,21 +730,18 @@ impl Store {
         let mut new_chunks: HashMap<ChunkId, Location> = HashMap::new();
         let mut manifest = None;
         // Another ingest may have stored the NAR while this one staged it.
-        if let Some((m, mut staging)) =
-            staged.filter(|_| !self.has_nar(&info.nar_hash).unwrap_or(false))
-        {
-            let missing = {
-                let txn = self.db.begin_read()?;
-                let chunks_t = txn.open_table(CHUNKS)?;
-                let mut seen = HashSet::new();
-                let mut missing = Vec::new();
-                for c in &m.chunks {
-                    if seen.insert(c.id) && chunks_t.get(c.id.0)?.is_none() {
-                        missing.push(c.id);
-                    }
-                }
-                missing
-            };
+        let staged = match staged {
+            Some(s) if !self.has_nar(&info.nar_hash)? => Some(s),
+            _ => None,
+        };
+        if let Some((m, mut staging)) = staged {
+            let ids: Vec<ChunkId> = m.chunks.iter().map(|c| c.id).collect();
+            let stored = self.stored_chunks(&ids)?;
+            let mut seen = HashSet::new();
+            let missing: Vec<ChunkId> = ids
+                .into_iter()
+                .filter(|id| !stored.contains(id) && seen.insert(*id))
+                .collect();
             writer.mark();
             let copied = staging
                 .copy_into(&mut writer, missing)
@@ -1097,7 +1100,7 @@ impl Store {
             let id = ChunkId(k.value());
             let (loc, rc) = loc_of(v.value());
             chunk_refs.insert(id, rc);
-            if let Err(e) = self.packs.read(&id, &loc, Check::Full, &mut dctx) {
+            if let Err(e) = self.packs.read(&id, &loc, &mut dctx) {
                 problems.push(format!("chunk {id}: {e}"));
                 bad_chunks.insert(id);
             }
@@ -1455,13 +1458,12 @@ impl NarReader {
         // Every chunk is checked against its id before any of its bytes go out (a damaged
         // chunk never reaches a client, even as the prefix of an aborted body); a whole-NAR
         // read is also checked against NarHash before its last chunk goes out.
-        let check = Check::Full;
         let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidData, e);
         let (f, path) = self
             .files
             .get(&loc.pack)
             .ok_or_else(|| invalid(format!("pack {} was not opened", loc.pack)))?;
-        let mut data = pack::read_chunk(f, path, &loc, &id, check, &mut self.dctx)
+        let mut data = pack::read_chunk(f, path, &loc, &id, &mut self.dctx)
             .map_err(|e| invalid(e.to_string()))?;
         self.manifest
             .slots

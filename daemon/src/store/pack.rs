@@ -83,7 +83,8 @@ fn header_check(h: &[u8]) -> [u8; 4] {
     c
 }
 
-pub(crate) fn encode_header(id: &ChunkId, raw_len: u32, comp_len: u32) -> [u8; RECORD_HEADER_LEN] {
+/// The record header of a chunk (`id`, lengths), with its check.
+pub(crate) fn record_header(id: &ChunkId, raw_len: u32, comp_len: u32) -> [u8; RECORD_HEADER_LEN] {
     let mut h = [0u8; RECORD_HEADER_LEN];
     h[..4].copy_from_slice(RECORD_MAGIC);
     h[4..36].copy_from_slice(&id.0);
@@ -92,6 +93,20 @@ pub(crate) fn encode_header(id: &ChunkId, raw_len: u32, comp_len: u32) -> [u8; R
     let c = header_check(&h);
     h[44..48].copy_from_slice(&c);
     h
+}
+
+/// Compresses `data` into `frame` (replacing what it held) and returns the record header
+/// that goes before it: the record ingest stages and the pack writer appends as is.
+pub(crate) fn compress_record(
+    compressor: &mut zstd::bulk::Compressor<'static>,
+    id: &ChunkId,
+    data: &[u8],
+    frame: &mut Vec<u8>,
+) -> io::Result<[u8; RECORD_HEADER_LEN]> {
+    frame.clear();
+    frame.reserve(zstd::zstd_safe::compress_bound(data.len()));
+    compressor.compress_to_buffer(data, frame)?;
+    Ok(record_header(id, data.len() as u32, frame.len() as u32))
 }
 
 /// A decoded record header.
@@ -118,26 +133,16 @@ fn decode_header(h: &[u8; RECORD_HEADER_LEN]) -> Result<RecordHeader, &'static s
     })
 }
 
-/// How much of a chunk read is checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Check {
-    /// Header, zstd frame and BLAKE3 of the content against the id.
-    Full,
-    /// Header and zstd frame only: for callers that check a hash over the content themselves
-    /// (a whole NAR against its NarHash) before they let the bytes out.
-    Frame,
-}
-
-/// Reads the chunk at `loc` from an open pack, decompresses it and checks it (see [`Check`]).
+/// Reads the chunk at `loc` from an open pack, decompresses it and checks it fully (record
+/// header, zstd frame, BLAKE3 of the content against `id`).
 pub fn read_chunk(
     file: &File,
     path: &Path,
     loc: &Location,
     id: &ChunkId,
-    check: Check,
     dctx: &mut zstd::bulk::Decompressor<'static>,
 ) -> Result<Vec<u8>, PackError> {
-    read_record(file, path, loc, id, check, dctx).map(|(_, data)| data)
+    read_record(file, path, loc, id, dctx).map(|(_, data)| data)
 }
 
 /// Reads the record at `loc` and checks it fully (header, zstd frame, BLAKE3 of the content
@@ -163,16 +168,15 @@ pub fn read_checked_record(
     id: &ChunkId,
     dctx: &mut zstd::bulk::Decompressor<'static>,
 ) -> Result<Vec<u8>, PackError> {
-    read_record(file, path, loc, id, Check::Full, dctx).map(|(rec, _)| rec)
+    read_record(file, path, loc, id, dctx).map(|(rec, _)| rec)
 }
 
-/// The whole record (header + frame) and the decompressed chunk, checked per `check`.
+/// The whole record (header + frame) and the decompressed chunk, fully checked.
 fn read_record(
     file: &File,
     path: &Path,
     loc: &Location,
     id: &ChunkId,
-    check: Check,
     dctx: &mut zstd::bulk::Decompressor<'static>,
 ) -> Result<(Vec<u8>, Vec<u8>), PackError> {
     let mut rec = vec![0u8; loc.record_len() as usize];
@@ -191,7 +195,7 @@ fn read_record(
     }
     let data = decompress(dctx, &rec[RECORD_HEADER_LEN..], loc.raw_len as usize)
         .map_err(|e| bad(format!("zstd: {e}")))?;
-    if check == Check::Full && ChunkId::of(&data) != *id {
+    if ChunkId::of(&data) != *id {
         return Err(bad("content does not hash to its id".into()));
     }
     Ok((rec, data))
@@ -261,20 +265,12 @@ pub struct PackWriter {
     len: u64,
     /// Packs touched since the last `mark`, with their lengths at that time (None: created).
     touched: Vec<(u32, Option<u64>)>,
-    level: i32,
-    compressor: zstd::bulk::Compressor<'static>,
-    scratch: Vec<u8>,
 }
 
 impl PackWriter {
     /// Opens pack `pack` for appending, truncating it to `committed_len` (bytes past what the
     /// index knows are a crashed write's tail), or creates it.
-    pub fn open(
-        dir: &Path,
-        pack: u32,
-        committed_len: Option<u64>,
-        level: i32,
-    ) -> Result<Self, PackError> {
+    pub fn open(dir: &Path, pack: u32, committed_len: Option<u64>) -> Result<Self, PackError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let path = pack_path(dir, pack);
         let mut file = OpenOptions::new()
@@ -305,45 +301,18 @@ impl PackWriter {
             }
         };
         file.seek(SeekFrom::Start(len)).map_err(io_err(&path))?;
-        let compressor = zstd::bulk::Compressor::new(level).map_err(io_err(&path))?;
         Ok(Self {
             dir: dir.to_path_buf(),
             pack,
             file: BufWriter::with_capacity(1 << 20, file),
             len,
             touched: Vec::new(),
-            level,
-            compressor,
-            scratch: Vec::new(),
         })
-    }
-
-    pub fn level(&self) -> i32 {
-        self.level
     }
 
     /// Starts a unit of work that `rollback` can undo.
     pub fn mark(&mut self) {
         self.touched = vec![(self.pack, Some(self.len))];
-    }
-
-    /// Compresses and appends one chunk; returns where it went.
-    pub fn append(&mut self, id: &ChunkId, data: &[u8]) -> Result<Location, PackError> {
-        if self.len >= PACK_TARGET_SIZE {
-            self.rotate()?;
-        }
-        let path = pack_path(&self.dir, self.pack);
-        let bound = zstd::zstd_safe::compress_bound(data.len());
-        self.scratch.clear();
-        self.scratch.reserve(bound);
-        self.compressor
-            .compress_to_buffer(data, &mut self.scratch)
-            .map_err(io_err(&path))?;
-        let header = encode_header(id, data.len() as u32, self.scratch.len() as u32);
-        let frame = std::mem::take(&mut self.scratch);
-        let written = self.write_record(&header, &frame, data.len() as u32);
-        self.scratch = frame;
-        written
     }
 
     /// Appends a whole record read from another pack (see [`read_checked_record`]) as is.
@@ -477,10 +446,20 @@ impl PackWriter {
 mod tests {
     use super::*;
 
+    impl PackWriter {
+        /// Compresses and appends one chunk (ingest stages records instead: [`compress_record`]).
+        fn append(&mut self, id: &ChunkId, data: &[u8]) -> Result<Location, PackError> {
+            let mut c = zstd::bulk::Compressor::new(3).unwrap();
+            let mut frame = Vec::new();
+            let header = compress_record(&mut c, id, data, &mut frame).unwrap();
+            self.append_record(&[&header[..], &frame].concat())
+        }
+    }
+
     #[test]
     fn append_read_scan_rollback() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = PackWriter::open(dir.path(), 1, None, 3).unwrap();
+        let mut w = PackWriter::open(dir.path(), 1, None).unwrap();
         w.mark();
         let a = b"hello world ".repeat(100);
         let ida = ChunkId::of(&a);
@@ -494,16 +473,10 @@ mod tests {
         let path = pack_path(dir.path(), 1);
         let f = File::open(&path).unwrap();
         let mut dctx = zstd::bulk::Decompressor::new().unwrap();
-        assert_eq!(
-            read_chunk(&f, &path, &la, &ida, Check::Full, &mut dctx).unwrap(),
-            a
-        );
-        assert_eq!(
-            read_chunk(&f, &path, &lb, &idb, Check::Full, &mut dctx).unwrap(),
-            b
-        );
+        assert_eq!(read_chunk(&f, &path, &la, &ida, &mut dctx).unwrap(), a);
+        assert_eq!(read_chunk(&f, &path, &lb, &idb, &mut dctx).unwrap(), b);
         assert!(matches!(
-            read_chunk(&f, &path, &lb, &ida, Check::Full, &mut dctx),
+            read_chunk(&f, &path, &lb, &ida, &mut dctx),
             Err(PackError::BadChunk { .. })
         ));
         let recs = scan(dir.path(), 1).unwrap();
@@ -523,20 +496,20 @@ mod tests {
         bytes[last] ^= 0x40;
         fs::write(&path, &bytes).unwrap();
         let f = File::open(&path).unwrap();
-        assert!(read_chunk(&f, &path, &la, &ida, Check::Full, &mut dctx).is_err());
+        assert!(read_chunk(&f, &path, &la, &ida, &mut dctx).is_err());
     }
 
     #[test]
     fn open_truncates_uncommitted_tail() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = PackWriter::open(dir.path(), 1, None, 3).unwrap();
+        let mut w = PackWriter::open(dir.path(), 1, None).unwrap();
         let a = vec![7u8; 5000];
         let la = w.append(&ChunkId::of(&a), &a).unwrap();
         let committed = la.offset + la.record_len();
         w.append(&ChunkId::of(b"tail"), b"tail").unwrap();
         w.sync().unwrap();
         drop(w);
-        let w = PackWriter::open(dir.path(), 1, Some(committed), 3).unwrap();
+        let w = PackWriter::open(dir.path(), 1, Some(committed)).unwrap();
         drop(w);
         assert_eq!(
             fs::metadata(pack_path(dir.path(), 1)).unwrap().len(),

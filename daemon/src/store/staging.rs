@@ -22,7 +22,6 @@ use crate::core::ChunkId;
 #[derive(Debug, Clone, Copy)]
 struct Staged {
     offset: u64,
-    raw_len: u32,
     comp_len: u32,
 }
 
@@ -64,29 +63,15 @@ impl Staging {
         self.records.contains_key(id)
     }
 
-    /// Number of staged chunks.
-    pub fn len(&self) -> usize {
-        self.records.len()
-    }
-
-    /// Whether nothing is staged.
-    pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
-    }
-
     /// Compresses and stages one chunk (a chunk already staged is skipped).
     pub fn append_chunk(&mut self, id: &ChunkId, data: &[u8]) -> Result<(), PackError> {
         if self.contains(id) {
             return Ok(());
         }
-        let bound = zstd::zstd_safe::compress_bound(data.len());
-        self.scratch.clear();
-        self.scratch.reserve(bound);
-        self.compressor
-            .compress_to_buffer(data, &mut self.scratch)
-            .map_err(io_err(&self.path))?;
-        let frame = std::mem::take(&mut self.scratch);
-        let r = self.write(id, data.len() as u32, &frame);
+        let mut frame = std::mem::take(&mut self.scratch);
+        let r = pack::compress_record(&mut self.compressor, id, data, &mut frame)
+            .map_err(io_err(&self.path))
+            .and_then(|header| self.write(id, &header, &frame));
         self.scratch = frame;
         r
     }
@@ -102,18 +87,25 @@ impl Staging {
         if self.contains(id) {
             return Ok(());
         }
-        self.write(id, raw_len, frame)
+        self.write(
+            id,
+            &pack::record_header(id, raw_len, frame.len() as u32),
+            frame,
+        )
     }
 
-    fn write(&mut self, id: &ChunkId, raw_len: u32, frame: &[u8]) -> Result<(), PackError> {
-        let header = pack::encode_header(id, raw_len, frame.len() as u32);
-        self.file.write_all(&header).map_err(io_err(&self.path))?;
+    fn write(
+        &mut self,
+        id: &ChunkId,
+        header: &[u8; RECORD_HEADER_LEN],
+        frame: &[u8],
+    ) -> Result<(), PackError> {
+        self.file.write_all(header).map_err(io_err(&self.path))?;
         self.file.write_all(frame).map_err(io_err(&self.path))?;
         self.records.insert(
             *id,
             Staged {
                 offset: self.len,
-                raw_len,
                 comp_len: frame.len() as u32,
             },
         );
@@ -141,10 +133,6 @@ impl Staging {
                 .get_ref()
                 .read_exact_at(&mut rec, s.offset)
                 .map_err(io_err(&self.path))?;
-            debug_assert_eq!(
-                u32::from_le_bytes(rec[36..40].try_into().expect("4 bytes")),
-                s.raw_len
-            );
             let loc = writer.append_record(&rec)?;
             out.insert(id, loc);
         }
@@ -167,9 +155,9 @@ mod tests {
         let frame = zstd::bulk::compress(&b, 1).unwrap();
         st.append_frame(&ib, b.len() as u32, &frame).unwrap();
         st.append_chunk(&ia, &a).unwrap(); // skipped
-        assert_eq!(st.len(), 2);
+        assert_eq!(st.records.len(), 2);
         let packs = dir.path().join("packs");
-        let mut w = PackWriter::open(&packs, 1, None, 3).unwrap();
+        let mut w = PackWriter::open(&packs, 1, None).unwrap();
         w.mark();
         let locs = st.copy_into(&mut w, [ia, ib, ChunkId::of(b"x")]).unwrap();
         w.sync().unwrap();
@@ -177,7 +165,7 @@ mod tests {
         let f = File::open(pack::pack_path(&packs, 1)).unwrap();
         let mut d = zstd::bulk::Decompressor::new().unwrap();
         let p = pack::pack_path(&packs, 1);
-        let got = pack::read_chunk(&f, &p, &locs[&ia], &ia, pack::Check::Full, &mut d).unwrap();
+        let got = pack::read_chunk(&f, &p, &locs[&ia], &ia, &mut d).unwrap();
         assert_eq!(got, a);
         let got = pack::read_frame(&f, &p, &locs[&ib], &ib, &mut d).unwrap();
         assert_eq!(got, frame, "a received frame is stored byte for byte");
