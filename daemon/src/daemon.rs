@@ -246,13 +246,7 @@ pub async fn run(
     let metrics = Arc::new(Metrics::default());
     // One source per upstream, in order: a NAR one of them failed (after exposing bytes) is
     // then fetched from the next.
-    let upstreams = config
-        .upstream
-        .iter()
-        .map(|u| {
-            Upstream::new(std::slice::from_ref(u), trusted.clone(), metrics.clone()).map(Arc::new)
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let upstreams = Upstream::all(&config.upstream, trusted.clone(), metrics.clone())?;
     if !upstreams.is_empty() {
         tracing::info!(upstreams = ?config.upstream, "upstream caches");
     }

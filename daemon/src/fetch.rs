@@ -42,7 +42,7 @@ use tokio::sync::OnceCell;
 use tracing::Instrument;
 
 use crate::core::chunker::ChunkingParams;
-use crate::core::manifest::Manifest;
+use crate::core::manifest::{Manifest, ManifestError};
 use crate::core::narinfo::NarInfo;
 use crate::core::signing::{PublicKey, Trust};
 use crate::core::store_path::StorePathHash;
@@ -136,7 +136,7 @@ pub struct Peers {
     metrics: Arc<Metrics>,
     params: ChunkingParams,
     /// Connected peers' path summaries (generation, filter); see [`Peers::refresh_summaries`].
-    summaries: Mutex<HashMap<PeerId, Arc<(u64, PathFilter)>>>,
+    summaries: Mutex<HashMap<PeerId, (u64, PathFilter)>>,
 }
 
 impl Peers {
@@ -158,7 +158,7 @@ impl Peers {
             return;
         };
         let known: HashMap<PeerId, u64> = {
-            let mut m = self.summaries.lock().unwrap_or_else(|e| e.into_inner());
+            let mut m = self.lock_summaries();
             m.retain(|p, _| connected.contains(p));
             m.iter().map(|(p, s)| (*p, s.0)).collect()
         };
@@ -195,8 +195,7 @@ impl Peers {
             }
             match PathFilter::from_parts(summary.bits, summary.hashes) {
                 Ok(f) => {
-                    self.lock_summaries()
-                        .insert(peer, Arc::new((summary.generation, f)));
+                    self.lock_summaries().insert(peer, (summary.generation, f));
                 }
                 Err(e) => {
                     tracing::debug!(%peer, error = %e, "peer sent an unusable path summary");
@@ -206,7 +205,7 @@ impl Peers {
         }
     }
 
-    fn lock_summaries(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, Arc<(u64, PathFilter)>>> {
+    fn lock_summaries(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, (u64, PathFilter)>> {
         self.summaries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -216,6 +215,9 @@ impl Peers {
         let Ok(peers) = self.client.connected_peers().await else {
             return Vec::new();
         };
+        if self.lock_summaries().is_empty() {
+            return peers; // nothing to rule anyone out with: every peer is asked
+        }
         let lan: HashSet<PeerId> = self
             .client
             .lan_peers()
@@ -393,12 +395,6 @@ impl Peers {
         tracing::debug!(providers = providers.len(), "fetching from peers");
         let mut asked = HashSet::new();
         let mut manifests = self.manifests(&providers, &mut asked, info).await;
-        if manifests.is_empty() {
-            return Err(PeerError::NoManifest {
-                providers: providers.len(),
-            }
-            .into());
-        }
         // Two providers, two different manifests: one lies. Hold the bytes until one checks.
         let held = manifests.len() > 1 && manifests[0].0 != manifests[1].0;
         tracing::debug!(manifests = manifests.len(), held, "manifests");
@@ -408,24 +404,17 @@ impl Peers {
         }
         let mut tried = 0;
         loop {
-            let Some((manifest, from)) = (!manifests.is_empty()).then(|| manifests.remove(0))
-            else {
-                if !held || tried >= MAX_MANIFESTS {
-                    return Err(PeerError::NoManifest {
-                        providers: providers.len(),
-                    }
-                    .into());
-                }
+            if manifests.is_empty() && held && tried < MAX_MANIFESTS {
                 // Held: look for another manifest among the providers not asked yet.
                 manifests = self.manifests(&providers, &mut asked, info).await;
-                if manifests.is_empty() {
-                    return Err(PeerError::NoManifest {
-                        providers: providers.len(),
-                    }
-                    .into());
+            }
+            if manifests.is_empty() {
+                return Err(PeerError::NoManifest {
+                    providers: providers.len(),
                 }
-                continue;
-            };
+                .into());
+            }
+            let (manifest, from) = manifests.remove(0);
             tried += 1;
             match self
                 .transfer(store, found, flight, manifest, from, &providers)
@@ -547,12 +536,12 @@ impl Peers {
     /// A peer's manifest, accepted only if it is for this NAR and could be ours: our chunking
     /// parameters, every chunk within their bounds, sizes adding up to NarSize (checked by
     /// `decode`). Nothing of the claimed sizes is allocated before these checks.
-    fn check_manifest(&self, bytes: &[u8], info: &NarInfo) -> Result<Manifest, String> {
-        let m = Manifest::decode(bytes).map_err(|e| e.to_string())?;
+    fn check_manifest(&self, bytes: &[u8], info: &NarInfo) -> Result<Manifest, ManifestError> {
+        let m = Manifest::decode(bytes)?;
         if m.nar_hash != info.nar_hash || m.nar_size != info.nar_size {
-            return Err("a manifest of another NAR".into());
+            return Err(ManifestError::OtherNar);
         }
-        m.check_chunking(&self.params).map_err(|e| e.to_string())?;
+        m.check_chunking(&self.params)?;
         Ok(m)
     }
 
@@ -576,7 +565,7 @@ impl Peers {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Fetched, PeerError>>(QUEUE);
         let (s, f) = (store.clone(), flight.clone());
         // The writer: restored bytes into the flight, received frames into the staging.
-        let writer = tokio::task::spawn_blocking(move || {
+        let mut writer = tokio::task::spawn_blocking(move || {
             let mut staging = s.staging()?;
             while let Some(item) = rx.blocking_recv() {
                 let c = item?;
@@ -601,7 +590,6 @@ impl Peers {
         // An overall deadline besides the per-request timeouts: a swarm of providers that each
         // answer just in time cannot hold a fetch forever.
         let deadline = NAR_DEADLINE_BASE + Duration::from_secs(found.info.nar_size / NAR_MIN_RATE);
-        let mut writer = writer;
         let written = match tokio::time::timeout(deadline, &mut writer).await {
             Ok(w) => w.map_err(|_| FetchError::Task("peer writer"))?,
             Err(_) => {
@@ -668,7 +656,7 @@ impl Source for Peers {
         store: &Arc<Store>,
         found: &Found,
         flight: &Arc<Flight>,
-    ) -> Result<bool, FetchError> {
+    ) -> Result<(), FetchError> {
         let span = tracing::info_span!("peer_fetch", nar = %found.info.nar_hash);
         match self
             .fetch_from_peers(store, found, flight)
@@ -677,7 +665,7 @@ impl Source for Peers {
         {
             Ok(()) => {
                 Metrics::inc(&self.metrics.p2p_nars, 1);
-                Ok(matches!(found.trust, Trust::Trusted { .. }))
+                Ok(())
             }
             Err(e) => {
                 Metrics::inc(&self.metrics.p2p_nar_failures, 1);

@@ -203,7 +203,7 @@ impl Fetcher {
     }
 
     /// Fetches `found`'s NAR into a new flight; returns the outcome and the flight.
-    async fn fetch_found(&self, found: &Found) -> (Result<bool, FetchError>, Arc<Flight>) {
+    async fn fetch_found(&self, found: &Found) -> (Result<(), FetchError>, Arc<Flight>) {
         let spool = self.node.store.dir().join("spool");
         let flight = Flight::new(&spool, found.info.nar_hash, found.info.nar_size).unwrap();
         let r = tokio::time::timeout(
@@ -230,7 +230,7 @@ impl Fetcher {
         )
         .await
         .expect("fetch finished");
-        assert!(matches!(r, Ok(true)), "{r:?}");
+        assert!(matches!(r, Ok(())), "{r:?}");
         flight.release(); // what the resolver does after the commit
         let streamed = client.await.unwrap().expect("the client got the whole NAR");
         assert!(streamed == nar, "the client got the NAR's bytes");
@@ -297,7 +297,7 @@ async fn a_lying_manifest_is_replaced_by_an_honest_one() {
     let flight = Flight::new(&spool, nar_hash, nar.len() as u64).unwrap();
     let client = tokio::spawn(collect(flight.stream(0, u64::MAX)));
     let r = a.peers.fetch(&a.node.store, &found, &flight).await;
-    assert!(matches!(r, Ok(true)), "{r:?}");
+    assert!(matches!(r, Ok(())), "{r:?}");
     assert_eq!(
         client.await.unwrap().unwrap(),
         nar,

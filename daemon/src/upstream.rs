@@ -1,13 +1,12 @@
 //! Upstream HTTP binary caches (design §4, the last step of both paths): `--upstream URL…`,
-//! a [`Source`] of the resolver.
+//! each one a [`Source`] of the resolver (which asks them in order).
 //!
-//! narinfo: each upstream in order with short timeouts (2 s connect, 5 s total); the first
-//! narinfo that parses, is for the asked path and whose signatures check out (trusted or simply
-//! unsigned by a trusted key) is the answer. A narinfo that fails the check is logged and
-//! treated as a miss.
+//! narinfo: short timeouts (2 s connect, 5 s total); a narinfo that parses, is for the asked
+//! path and whose signatures check out (trusted or simply unsigned by a trusted key) is the
+//! answer. A narinfo that fails the check is logged and treated as a miss.
 //!
-//! NAR: downloaded from the upstream whose narinfo named it (or, when the narinfo came from
-//! elsewhere, from the first upstream whose narinfo for that path has the same NarHash), into
+//! NAR: downloaded from this upstream with the narinfo that named it (or, when the narinfo came
+//! from elsewhere, with this upstream's narinfo for the path if it has the same NarHash), into
 //! a bounded channel (8 blocks), decompressed on a blocking thread into the [`Flight`] (clients
 //! see the bytes as they are decompressed; the last one after the NarHash check), while
 //! [`Store::ingest`] reads the flight's spool at its own pace and stages and commits the NAR.
@@ -23,7 +22,7 @@ use futures_util::StreamExt;
 use tracing::Instrument;
 
 use crate::core::narinfo::NarInfo;
-use crate::core::signing::{PublicKey, Trust};
+use crate::core::signing::PublicKey;
 use crate::core::store_path::StorePathHash;
 use crate::import::{check_narinfo, decompressor};
 use crate::metrics::Metrics;
@@ -83,112 +82,96 @@ pub enum UpstreamError {
     Read(String),
 }
 
-/// The configured upstream caches and what has been fetched from them.
+/// One upstream binary cache (`--upstream URL`), a [`Source`] of its own: a NAR one upstream
+/// failed is then fetched from the next. All of them share one HTTP client (one pool).
 pub struct Upstream {
     client: reqwest::Client,
-    urls: Vec<Arc<str>>,
+    url: Arc<str>,
     trusted: Vec<PublicKey>,
     metrics: Arc<Metrics>,
 }
 
 impl Upstream {
-    /// `urls` are tried in order; `trusted` decides each narinfo's trust class.
-    pub fn new(
+    /// One [`Upstream`] per URL, in order; `trusted` decides each narinfo's trust class.
+    pub fn all(
         urls: &[String],
         trusted: Vec<PublicKey>,
         metrics: Arc<Metrics>,
-    ) -> Result<Self, UpstreamError> {
-        let urls = urls
-            .iter()
-            .map(|u| {
-                let u = u.trim().trim_end_matches('/');
-                let ok = (u.starts_with("http://") || u.starts_with("https://"))
-                    && reqwest::Url::parse(u).is_ok();
-                if ok {
-                    Ok(Arc::<str>::from(u))
-                } else {
-                    Err(UpstreamError::BadUrl(u.to_string()))
-                }
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+    ) -> Result<Vec<Arc<Self>>, UpstreamError> {
         let client = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .user_agent(concat!("nix-p2p-cache/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(UpstreamError::Client)?;
-        Ok(Self {
-            client,
-            urls,
-            trusted,
-            metrics,
-        })
+        urls.iter()
+            .map(|u| {
+                let u = u.trim().trim_end_matches('/');
+                let ok = (u.starts_with("http://") || u.starts_with("https://"))
+                    && reqwest::Url::parse(u).is_ok();
+                if !ok {
+                    return Err(UpstreamError::BadUrl(u.to_string()));
+                }
+                Ok(Arc::new(Self {
+                    client: client.clone(),
+                    url: Arc::from(u),
+                    trusted: trusted.clone(),
+                    metrics: metrics.clone(),
+                }))
+            })
+            .collect()
     }
 
-    pub fn urls(&self) -> impl Iterator<Item = &str> {
-        self.urls.iter().map(|u| &**u)
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
-    /// Asks each upstream in order (from `skip` on) for the narinfo of `hash`. `Ok(None)`: no
-    /// upstream has it (or none had an acceptable one). `Err`: none had it and at least one
-    /// could not be asked (a transient miss, not worth remembering).
+    /// Asks this upstream for the narinfo of `hash`. `Ok(None)`: it does not have it (or not
+    /// an acceptable one). `Err`: it could not be asked (a transient miss, not worth
+    /// remembering).
     async fn find(&self, hash: &StorePathHash) -> Result<Option<Found>, UpstreamError> {
-        let mut failure = None;
-        for base in &self.urls {
-            let url = format!("{base}/{}.narinfo", hash.as_str());
-            let span =
-                tracing::debug_span!("upstream_narinfo", upstream = %base, hash = hash.as_str());
-            let text = match self.get_narinfo(&url).instrument(span).await {
-                Ok(Some(t)) => t,
-                Ok(None) => continue,
-                Err(e) => {
-                    tracing::warn!(error = %e, "upstream narinfo request failed");
-                    failure = Some(e);
-                    continue;
-                }
-            };
-            let (info, trust) = match check_narinfo(&text, Some(hash), &self.trusted) {
-                Ok(v) => v,
-                Err(e) => {
-                    tracing::warn!(upstream = %base, error = %e, "upstream narinfo refused");
-                    continue;
-                }
-            };
-            if bad_nar_url(&info.url) {
-                tracing::warn!(upstream = %base, url = %info.url, "upstream narinfo has a bad URL");
-                continue;
+        let base = &self.url;
+        let url = format!("{base}/{}.narinfo", hash.as_str());
+        let span = tracing::debug_span!("upstream_narinfo", upstream = %base, hash = hash.as_str());
+        let text = match self.get_narinfo(&url).instrument(span).await {
+            Ok(Some(t)) => t,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                tracing::warn!(error = %e, "upstream narinfo request failed");
+                return Err(e);
             }
-            tracing::debug!(upstream = %base, hash = hash.as_str(), "narinfo from upstream");
-            return Ok(Some(Pending {
-                source: Origin::Upstream(base.clone()),
-                text: Arc::from(text),
-                info: Arc::new(info),
-                trust,
-            }));
+        };
+        let (info, trust) = match check_narinfo(&text, Some(hash), &self.trusted) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(upstream = %base, error = %e, "upstream narinfo refused");
+                return Ok(None);
+            }
+        };
+        if bad_nar_url(&info.url) {
+            tracing::warn!(upstream = %base, url = %info.url, "upstream narinfo has a bad URL");
+            return Ok(None);
         }
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(None),
-        }
+        tracing::debug!(upstream = %base, hash = hash.as_str(), "narinfo from upstream");
+        Ok(Some(Pending {
+            source: Origin::Upstream(base.clone()),
+            text: Arc::from(text),
+            info: Arc::new(info),
+            trust,
+        }))
     }
 
-    /// The upstream and narinfo to download `found`'s NAR with: its own when it came from one
-    /// of ours, else the first upstream whose narinfo for the path has the same NarHash.
-    async fn locate(&self, found: &Found) -> Result<(Arc<str>, Arc<NarInfo>), UpstreamError> {
-        if let Origin::Upstream(base) = &found.source {
-            if let Some(u) = self.urls.iter().find(|u| *u == base) {
-                return Ok((u.clone(), found.info.clone()));
-            }
+    /// The narinfo to download `found`'s NAR with: its own when it came from this upstream,
+    /// else this upstream's narinfo for the path, if it has the same NarHash.
+    async fn locate(&self, found: &Found) -> Result<Arc<NarInfo>, UpstreamError> {
+        if self.owns(&found.source) {
+            return Ok(found.info.clone());
         }
-        let hash = found.info.store_path.hash();
-        match self.find(hash).await? {
+        match self.find(found.info.store_path.hash()).await? {
             Some(f)
                 if f.info.nar_hash == found.info.nar_hash
                     && f.info.nar_size == found.info.nar_size =>
             {
-                let Origin::Upstream(base) = f.source else {
-                    return Err(UpstreamError::NoMatch(found.info.nar_hash));
-                };
-                Ok((base, f.info))
+                Ok(f.info)
             }
             _ => Err(UpstreamError::NoMatch(found.info.nar_hash)),
         }
@@ -377,7 +360,7 @@ impl Source for Upstream {
     }
 
     fn owns(&self, origin: &Origin) -> bool {
-        matches!(origin, Origin::Upstream(u) if self.urls.contains(u))
+        matches!(origin, Origin::Upstream(u) if *u == self.url)
     }
 
     async fn narinfo(&self, hash: &StorePathHash) -> Lookup {
@@ -393,14 +376,14 @@ impl Source for Upstream {
         store: &Arc<Store>,
         found: &Found,
         flight: &Arc<Flight>,
-    ) -> Result<bool, FetchError> {
-        let (upstream, info) = self.locate(found).await?;
-        let span = tracing::info_span!("upstream_nar", upstream = %upstream);
-        self.download(store, &upstream, info, found, flight)
+    ) -> Result<(), FetchError> {
+        let info = self.locate(found).await?;
+        let span = tracing::info_span!("upstream_nar", upstream = %self.url);
+        self.download(store, &self.url, info, found, flight)
             .instrument(span)
             .await?;
         Metrics::inc(&self.metrics.upstream_nars, 1);
-        Ok(matches!(found.trust, Trust::Trusted { .. }))
+        Ok(())
     }
 }
 
@@ -445,12 +428,20 @@ mod tests {
     #[test]
     fn refuses_non_http_urls() {
         assert!(matches!(
-            Upstream::new(&["file:///tmp".into()], vec![], Arc::default()),
+            Upstream::all(&["file:///tmp".into()], vec![], Arc::default()),
             Err(UpstreamError::BadUrl(_))
         ));
-        let u =
-            Upstream::new(&["https://cache.nixos.org/".into()], vec![], Arc::default()).unwrap();
-        assert_eq!(u.urls().collect::<Vec<_>>(), ["https://cache.nixos.org"]);
+        let u = Upstream::all(
+            &[
+                "https://cache.nixos.org/".into(),
+                "http://127.0.0.1:1".into(),
+            ],
+            vec![],
+            Arc::default(),
+        )
+        .unwrap();
+        let urls: Vec<&str> = u.iter().map(|u| u.url()).collect();
+        assert_eq!(urls, ["https://cache.nixos.org", "http://127.0.0.1:1"]);
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub enum ManifestError {
     Slots(#[from] SlotError),
     #[error("manifest uses unknown chunking parameters id {0}")]
     UnknownChunking(u32),
+    #[error("manifest of another NAR (NarHash or NarSize differ from the narinfo's)")]
+    OtherNar,
     #[error("manifest chunk {index} is {size} bytes, more than the chunking maximum {max}")]
     ChunkTooLarge { index: usize, size: u32, max: u32 },
 }

@@ -83,6 +83,13 @@ impl PathFilter {
         }
     }
 
+    /// The filter's generation as peers compare it: the first 8 bytes of BLAKE3 of its bits
+    /// (never 0, which means "none"): it changes with the set and survives restarts.
+    pub fn generation(&self) -> u64 {
+        let d = blake3::hash(&self.bits);
+        u64::from_le_bytes(d.as_bytes()[..8].try_into().expect("8 bytes")) | 1
+    }
+
     /// `false`: the path is certainly not in the set.
     pub fn may_contain(&self, hash: &StorePathHash) -> bool {
         indexes(hash, self.m(), self.hashes)

@@ -214,16 +214,21 @@ impl Inner {
     fn summary(&self, have_generation: u64) -> Result<pb::Response, StoreError> {
         let mut guard = self.summary.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
-        let stale = match &*guard {
-            None => true,
-            Some(s) if now.duration_since(s.checked) < SUMMARY_CHECK => false,
-            Some(s) => {
-                let count = self.store.narinfo_count()?;
-                count != s.narinfos || now.duration_since(s.built) >= SUMMARY_REBUILD
-            }
+        let recent = guard
+            .as_ref()
+            .is_some_and(|s| now.duration_since(s.checked) < SUMMARY_CHECK);
+        // One counter read tells whether the narinfos changed (not at all when just checked).
+        let narinfos = if recent {
+            None
+        } else {
+            Some(self.store.narinfo_count()?)
         };
-        if stale {
-            let narinfos = self.store.narinfo_count()?;
+        let rebuild = match (&*guard, narinfos) {
+            (Some(s), Some(n)) => n != s.narinfos || now.duration_since(s.built) >= SUMMARY_REBUILD,
+            (None, _) => true,
+            (Some(_), None) => false,
+        };
+        if let (true, Some(narinfos)) = (rebuild, narinfos) {
             let paths = self.store.shareable_paths()?;
             let mut filter = PathFilter::with_capacity(paths.len());
             for p in &paths {
@@ -231,10 +236,8 @@ impl Inner {
                     filter.insert(&h);
                 }
             }
-            let d = blake3::hash(filter.bits());
-            let generation = u64::from_le_bytes(d.as_bytes()[..8].try_into().expect("8 bytes")) | 1;
             *guard = Some(Summary {
-                generation,
+                generation: filter.generation(),
                 filter,
                 paths: paths.len() as u64,
                 narinfos,

@@ -131,21 +131,14 @@ impl Flight {
             self.progress.send_replace(Progress::Verified);
             return;
         }
-        let visible = if held {
-            0
-        } else {
-            w.written.min(self.nar_size.saturating_sub(1))
-        };
+        let visible = if held { 0 } else { self.visible(w.written) };
         self.publish_running(visible);
     }
 
     /// Starts over from byte 0 (another source); only while nothing was exposed.
     pub(crate) fn reset(&self) -> bool {
-        if self.is_verified() {
-            return false;
-        }
         let mut w = self.lock();
-        if !w.held && w.written > 0 {
+        if w.verified || (!w.held && w.written > 0) {
             return false;
         }
         w.written = 0;
@@ -153,6 +146,11 @@ impl Flight {
         w.epoch += 1;
         self.written.notify_all();
         true
+    }
+
+    /// What clients may read of `written` bytes before the NarHash check: all but the last.
+    fn visible(&self, written: u64) -> u64 {
+        written.min(self.nar_size.saturating_sub(1))
     }
 
     fn publish_running(&self, visible: u64) {
@@ -167,10 +165,10 @@ impl Flight {
 
     /// Appends the next bytes of the NAR (blocking file I/O: call from a blocking thread).
     pub(crate) fn write(&self, data: &[u8]) -> Result<(), FlightError> {
-        if let Progress::Failed(e) = &*self.progress.borrow() {
+        let mut w = self.lock();
+        if let Some(e) = &w.failed {
             return Err(FlightError::Failed(e.clone()));
         }
-        let mut w = self.lock();
         if w.written + data.len() as u64 > self.nar_size {
             return Err(FlightError::TooLong {
                 nar_size: self.nar_size,
@@ -183,8 +181,7 @@ impl Flight {
         w.written += data.len() as u64;
         self.written.notify_all();
         if !w.held {
-            // The last byte waits for the NarHash check.
-            self.publish_running(w.written.min(self.nar_size.saturating_sub(1)));
+            self.publish_running(self.visible(w.written));
         }
         Ok(())
     }

@@ -32,6 +32,7 @@ use tracing::Instrument;
 
 pub use flight::{Flight, FlightError};
 
+use crate::core::signing::Trust;
 use crate::core::store_path::StorePathHash;
 use crate::core::NarHash;
 use crate::fetch::PeerError;
@@ -87,8 +88,6 @@ pub enum FetchError {
     Flight(#[from] FlightError),
     #[error("storing the NAR: {0}")]
     Store(Box<StoreError>),
-    #[error("{0} does not have this NAR")]
-    NotHere(&'static str),
     #[error("{0} task failed")]
     Task(&'static str),
 }
@@ -110,13 +109,13 @@ pub trait Source: Send + Sync {
     async fn narinfo(&self, hash: &StorePathHash) -> Lookup;
     /// Streams the NAR `found` names into `flight` (in order, NarHash checked with
     /// [`Flight::finish`] before the last byte is visible) and stores it. `found` may come
-    /// from another source. Answers whether the stored narinfo is trusted (to announce).
+    /// from another source.
     async fn fetch(
         &self,
         store: &Arc<Store>,
         found: &Found,
         flight: &Arc<Flight>,
-    ) -> Result<bool, FetchError>;
+    ) -> Result<(), FetchError>;
 }
 
 /// A NAR was stored from a source or an upload.
@@ -332,17 +331,22 @@ impl Resolver {
         d.entry(nar_hash).or_default().insert(source);
     }
 
+    fn forget_demoted(&self, nar_hash: &NarHash) {
+        let mut d = self.demoted.lock().unwrap_or_else(|e| e.into_inner());
+        d.remove(nar_hash);
+    }
+
     async fn run_flight(self: Arc<Self>, path: StorePathHash, found: Found, flight: Arc<Flight>) {
         let nar_hash = found.info.nar_hash;
-        let mut outcome: Result<bool, String> = Err("no source could bring it".into());
+        let mut outcome: Result<(), String> = Err("no source could bring it".into());
         for i in self.order(&found) {
             let source = &self.sources[i];
             if !flight.reset() {
                 break; // bytes are out: a retry must be a new flight
             }
             match source.fetch(&self.store, &found, &flight).await {
-                Ok(trusted) => {
-                    outcome = Ok(trusted);
+                Ok(()) => {
+                    outcome = Ok(());
                     break;
                 }
                 Err(e) => {
@@ -374,15 +378,12 @@ impl Resolver {
         // A held flight's verified bytes go out now (an unheld one's went at verification).
         flight.release();
         match &outcome {
-            Ok(trusted) => {
+            Ok(()) => {
                 self.pending.remove(&path);
-                self.demoted
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&nar_hash);
+                self.forget_demoted(&nar_hash);
                 self.stored(NarStored {
                     nar_hash,
-                    trusted: *trusted,
+                    trusted: matches!(found.trust, Trust::Trusted { .. }),
                 });
                 if !flight.is_verified() {
                     // Stored meanwhile by another path with the same NAR: clients retry and
@@ -395,10 +396,7 @@ impl Resolver {
                 // lookup asks the sources again.
                 Metrics::inc(&self.metrics.nar_fetch_failures, 1);
                 self.pending.remove(&path);
-                self.demoted
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&nar_hash);
+                self.forget_demoted(&nar_hash);
                 flight.fail(e);
             }
             Err(e) => {
@@ -406,11 +404,5 @@ impl Resolver {
                 flight.fail(e);
             }
         }
-    }
-
-    /// Whether a pending narinfo names `path` (for the narinfo cache: a fetch that failed
-    /// forgets it).
-    pub fn is_pending(&self, path: &StorePathHash) -> bool {
-        self.pending.get(path).is_some()
     }
 }
