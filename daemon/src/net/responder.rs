@@ -244,7 +244,9 @@ impl Inner {
                 built: now,
                 checked: now,
             });
-        } else if let Some(s) = guard.as_mut() {
+        } else if let (Some(s), Some(_)) = (guard.as_mut(), narinfos) {
+            // Only a real check moves the clock: peers asking more often than SUMMARY_CHECK
+            // must not keep a changed store from ever being looked at again.
             s.checked = now;
         }
         let s = guard.as_ref().expect("built above");
@@ -275,5 +277,59 @@ impl Inner {
             }
         }
         Ok(response)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::signing::SecretKey;
+    use crate::store::testing::{ingest, sample_nar};
+
+    fn summary(r: &Inner, have: u64) -> pb::PathSummary {
+        r.summary(have).unwrap().summary.expect("a summary")
+    }
+
+    /// A store that gains a path is seen in the summary within about SUMMARY_CHECK even
+    /// while peers ask more often than that (each ask used to push the next check back).
+    #[test]
+    fn the_summary_follows_the_store_however_often_peers_ask() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let key = SecretKey::generate("test-1", [3; 32]);
+        let trusted = [key.public_key()];
+        ingest(
+            &store,
+            &"a".repeat(32),
+            &sample_nar(1),
+            Some(&key),
+            &trusted,
+        );
+        let r = StoreResponder::new(store.clone());
+        let first = summary(&r.inner, 0);
+        assert_eq!(first.paths, 1);
+        let unchanged = summary(&r.inner, first.generation);
+        assert!(
+            unchanged.bits.is_empty(),
+            "an unchanged summary is not sent again"
+        );
+        ingest(
+            &store,
+            &"b".repeat(32),
+            &sample_nar(2),
+            Some(&key),
+            &trusted,
+        );
+        // Ask every 200 ms; give up after a generous 20 s (the check comes after ~2 s).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut s = summary(&r.inner, first.generation);
+        while s.generation == first.generation && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            s = summary(&r.inner, first.generation);
+        }
+        assert_ne!(s.generation, first.generation, "the new path never showed");
+        assert_eq!(s.paths, 2);
+        let f = PathFilter::from_parts(s.bits, s.hashes).unwrap();
+        assert!(f.may_contain(&StorePathHash::parse(&"b".repeat(32)).unwrap()));
     }
 }
