@@ -132,17 +132,25 @@ async fn serve(
             }
         }
     };
-    let store = state.store.clone();
-    let mut reader = match blocking(move || Ok(store.nar_reader(&nar_hash)?)).await {
+    let read = || {
+        let store = state.store.clone();
+        blocking(move || Ok(store.nar_reader(&nar_hash)?))
+    };
+    let mut reader = match read().await {
         Ok(r) => r,
-        Err(HttpError::NotFound) if ext.is_none() => {
-            return match from_elsewhere(state, &method, headers, nar_hash).await? {
-                Some(resp) => Ok(resp),
-                None => {
+        Err(HttpError::NotFound) if ext.is_none() && state.resolver.has_sources() => {
+            if let Some(resp) = from_elsewhere(state, &method, headers, nar_hash).await? {
+                return Ok(resp);
+            }
+            // The resolver had nothing: a flight may have stored the NAR meanwhile.
+            match read().await {
+                Ok(r) => r,
+                Err(HttpError::NotFound) => {
                     Metrics::inc(&state.metrics.nar_misses, 1);
-                    Err(HttpError::NotFound)
+                    return Err(HttpError::NotFound);
                 }
-            };
+                Err(e) => return Err(e),
+            }
         }
         Err(HttpError::NotFound) => {
             Metrics::inc(&state.metrics.nar_misses, 1);
@@ -169,31 +177,10 @@ async fn serve(
         )
             .into_response());
     }
-    let size = reader.nar_size();
-    let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
-        Some(v) => parse_range(v, size)?,
-        None => None,
-    };
-    let mut resp_headers = HeaderMap::new();
-    resp_headers.insert(
-        header::CONTENT_TYPE,
-        "application/x-nix-nar".parse().expect("static"),
-    );
-    resp_headers.insert(header::ACCEPT_RANGES, "bytes".parse().expect("static"));
-    let (status, len) = match range {
-        Some((start, end)) => {
-            reader.set_range(start, end);
-            let v = format!("bytes {start}-{}/{size}", end - 1);
-            resp_headers.insert(
-                header::CONTENT_RANGE,
-                v.parse()
-                    .map_err(|_| HttpError::Internal("content-range".into()))?,
-            );
-            (StatusCode::PARTIAL_CONTENT, end - start)
-        }
-        None => (StatusCode::OK, size),
-    };
-    resp_headers.insert(header::CONTENT_LENGTH, len.into());
+    let (status, resp_headers, range) = body_headers(headers, reader.nar_size())?;
+    if let Some((start, end)) = range {
+        reader.set_range(start, end);
+    }
     if method == Method::HEAD {
         return Ok((status, resp_headers, Body::empty()).into_response());
     }
@@ -205,8 +192,7 @@ async fn serve(
 /// A NAR the store lacks, from the resolver: `HEAD` answers from the pending narinfo without
 /// fetching; `GET` joins (or starts) the NAR's flight and streams it as it arrives — after
 /// its first bytes, so a source that fails at once is a 502, not a cut 200; a range waits
-/// for the whole NAR to be verified. `None`: no source can bring it (and the store still
-/// lacks it: a flight may have just finished).
+/// for the whole NAR to be verified. `None`: no source can bring it.
 async fn from_elsewhere(
     state: &Arc<HttpState>,
     method: &Method,
@@ -215,30 +201,49 @@ async fn from_elsewhere(
 ) -> Result<Option<Response>, HttpError> {
     let resolver = &state.resolver;
     if resolver.fetchable_size(&nar_hash).is_none() && !resolver.recover(&nar_hash).await {
-        return stored_again(state, method, headers, nar_hash).await;
+        return Ok(None);
     }
     if *method == Method::HEAD {
         let Some(size) = resolver.fetchable_size(&nar_hash) else {
-            return stored_again(state, method, headers, nar_hash).await;
+            return Ok(None);
         };
-        let mut h = nar_headers();
-        h.insert(header::CONTENT_LENGTH, size.into());
-        return Ok(Some((StatusCode::OK, h, Body::empty()).into_response()));
+        let (status, h, _) = body_headers(headers, size)?;
+        return Ok(Some((status, h, Body::empty()).into_response()));
     }
     let Some(flight) = resolver.nar(&nar_hash)? else {
-        return stored_again(state, method, headers, nar_hash).await;
+        return Ok(None);
     };
-    let size = flight.nar_size();
-    let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
-        Some(v) => parse_range(v, size)?,
-        None => None,
-    };
+    let (status, h, range) = body_headers(headers, flight.nar_size())?;
     if let Err(e) = flight.ready(range.is_some()).await {
         return Err(HttpError::BadGateway(e.to_string()));
     }
     Metrics::inc(&state.metrics.nar_hits, 1);
-    let mut h = nar_headers();
-    let (status, start, end) = match range {
+    let (start, end) = range.unwrap_or((0, flight.nar_size()));
+    Ok(Some(
+        (status, h, flight_body(state, &flight, start, end)).into_response(),
+    ))
+}
+
+/// A NAR response's status, headers and byte range (`None`: all of it).
+type BodyHead = (StatusCode, HeaderMap, Option<(u64, u64)>);
+
+/// The status and headers of a NAR body of `size` bytes, honouring a `Range` request: 206
+/// with `Content-Range` and the range (`start..end`), or 200 with the whole length.
+fn body_headers(
+    headers: &HeaderMap,
+    size: u64,
+) -> Result<BodyHead, HttpError> {
+    let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+        Some(v) => parse_range(v, size)?,
+        None => None,
+    };
+    let mut h = HeaderMap::new();
+    h.insert(
+        header::CONTENT_TYPE,
+        "application/x-nix-nar".parse().expect("static"),
+    );
+    h.insert(header::ACCEPT_RANGES, "bytes".parse().expect("static"));
+    let (status, len) = match range {
         Some((start, end)) => {
             let v = format!("bytes {start}-{}/{size}", end - 1);
             h.insert(
@@ -246,46 +251,12 @@ async fn from_elsewhere(
                 v.parse()
                     .map_err(|_| HttpError::Internal("content-range".into()))?,
             );
-            (StatusCode::PARTIAL_CONTENT, start, end)
+            (StatusCode::PARTIAL_CONTENT, end - start)
         }
-        None => (StatusCode::OK, 0, size),
+        None => (StatusCode::OK, size),
     };
-    h.insert(header::CONTENT_LENGTH, (end - start).into());
-    Ok(Some(
-        (status, h, flight_body(state, &flight, start, end)).into_response(),
-    ))
-}
-
-/// After the resolver had nothing: the store may have got the NAR meanwhile.
-async fn stored_again(
-    state: &Arc<HttpState>,
-    method: &Method,
-    headers: &HeaderMap,
-    nar_hash: NarHash,
-) -> Result<Option<Response>, HttpError> {
-    let store = state.store.clone();
-    match blocking(move || Ok(store.has_nar(&nar_hash)?)).await? {
-        true => Ok(Some(
-            Box::pin(serve(
-                state,
-                method.clone(),
-                headers,
-                &format!("{}.nar", nar_hash.to_base32()),
-            ))
-            .await?,
-        )),
-        false => Ok(None),
-    }
-}
-
-fn nar_headers() -> HeaderMap {
-    let mut h = HeaderMap::new();
-    h.insert(
-        header::CONTENT_TYPE,
-        "application/x-nix-nar".parse().expect("static"),
-    );
-    h.insert(header::ACCEPT_RANGES, "bytes".parse().expect("static"));
-    h
+    h.insert(header::CONTENT_LENGTH, len.into());
+    Ok((status, h, range))
 }
 
 /// A flight's bytes as a response body; an aborted flight aborts the body.
