@@ -59,7 +59,7 @@ enum Lie {
     OversizedChunk,
     /// The first chunk's size is one more than it is (sizes no longer sum to NarSize).
     WrongSum,
-    /// Every block is a zstd frame that inflates to 64 MiB.
+    /// Every block is a zstd frame that inflates to 256 MiB.
     Bomb,
 }
 
@@ -107,8 +107,8 @@ impl Responder for Liar {
                 }
                 Lie::Bomb => {
                     static BOMB: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
-                    let bomb =
-                        BOMB.get_or_init(|| zstd::bulk::compress(&vec![0u8; 64 << 20], 1).unwrap());
+                    let bomb = BOMB
+                        .get_or_init(|| zstd::bulk::compress(&vec![0u8; 256 << 20], 1).unwrap());
                     for b in &mut r.blocks {
                         b.data = bomb.clone();
                     }
@@ -380,8 +380,9 @@ async fn a_zstd_bomb_block_is_refused() {
     let (r, _) = a.fetch_found(&found).await;
     assert!(r.is_err(), "{r:?}");
     assert!(a.metrics.p2p_bad_blocks.load(Relaxed) >= 1);
-    // Bounded memory: one response of such blocks would inflate to 4 GiB; the process (the
-    // liar's one 64 MiB bomb included, and under `cargo test` every other test) stays far below.
+    // Bounded memory: the blocks of one request would inflate to 2 GiB or more (≥ 8 of them);
+    // the process (the 256 MiB the liar compressed its bomb from included, and under
+    // `cargo test` every other test) stays below 1 GiB.
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let hwm_kib: u64 = status
         .lines()

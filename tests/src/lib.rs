@@ -2,6 +2,7 @@
 //! that keep it offline and quiet, and build the small multi-generation corpus once.
 
 pub mod harness;
+pub mod test_upstream;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};

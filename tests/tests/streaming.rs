@@ -8,113 +8,15 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix_p2p_cache_tests::harness::*;
+use nix_p2p_cache_tests::test_upstream::{noise, File, TestUpstream};
 use nix_p2p_cache_tests::{nar_hash_of, nar_of_file, Corpus};
-
-/// One file of a [`TestUpstream`]: its bytes and, if trickled, the rate in bytes per second.
-#[derive(Clone)]
-struct File {
-    body: Arc<Vec<u8>>,
-    rate: Option<u64>,
-}
-
-struct TestUpstream {
-    port: u16,
-    hits: Arc<Mutex<HashMap<String, u32>>>,
-}
-
-impl TestUpstream {
-    fn start(files: HashMap<String, File>) -> TestUpstream {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        let files = Arc::new(files);
-        let hits: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
-        let h = hits.clone();
-        std::thread::spawn(move || {
-            for s in l.incoming() {
-                let Ok(s) = s else { continue };
-                let (files, hits) = (files.clone(), h.clone());
-                std::thread::spawn(move || serve_conn(s, &files, &hits));
-            }
-        });
-        TestUpstream { port, hits }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn hits(&self, path: &str) -> u32 {
-        self.hits.lock().unwrap().get(path).copied().unwrap_or(0)
-    }
-}
-
-fn serve_conn(mut s: TcpStream, files: &HashMap<String, File>, hits: &Mutex<HashMap<String, u32>>) {
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    let mut line = String::new();
-    if r.read_line(&mut line).is_err() {
-        return;
-    }
-    loop {
-        let mut h = String::new();
-        if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
-            break;
-        }
-    }
-    let path = line.split(' ').nth(1).unwrap_or("").to_string();
-    *hits.lock().unwrap().entry(path.clone()).or_default() += 1;
-    let Some(f) = files.get(&path) else {
-        let _ = s
-            .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-        return;
-    };
-    let head = format!(
-        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        f.body.len()
-    );
-    if s.write_all(head.as_bytes()).is_err() {
-        return;
-    }
-    match f.rate {
-        None => {
-            let _ = s.write_all(&f.body);
-        }
-        Some(rate) => {
-            // 20 slices a second.
-            let slice = (rate / 20).max(1) as usize;
-            let start = Instant::now();
-            for (i, part) in f.body.chunks(slice).enumerate() {
-                if s.write_all(part).is_err() {
-                    return;
-                }
-                let due = start + Duration::from_millis(50 * (i as u64 + 1));
-                if let Some(d) = due.checked_duration_since(Instant::now()) {
-                    std::thread::sleep(d);
-                }
-            }
-        }
-    }
-    let _ = s.flush();
-}
-
-/// `len` pseudo-random bytes (incompressible: every chunk new).
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 /// A fake store path's narinfo (unsigned, uncompressed) and its NAR, under `nar/<name>.nar`.
 struct FakePath {

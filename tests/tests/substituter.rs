@@ -814,16 +814,8 @@ fn slow_readers_do_not_starve_the_daemon() {
         &["--upload-token-file", token.to_str().unwrap()],
     );
     // A 48 MiB NAR: far more than loopback socket buffers hold.
-    let mut contents = vec![0u8; 48 << 20];
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    for b in contents.iter_mut() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = x as u8;
-    }
-    let nar = nix_p2p_cache_tests::nar_of_file(&contents);
-    drop(contents);
+    let nar =
+        nix_p2p_cache_tests::nar_of_file(&nix_p2p_cache_tests::test_upstream::noise(7, 48 << 20));
     let hash = "4123456789abcdfghijklmnpqrsvwxyz";
     let nar_hash = nar_hash_of(&nar);
     let info = format!(

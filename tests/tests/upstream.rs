@@ -6,13 +6,12 @@
 //! stored).
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nix_p2p_cache_tests::test_upstream::{plain, TestUpstream};
 use nix_p2p_cache_tests::{nar_of_file, Corpus};
 
 use nix_p2p_cache_tests::harness::*;
@@ -174,51 +173,6 @@ fn misses_are_fast_404s_and_dead_upstream_is_harmless() {
 // ---------------------------------------------------------------------------------------------
 // 4. An upstream that sends the wrong NAR.
 
-/// A minimal HTTP/1.1 server answering GETs from a fixed map (404 otherwise).
-fn fake_upstream(files: HashMap<String, Vec<u8>>) -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let files = Arc::new(files);
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            let files = files.clone();
-            std::thread::spawn(move || {
-                let mut r = BufReader::new(s.try_clone().unwrap());
-                let mut line = String::new();
-                if r.read_line(&mut line).is_err() {
-                    return;
-                }
-                loop {
-                    let mut h = String::new();
-                    if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
-                        break;
-                    }
-                }
-                let path = line.split(' ').nth(1).unwrap_or("");
-                let resp = match files.get(path) {
-                    Some(body) => {
-                        let mut v = format!(
-                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                            body.len()
-                        )
-                        .into_bytes();
-                        v.extend_from_slice(body);
-                        v
-                    }
-                    None => {
-                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                            .to_vec()
-                    }
-                };
-                let _ = s.write_all(&resp);
-                let _ = s.flush();
-            });
-        }
-    });
-    port
-}
-
 #[test]
 fn wrong_nar_from_upstream_is_a_502_and_nothing_is_stored() {
     let env = Env::new();
@@ -233,14 +187,11 @@ fn wrong_nar_from_upstream_is_a_502_and_nothing_is_stored() {
          NarHash: {nar_hash}\nNarSize: {}\nReferences: \n",
         good.len()
     );
-    let port = fake_upstream(HashMap::from([
-        (format!("/{hash}.narinfo"), narinfo.into_bytes()),
-        ("/nar/fake.nar".to_string(), evil),
+    let up = TestUpstream::start(HashMap::from([
+        (format!("/{hash}.narinfo"), plain(narinfo.into_bytes())),
+        ("/nar/fake.nar".to_string(), plain(evil)),
     ]));
-    let a = Daemon::start(
-        &env.path("data-a"),
-        &["--upstream", &format!("http://127.0.0.1:{port}")],
-    );
+    let a = Daemon::start(&env.path("data-a"), &["--upstream", &up.url()]);
     let r = http(a.port, &get(&format!("/{hash}.narinfo")));
     assert_eq!(r.status, 200, "{r:?}\n{}", a.stderr());
     let body = String::from_utf8(r.body).unwrap();
