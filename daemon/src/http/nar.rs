@@ -229,10 +229,7 @@ type BodyHead = (StatusCode, HeaderMap, Option<(u64, u64)>);
 
 /// The status and headers of a NAR body of `size` bytes, honouring a `Range` request: 206
 /// with `Content-Range` and the range (`start..end`), or 200 with the whole length.
-fn body_headers(
-    headers: &HeaderMap,
-    size: u64,
-) -> Result<BodyHead, HttpError> {
+fn body_headers(headers: &HeaderMap, size: u64) -> Result<BodyHead, HttpError> {
     let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
         Some(v) => parse_range(v, size)?,
         None => None,
