@@ -12,6 +12,9 @@
 #     generation >= 3 : git 2.39.5 (Debian) -> 2.47.3 (/usr/local), if present
 #     generation >= 4 : python 3.11.2 (Debian) -> 3.11.7 (pyenv), if present
 #     generation >= 5 : sqlite gets a "security patch" (modified files)
+#     generation >= 6 : the root is renamed glibc-2.36 -> glibc-2.40.1 (a mass rebuild
+#                       that changes the root dependency's name and its length, not
+#                       only its hash, as a glibc version bump does)
 # * scale = "small": ~30 MB of NARs, builds in well under a minute.
 #   scale = "large": ~300+ MB (adds gcc's cc1/cc1plus, LLVM, ICU, full perl and
 #   python stdlibs, vim runtime, glibc gconv/headers/locales ...).
@@ -53,7 +56,7 @@ let
   # ------------------------------------------------------------------ root
   glibc = mk {
     pname = "glibc";
-    version = "2.36";
+    version = if gen >= 6 then "2.40.1" else "2.36";
     script = ''
       cplib ld-linux-x86-64.so.2 libc.so.6 libm.so.6 libmvec.so.1 libpthread.so.0 \
             libdl.so.2 librt.so.1 libresolv.so.2 libutil.so.1 libnss_files.so.2 \

@@ -134,7 +134,6 @@ pub struct Peers {
     trusted: Vec<PublicKey>,
     lookups: Mutex<HashMap<NarHash, Lookups>>,
     metrics: Arc<Metrics>,
-    params: ChunkingParams,
     /// Connected peers' path summaries (generation, filter); see [`Peers::refresh_summaries`].
     summaries: Mutex<HashMap<PeerId, (u64, PathFilter)>>,
 }
@@ -146,7 +145,6 @@ impl Peers {
             trusted,
             lookups: Mutex::new(HashMap::new()),
             metrics,
-            params: ChunkingParams::V1,
             summaries: Mutex::new(HashMap::new()),
         }
     }
@@ -468,6 +466,7 @@ impl Peers {
                 let req = pb::Request {
                     kind: Some(pb::request::Kind::Manifest(pb::ManifestRequest {
                         nar_key: key,
+                        chunkings: ChunkingParams::READ.map(|p| p.id).to_vec(),
                     })),
                 };
                 (
@@ -541,7 +540,7 @@ impl Peers {
         if m.nar_hash != info.nar_hash || m.nar_size != info.nar_size {
             return Err(ManifestError::OtherNar);
         }
-        m.check_chunking(&self.params)?;
+        m.check_chunking()?;
         Ok(m)
     }
 
@@ -571,7 +570,7 @@ impl Peers {
                 let c = item?;
                 if let Some(frame) = &c.frame {
                     staging
-                        .append_frame(&c.id, c.data.len() as u32, frame)
+                        .append_frame(&c.id, c.raw_len, frame)
                         .map_err(StoreError::from)?;
                 }
                 f.write(&c.data)?;
@@ -718,6 +717,8 @@ fn check_block(id: &ChunkId, size: u32, frame: &[u8]) -> Option<Vec<u8>> {
 /// it came in when it is new to the store (first use only).
 struct Fetched {
     id: ChunkId,
+    /// Length of the chunk itself (normalised), not of its restored bytes.
+    raw_len: u32,
     data: Bytes,
     frame: Option<Bytes>,
 }
@@ -862,7 +863,7 @@ impl Transfer {
                     break;
                 };
                 let frame = frame.take();
-                let mut chunk = if *left <= 1 {
+                let chunk = if *left <= 1 {
                     self.ready
                         .remove(&id)
                         .map(|(d, _, _)| d)
@@ -871,9 +872,11 @@ impl Transfer {
                     *left -= 1;
                     data.clone()
                 };
-                self.manifest.slots.restore(offset, &mut chunk);
+                let raw_len = chunk.len() as u32;
+                let chunk = self.manifest.restore(offset, chunk);
                 let item = Fetched {
                     id,
+                    raw_len,
                     data: Bytes::from(chunk),
                     frame,
                 };

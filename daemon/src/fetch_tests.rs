@@ -31,13 +31,29 @@ const HASH: &str = "0123456789abcdfghijklmnpqrsvwxyz";
 
 /// A NAR of one directory with a few files of noise: `mib` MiB in all, many chunks.
 fn big_nar(seed: u8, mib: usize) -> Vec<u8> {
+    files_nar(HASH, (0..mib).map(|i| seed.wrapping_add(i as u8)))
+}
+
+/// A NAR of one directory with a 1 MiB file of noise per seed. Every file names the NAR's own
+/// store path (`/nix/store/<self_hash>-sample`) and another one, so the chunks are normalised
+/// (and their restored bytes longer than the chunks).
+fn files_nar(self_hash: &str, seeds: impl Iterator<Item = u8>) -> Vec<u8> {
+    let paths = [
+        format!("/nix/store/{self_hash}-sample/lib "),
+        "/nix/store/7gx4kiv5m0i7d7qkixq2cwzbr10lvxwc-other ".to_string(),
+    ];
     let mut entries = BTreeMap::new();
-    for i in 0..mib {
+    for (i, seed) in seeds.enumerate() {
+        let mut contents = noise(seed, 1 << 20);
+        for (k, at) in (0..contents.len() - 100).step_by(100_003).enumerate() {
+            let p = paths[k % 2].as_bytes();
+            contents[at..at + p.len()].copy_from_slice(p);
+        }
         entries.insert(
             format!("f{i:03}"),
             NarNode::Regular {
                 executable: false,
-                contents: noise(seed.wrapping_add(i as u8), 1 << 20),
+                contents,
             },
         );
     }
@@ -234,6 +250,8 @@ impl Fetcher {
         flight.release(); // what the resolver does after the commit
         let streamed = client.await.unwrap().expect("the client got the whole NAR");
         assert!(streamed == nar, "the client got the NAR's bytes");
+        let damaged = self.node.store.verify(|_| {}).unwrap();
+        assert!(damaged.is_empty(), "the fetched NAR verifies: {damaged:?}");
         stored(&self.node.store, &nar_hash)
     }
 
@@ -399,33 +417,15 @@ async fn a_zstd_bomb_block_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_fetches_only_the_missing_chunks() {
     let key = SecretKey::generate("test-1", [16; 32]);
-    let old = big_nar(16, 6);
-    // The same files but one.
-    let new = {
-        let mut entries = BTreeMap::new();
-        for i in 0..6usize {
-            let seed = if i == 3 {
-                200
-            } else {
-                16u8.wrapping_add(i as u8)
-            };
-            entries.insert(
-                format!("f{i:03}"),
-                NarNode::Regular {
-                    executable: false,
-                    contents: noise(seed, 1 << 20),
-                },
-            );
-        }
-        let mut nar = Vec::new();
-        write_nar(&mut nar, &NarNode::Directory(entries)).unwrap();
-        nar
-    };
+    // The old path and its rebuild (each names itself): the same files but one.
+    let old_hash = "b".repeat(32);
+    let old = files_nar(&old_hash, (0..6u8).map(|i| 16 + i));
+    let new = files_nar(HASH, (0..6u8).map(|i| if i == 3 { 200 } else { 16 + i }));
     let b = provider(&new, &key, None, memory_config()).await;
     let a = fetcher(&key).await;
     ingest(
         &a.node.store,
-        &"b".repeat(32),
+        &old_hash,
         &old,
         Some(&key),
         &[key.public_key()],

@@ -8,6 +8,7 @@ use std::io::{self, Read};
 use fastcdc::v2020::StreamCDC;
 
 use super::hash::ChunkId;
+use super::normalise::Normalisation;
 
 /// A named FastCDC parameter set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,6 +18,8 @@ pub struct ChunkingParams {
     pub min: u32,
     pub avg: u32,
     pub max: u32,
+    /// What is cut out of the NAR before chunking.
+    pub normalisation: Normalisation,
 }
 
 impl ChunkingParams {
@@ -28,7 +31,19 @@ impl ChunkingParams {
         min: 32 * 1024,
         avg: 128 * 1024,
         max: 512 * 1024,
+        normalisation: Normalisation::Hashes,
     };
+
+    /// v2: the v1 FastCDC parameters over a stream with whole references cut out (hash and
+    /// name), so renamed dependencies dedup too: `docs/chunking.md`. What this build writes.
+    pub const V2: Self = Self {
+        id: 2,
+        normalisation: Normalisation::References,
+        ..Self::V1
+    };
+
+    /// The parameters new manifests are cut with.
+    pub const CURRENT: Self = Self::V2;
 
     /// Candidates measured before freezing v1 (ids above 1000 are never written to a store).
     pub const CANDIDATES: [Self; 3] = [
@@ -37,19 +52,24 @@ impl ChunkingParams {
             min: 8 * 1024,
             avg: 32 * 1024,
             max: 128 * 1024,
+            normalisation: Normalisation::Hashes,
         },
         Self {
             id: 1064,
             min: 16 * 1024,
             avg: 64 * 1024,
             max: 256 * 1024,
+            normalisation: Normalisation::Hashes,
         },
         Self::V1,
     ];
 
-    /// The parameter set a manifest's id names, if this build knows it.
+    /// The parameter sets this build rebuilds NARs from.
+    pub const READ: [Self; 2] = [Self::V1, Self::V2];
+
+    /// The parameter set a manifest's id names, if this build reads it.
     pub fn by_id(id: u32) -> Option<Self> {
-        (id == Self::V1.id).then_some(Self::V1)
+        Self::READ.into_iter().find(|p| p.id == id)
     }
 }
 
@@ -87,7 +107,8 @@ pub fn chunks<R: Read>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::normalise::Normaliser;
+    use crate::core::normalise::{Normaliser, RefSet};
+    use crate::core::store_path::StorePath;
     use proptest::prelude::*;
 
     fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
@@ -167,16 +188,25 @@ mod tests {
                 data[..path.len()].copy_from_slice(path);
                 data[len - path.len()..].copy_from_slice(path);
             }
-            let small = ChunkingParams { id: 0, min: 64, avg: 256, max: 1024 };
-            for params in [small, ChunkingParams::V1] {
-                let mut norm = Normaliser::new(&data[..]);
+            let small = ChunkingParams { id: 0, min: 64, avg: 256, max: 1024, normalisation: Normalisation::Hashes };
+            let glibc = StorePath::from_base_name("7gx4kiv5m0i7d7qkixq2cwzbr10lvxwc-glibc").unwrap();
+            for params in [small, ChunkingParams::V1, ChunkingParams::V2] {
+                let mut norm = match params.normalisation {
+                    Normalisation::Hashes => Normaliser::new(&data[..]),
+                    Normalisation::References => {
+                        Normaliser::with_references(&data[..], RefSet::from_paths([&glibc]))
+                    }
+                };
                 let cs: Vec<Chunk> = chunks(&mut norm, params).map(Result::unwrap).collect();
                 let (_, slots) = norm.into_parts();
+                let nar_offsets = slots.nar_offsets(cs.iter().map(|c| c.offset));
                 let mut out = Vec::with_capacity(len);
-                for mut c in cs {
-                    prop_assert_eq!(c.offset, out.len() as u64);
-                    slots.restore(c.offset, &mut c.data);
-                    out.extend_from_slice(&c.data);
+                let mut norm_off = 0u64;
+                for (c, nar_off) in cs.into_iter().zip(nar_offsets) {
+                    prop_assert_eq!(c.offset, norm_off);
+                    prop_assert_eq!(nar_off, out.len() as u64);
+                    norm_off += c.data.len() as u64;
+                    out.extend(slots.restore(c.offset, c.data));
                 }
                 prop_assert_eq!(&out, &data);
             }

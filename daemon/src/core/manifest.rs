@@ -9,7 +9,7 @@ use prost::Message;
 
 use super::chunker::ChunkingParams;
 use super::hash::{ChunkId, HashError, NarHash};
-use super::normalise::{HashBytes, SlotError, SlotTable, HASH_LEN};
+use super::normalise::{HashBytes, InsertTable, Normalisation, SlotError, SlotTable, Slots};
 
 /// Errors when decoding or checking a manifest.
 #[derive(Debug, thiserror::Error)]
@@ -22,7 +22,7 @@ pub enum ManifestError {
     BadChunkId { index: usize, source: HashError },
     #[error("manifest chunk {index} is empty")]
     EmptyChunk { index: usize },
-    #[error("manifest chunk sizes add up to {sum}, but nar_size is {nar_size}")]
+    #[error("manifest chunk sizes and slots add up to {sum}, but nar_size is {nar_size}")]
     SizeMismatch { sum: u64, nar_size: u64 },
     #[error("manifest store-path slots: {0}")]
     Slots(#[from] SlotError),
@@ -48,11 +48,11 @@ pub struct Manifest {
     pub nar_size: u64,
     pub chunking: u32,
     pub chunks: Vec<ChunkEntry>,
-    pub slots: SlotTable,
+    pub slots: Slots,
 }
 
 impl Manifest {
-    /// Offsets of each chunk in the NAR, in order.
+    /// Offsets of each chunk in the normalised stream, in order (NAR offsets for chunking v1).
     pub fn chunk_offsets(&self) -> impl Iterator<Item = (u64, &ChunkEntry)> {
         self.chunks.iter().scan(0u64, |off, c| {
             let o = *off;
@@ -61,13 +61,22 @@ impl Manifest {
         })
     }
 
-    /// Checks that the manifest was cut with `params`: the same parameter id, and every chunk
-    /// within the maximum (a peer's manifest sizes the buffers its blocks are decompressed
-    /// into). The last chunk, and a NAR smaller than the minimum, may be short.
-    pub fn check_chunking(&self, params: &ChunkingParams) -> Result<(), ManifestError> {
-        if self.chunking != params.id {
-            return Err(ManifestError::UnknownChunking(self.chunking));
-        }
+    /// The NAR offset at which each chunk starts once restored.
+    pub fn nar_offsets(&self) -> Vec<u64> {
+        self.slots.nar_offsets(self.chunk_offsets().map(|(o, _)| o))
+    }
+
+    /// Restores chunk bytes `data` (normalised, at stream offset `offset`) to NAR bytes.
+    pub fn restore(&self, offset: u64, data: Vec<u8>) -> Vec<u8> {
+        self.slots.restore(offset, data)
+    }
+
+    /// Checks that this build reads the manifest's chunking: a known parameter id, and every
+    /// chunk within its maximum (a peer's manifest sizes the buffers its blocks are
+    /// decompressed into). The last chunk, and a NAR smaller than the minimum, may be short.
+    pub fn check_chunking(&self) -> Result<(), ManifestError> {
+        let params = ChunkingParams::by_id(self.chunking)
+            .ok_or(ManifestError::UnknownChunking(self.chunking))?;
         for (index, c) in self.chunks.iter().enumerate() {
             if c.size > params.max {
                 return Err(ManifestError::ChunkTooLarge {
@@ -81,13 +90,29 @@ impl Manifest {
     }
 
     pub fn encode(&self) -> Vec<u8> {
+        let (strings, offsets, index): (Vec<String>, &[u64], &[u32]) = match &self.slots {
+            Slots::Hashes(t) => (
+                t.hashes
+                    .iter()
+                    .map(|h| String::from_utf8_lossy(h).into_owned())
+                    .collect(),
+                &t.offsets,
+                &t.hash_index,
+            ),
+            Slots::References(t) => (
+                t.strings
+                    .iter()
+                    .map(|h| String::from_utf8_lossy(h).into_owned())
+                    .collect(),
+                &t.offsets,
+                &t.index,
+            ),
+        };
         let mut prev = 0u64;
-        let offset_deltas = self
-            .slots
-            .offsets
+        let offset_deltas = offsets
             .iter()
             .map(|&o| {
-                let d = o - prev;
+                let d = o.saturating_sub(prev);
                 prev = o;
                 d
             })
@@ -105,14 +130,9 @@ impl Manifest {
                 })
                 .collect(),
             store_path_slots: Some(pb::StorePathSlots {
-                hashes: self
-                    .slots
-                    .hashes
-                    .iter()
-                    .map(|h| String::from_utf8_lossy(h).into_owned())
-                    .collect(),
+                hashes: strings,
                 offset_deltas,
-                hash_index: self.slots.hash_index.clone(),
+                hash_index: index.to_vec(),
             }),
         }
         .encode_to_vec()
@@ -135,19 +155,10 @@ impl Manifest {
                 Ok(ChunkEntry { id, size: c.size })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let params =
+            ChunkingParams::by_id(m.chunking).ok_or(ManifestError::UnknownChunking(m.chunking))?;
         let sum: u64 = chunks.iter().map(|c| c.size as u64).sum();
-        if sum != m.nar_size {
-            return Err(ManifestError::SizeMismatch {
-                sum,
-                nar_size: m.nar_size,
-            });
-        }
         let s = m.store_path_slots.unwrap_or_default();
-        let hashes = s
-            .hashes
-            .iter()
-            .map(|h| <HashBytes>::try_from(h.as_bytes()).map_err(|_| SlotError::BadHash(h.clone())))
-            .collect::<Result<Vec<_>, _>>()?;
         let mut offsets = Vec::with_capacity(s.offset_deltas.len());
         let mut acc = 0u64;
         for (slot, d) in s.offset_deltas.iter().enumerate() {
@@ -158,13 +169,48 @@ impl Manifest {
             })?;
             offsets.push(acc);
         }
-        let slots = SlotTable {
-            hashes,
-            offsets,
-            hash_index: s.hash_index,
+        let slots = match params.normalisation {
+            Normalisation::Hashes => {
+                if sum != m.nar_size {
+                    return Err(ManifestError::SizeMismatch {
+                        sum,
+                        nar_size: m.nar_size,
+                    });
+                }
+                let hashes = s
+                    .hashes
+                    .iter()
+                    .map(|h| {
+                        <HashBytes>::try_from(h.as_bytes())
+                            .map_err(|_| SlotError::BadHash(h.clone()))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let t = SlotTable {
+                    hashes,
+                    offsets,
+                    hash_index: s.hash_index,
+                };
+                t.validate(m.nar_size)?;
+                Slots::Hashes(t)
+            }
+            Normalisation::References => {
+                let t = InsertTable {
+                    strings: s.hashes.into_iter().map(String::into_bytes).collect(),
+                    offsets,
+                    index: s.hash_index,
+                    norm_len: sum,
+                };
+                t.validate()?;
+                let restored = sum.saturating_add(t.inserted_len());
+                if restored != m.nar_size {
+                    return Err(ManifestError::SizeMismatch {
+                        sum: restored,
+                        nar_size: m.nar_size,
+                    });
+                }
+                Slots::References(t)
+            }
         };
-        slots.validate(m.nar_size)?;
-        debug_assert!(slots.hashes.iter().all(|h| h.len() == HASH_LEN));
         Ok(Self {
             nar_hash,
             nar_size: m.nar_size,
@@ -179,11 +225,20 @@ impl Manifest {
 mod tests {
     use super::*;
     use crate::core::chunker::{chunks, ChunkingParams};
-    use crate::core::normalise::Normaliser;
+    use crate::core::normalise::{Normaliser, RefSet};
+    use crate::core::store_path::StorePath;
     use proptest::prelude::*;
 
+    const GLIBC: &str = "7gx4kiv5m0i7d7qkixq2cwzbr10lvxwc-glibc";
+
     fn build(data: &[u8], params: ChunkingParams) -> Manifest {
-        let mut norm = Normaliser::new(data);
+        let glibc = StorePath::from_base_name(GLIBC).unwrap();
+        let mut norm = match params.normalisation {
+            Normalisation::Hashes => Normaliser::new(data),
+            Normalisation::References => {
+                Normaliser::with_references(data, RefSet::from_paths([&glibc]))
+            }
+        };
         let cs: Vec<_> = chunks(&mut norm, params)
             .map(|c| {
                 let c = c.unwrap();
@@ -205,43 +260,86 @@ mod tests {
 
     #[test]
     fn rejects_inconsistent_manifests() {
-        let data = b"x /nix/store/7gx4kiv5m0i7d7qkixq2cwzbr10lvxwc-glibc y".repeat(100);
-        let m = build(&data, ChunkingParams::V1);
-        let mut bad = m.clone();
-        bad.nar_size += 1;
-        assert!(matches!(
-            Manifest::decode(&bad.encode()),
-            Err(ManifestError::SizeMismatch { .. })
-        ));
-        let mut bad = m.clone();
-        bad.slots.offsets[3] = bad.slots.offsets[2];
-        assert!(matches!(
-            Manifest::decode(&bad.encode()),
-            Err(ManifestError::Slots(_))
-        ));
+        let data = format!("x /nix/store/{GLIBC} y").repeat(100).into_bytes();
+        for params in [ChunkingParams::V1, ChunkingParams::V2] {
+            let m = build(&data, params);
+            assert_eq!(Manifest::decode(&m.encode()).unwrap(), m);
+            let mut bad = m.clone();
+            bad.nar_size += 1;
+            assert!(matches!(
+                Manifest::decode(&bad.encode()),
+                Err(ManifestError::SizeMismatch { .. })
+            ));
+            let mut bad = m.clone();
+            match &mut bad.slots {
+                Slots::Hashes(t) => t.offsets[3] = t.offsets[2],
+                Slots::References(t) => t.index[3] = 99,
+            }
+            assert!(matches!(
+                Manifest::decode(&bad.encode()),
+                Err(ManifestError::Slots(_))
+            ));
+            assert!(m.check_chunking().is_ok());
+            let mut bad = m.clone();
+            bad.chunking = 77;
+            assert!(matches!(
+                bad.check_chunking(),
+                Err(ManifestError::UnknownChunking(77))
+            ));
+            assert!(matches!(
+                Manifest::decode(&bad.encode()),
+                Err(ManifestError::UnknownChunking(77))
+            ));
+            let mut bad = m.clone();
+            bad.chunks[0].size = params.max + 1;
+            assert!(matches!(
+                bad.check_chunking(),
+                Err(ManifestError::ChunkTooLarge { index: 0, .. })
+            ));
+            let mut pbm = pb::NarManifest::decode(&m.encode()[..]).unwrap();
+            pbm.chunks[0].id = vec![1, 2, 3];
+            assert!(matches!(
+                Manifest::decode(&pbm.encode_to_vec()),
+                Err(ManifestError::BadChunkId { index: 0, .. })
+            ));
+        }
         assert!(matches!(
             Manifest::decode(b"\xff\xff\xff"),
             Err(ManifestError::Decode(_))
         ));
-        assert!(m.check_chunking(&ChunkingParams::V1).is_ok());
-        let mut bad = m.clone();
-        bad.chunking = 77;
-        assert!(matches!(
-            bad.check_chunking(&ChunkingParams::V1),
-            Err(ManifestError::UnknownChunking(77))
-        ));
-        let mut bad = m.clone();
-        bad.chunks[0].size = ChunkingParams::V1.max + 1;
-        assert!(matches!(
-            bad.check_chunking(&ChunkingParams::V1),
-            Err(ManifestError::ChunkTooLarge { index: 0, .. })
-        ));
-        let mut pbm = pb::NarManifest::decode(&m.encode()[..]).unwrap();
-        pbm.chunks[0].id = vec![1, 2, 3];
-        assert!(matches!(
-            Manifest::decode(&pbm.encode_to_vec()),
-            Err(ManifestError::BadChunkId { index: 0, .. })
-        ));
+    }
+
+    #[test]
+    fn v2_manifests_restore_renamed_references() {
+        let data: Vec<u8> = (0..3000u32)
+            .flat_map(|i| format!("{i}: rpath=/nix/store/{GLIBC}/lib {}\n", i * 7919).into_bytes())
+            .collect();
+        let small = ChunkingParams {
+            min: 64,
+            avg: 256,
+            max: 1024,
+            ..ChunkingParams::V2
+        };
+        let m = build(&data, small);
+        assert!(m.chunks.len() > 1);
+        let sum: u64 = m.chunks.iter().map(|c| c.size as u64).sum();
+        assert!(sum < m.nar_size, "references are cut out of the stream");
+        // Rebuild from the chunks' normalised bytes.
+        let glibc = StorePath::from_base_name(GLIBC).unwrap();
+        let mut norm = Vec::new();
+        std::io::Read::read_to_end(
+            &mut Normaliser::with_references(&data[..], RefSet::from_paths([&glibc])),
+            &mut norm,
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        for ((o, c), nar_off) in m.chunk_offsets().zip(m.nar_offsets()) {
+            assert_eq!(nar_off, out.len() as u64);
+            let piece = norm[o as usize..o as usize + c.size as usize].to_vec();
+            assert_eq!(ChunkId::of(&piece), c.id);
+            out.extend(m.restore(o, piece));
+        }
+        assert_eq!(out, data);
     }
 
     proptest! {
@@ -249,12 +347,15 @@ mod tests {
         fn encode_decode_round_trip(
             body in proptest::collection::vec(any::<u8>(), 0..5000),
             n in 0usize..20,
+            v2 in any::<bool>(),
         ) {
             let mut data = body;
             for i in 0..n {
                 data.extend_from_slice(format!("/nix/store/{}-p{i} ", "0123456789abcdfghijklmnpqrsvwxyz").as_bytes());
+                data.extend_from_slice(format!("/nix/store/{GLIBC}/lib").as_bytes());
             }
-            let small = ChunkingParams { id: 0, min: 64, avg: 256, max: 1024 };
+            let base = if v2 { ChunkingParams::V2 } else { ChunkingParams::V1 };
+            let small = ChunkingParams { min: 64, avg: 256, max: 1024, ..base };
             let m = build(&data, small);
             prop_assert_eq!(Manifest::decode(&m.encode()).unwrap(), m);
         }

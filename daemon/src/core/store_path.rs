@@ -156,6 +156,11 @@ impl FromStr for StorePath {
 
 /// Checks a store path name the way Nix does: 1..=211 characters from `[A-Za-z0-9+-._?=]`,
 /// not starting with `.`.
+/// Whether `c` may appear in a store path name (`[A-Za-z0-9+-._?=]`).
+pub fn is_name_char(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || b"+-._?=".contains(&c)
+}
+
 fn check_name(name: &str) -> Result<(), StorePathError> {
     let bad = |reason| {
         Err(StorePathError::BadName {
@@ -172,10 +177,7 @@ fn check_name(name: &str) -> Result<(), StorePathError> {
     if name.starts_with('.') {
         return bad("starts with '.'");
     }
-    if !name
-        .bytes()
-        .all(|c| c.is_ascii_alphanumeric() || b"+-._?=".contains(&c))
-    {
+    if !name.bytes().all(is_name_char) {
         return bad("contains a character outside [A-Za-z0-9+-._?=]");
     }
     Ok(())

@@ -18,6 +18,7 @@ use nix_p2p_cache_proto::v1 as pb;
 use nix_p2p_cache_proto::MAX_MESSAGE_SIZE;
 use prost::Message;
 
+use crate::core::chunker::ChunkingParams;
 use crate::core::store_path::StorePathHash;
 use crate::core::summary::PathFilter;
 use crate::core::{ChunkId, NarHash};
@@ -113,7 +114,7 @@ impl Inner {
         use pb::request::Kind;
         match request.kind {
             Some(Kind::Wantlist(w)) => self.wantlist(w),
-            Some(Kind::Manifest(m)) => self.manifest(&m.nar_key),
+            Some(Kind::Manifest(m)) => self.manifest(&m.nar_key, &m.chunkings),
             Some(Kind::Narinfo(n)) => self.narinfo(&n.store_path_hash),
             Some(Kind::Summary(r)) => self.summary(r.have_generation),
             None => Ok(pb::Response::default()),
@@ -188,7 +189,9 @@ impl Inner {
         Ok(false)
     }
 
-    fn manifest(&self, nar_key: &[u8]) -> Result<pb::Response, StoreError> {
+    /// The manifest of a shared NAR, if its chunking is one the asker reads (`chunkings`;
+    /// empty: only chunking 1).
+    fn manifest(&self, nar_key: &[u8], chunkings: &[u32]) -> Result<pb::Response, StoreError> {
         let nar_hash = match nar_key {
             [0x12, 0x20, digest @ ..] => NarHash::from_slice(digest),
             _ => None,
@@ -201,7 +204,15 @@ impl Inner {
             return Ok(response);
         }
         if let Some(bytes) = self.store.manifest_bytes(&nar_hash)? {
-            if bytes.len() <= MAX_MESSAGE_SIZE - RESPONSE_MARGIN {
+            let chunking = pb::NarManifest::decode(&bytes[..]).map_or(0, |m| m.chunking);
+            let readable = if chunkings.is_empty() {
+                chunking == ChunkingParams::V1.id
+            } else {
+                chunkings.contains(&chunking)
+            };
+            if !readable {
+                tracing::debug!(nar = %nar_hash, chunking, ?chunkings, "manifest of a chunking the asker does not read");
+            } else if bytes.len() <= MAX_MESSAGE_SIZE - RESPONSE_MARGIN {
                 response.manifest = Some(bytes);
             } else {
                 tracing::warn!(nar = %nar_hash, len = bytes.len(), "manifest too large to send");

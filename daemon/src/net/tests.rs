@@ -98,17 +98,25 @@ async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
 /// Fetches a NAR from `peer` the way `fetch` will: manifest, then blocks, each checked.
 async fn fetch_nar(client: &Client, peer: PeerId, nar_hash: &NarHash) -> Vec<u8> {
     let key = nar_hash.nar_key();
-    let res = client
-        .request(
+    let ask = |chunkings: Vec<u32>| {
+        client.request(
             peer,
             pb::Request {
                 kind: Some(pb::request::Kind::Manifest(pb::ManifestRequest {
                     nar_key: key.multihash_bytes(),
+                    chunkings,
                 })),
             },
         )
-        .await
-        .unwrap();
+    };
+    // A node from before chunking 2 asks without `chunkings`: it is not sent a manifest it
+    // could not read (and would ban the sender for).
+    let res = ask(Vec::new()).await.unwrap();
+    assert_eq!(
+        res.manifest, None,
+        "a chunking 2 manifest for a v1-only asker"
+    );
+    let res = ask(vec![1, 2]).await.unwrap();
     let manifest = Manifest::decode(&res.manifest.expect("manifest served")).unwrap();
     assert_eq!(manifest.nar_hash, *nar_hash);
 
@@ -143,9 +151,7 @@ async fn fetch_nar(client: &Client, peer: PeerId, nar_hash: &NarHash) -> Vec<u8>
 
     let mut nar = Vec::with_capacity(manifest.nar_size as usize);
     for (offset, c) in manifest.chunk_offsets() {
-        let mut data = chunks[&c.id].clone();
-        manifest.slots.restore(offset, &mut data);
-        nar.extend_from_slice(&data);
+        nar.extend(manifest.restore(offset, chunks[&c.id].clone()));
     }
     assert_eq!(
         NarHash::digest(&nar),
@@ -299,6 +305,7 @@ async fn three_nodes_find_and_fetch_a_nar() {
             pb::Request {
                 kind: Some(pb::request::Kind::Manifest(pb::ManifestRequest {
                     nar_key: private.nar_hash.nar_key().multihash_bytes(),
+                    chunkings: vec![1, 2],
                 })),
             },
         )

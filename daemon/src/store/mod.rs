@@ -45,7 +45,7 @@ use crate::core::chunker::{self, ChunkingParams};
 use crate::core::manifest::{ChunkEntry, Manifest, ManifestError};
 use crate::core::nar::{NarError, NarValidator};
 use crate::core::narinfo::NarInfo;
-use crate::core::normalise::Normaliser;
+use crate::core::normalise::{Normalisation, Normaliser, RefSet};
 use crate::core::signing::Trust;
 use crate::core::{ChunkId, NarHash};
 use pack::{Location, PackError, PackWriter};
@@ -430,7 +430,7 @@ impl Store {
                 open: Mutex::default(),
                 gate: RwLock::default(),
             }),
-            params: ChunkingParams::V1,
+            params: ChunkingParams::CURRENT,
             zstd_level,
             touches: Mutex::default(),
         })
@@ -801,7 +801,13 @@ impl Store {
         let nar = open_nar().map_err(read_err)?;
         // One byte past NarSize is enough to know the NAR is too long.
         let mut tee = CheckingReader::new(nar.take(info.nar_size.saturating_add(1)));
-        let mut norm = Normaliser::new(&mut tee);
+        let mut norm = match self.params.normalisation {
+            Normalisation::Hashes => Normaliser::new(&mut tee),
+            Normalisation::References => Normaliser::with_references(
+                &mut tee,
+                RefSet::from_paths(info.references.iter().chain([&info.store_path])),
+            ),
+        };
         let txn = self.db.begin_read()?;
         let chunks_t = txn.open_table(CHUNKS)?;
         let mut entries = Vec::new();
@@ -1389,8 +1395,10 @@ pub struct NarReader {
     files: HashMap<u32, (Arc<File>, PathBuf)>,
     manifest: Manifest,
     locs: Vec<(ChunkId, Location)>,
-    /// NAR offset of each chunk.
+    /// NAR offset of each chunk once restored.
     offsets: Vec<u64>,
+    /// Offset of each chunk in the normalised stream.
+    norm_offsets: Vec<u64>,
     next: usize,
     buf: Vec<u8>,
     pos: usize,
@@ -1410,8 +1418,10 @@ impl NarReader {
         locs: Vec<(ChunkId, Location)>,
         dctx: zstd::bulk::Decompressor<'static>,
     ) -> Self {
-        let offsets = manifest.chunk_offsets().map(|(o, _)| o).collect();
+        let offsets = manifest.nar_offsets();
+        let norm_offsets = manifest.chunk_offsets().map(|(o, _)| o).collect();
         Self {
+            norm_offsets,
             dctx,
             files,
             remaining: manifest.nar_size,
@@ -1463,11 +1473,9 @@ impl NarReader {
             .files
             .get(&loc.pack)
             .ok_or_else(|| invalid(format!("pack {} was not opened", loc.pack)))?;
-        let mut data = pack::read_chunk(f, path, &loc, &id, &mut self.dctx)
+        let data = pack::read_chunk(f, path, &loc, &id, &mut self.dctx)
             .map_err(|e| invalid(e.to_string()))?;
-        self.manifest
-            .slots
-            .restore(self.offsets[self.next], &mut data);
+        let data = self.manifest.restore(self.norm_offsets[self.next], data);
         self.next += 1;
         if let Some(sha) = self.sha.as_mut() {
             sha.update(&data);
@@ -1652,10 +1660,9 @@ mod tests {
         for (off, c) in m.chunk_offsets() {
             assert!(store.has_chunk(&c.id).unwrap());
             let frame = store.chunk_frame(&c.id).unwrap().unwrap();
-            let mut data = zstd::bulk::decompress(&frame, c.size as usize).unwrap();
+            let data = zstd::bulk::decompress(&frame, c.size as usize).unwrap();
             assert_eq!(ChunkId::of(&data), c.id);
-            m.slots.restore(off, &mut data);
-            rebuilt.extend_from_slice(&data);
+            rebuilt.extend(m.restore(off, data));
         }
         assert_eq!(rebuilt, nar);
 

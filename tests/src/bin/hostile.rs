@@ -35,9 +35,9 @@ use clap::{Parser, ValueEnum};
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
-use nix_p2p_cache::core::manifest::ChunkEntry;
+use nix_p2p_cache::core::manifest::{ChunkEntry, Manifest};
 use nix_p2p_cache::core::nar::{NarValidator, NarVisitor};
-use nix_p2p_cache::core::normalise::HASH_LEN;
+use nix_p2p_cache::core::normalise::{Slots, HASH_LEN};
 use nix_p2p_cache::core::{ChunkId, NarHash};
 use nix_p2p_cache::net::responder::ResponseFuture;
 use nix_p2p_cache::net::{self, BehaviourConfig, NetConfig, Responder, StoreResponder, Transport};
@@ -246,21 +246,51 @@ fn spoil(frame: &[u8], k: u64) -> (Vec<u8>, &'static str) {
     }
 }
 
+/// Where NAR byte `pos` comes from in the chunks of `m`: (chunk index, index in the chunk's
+/// normalised bytes), or `None` when a store-path slot puts it back on reassembly.
+fn locate(m: &Manifest, pos: u64) -> Option<(usize, usize)> {
+    let norm: Vec<u64> = m.chunk_offsets().map(|(o, _)| o).collect();
+    let nar = m.nar_offsets();
+    let i = nar.partition_point(|&o| o <= pos).checked_sub(1)?;
+    let (a, size) = (norm[i], u64::from(m.chunks[i].size));
+    match &m.slots {
+        Slots::Hashes(t) => {
+            let k = t.offsets.partition_point(|&o| o <= pos);
+            let in_slot = k > 0 && pos < t.offsets[k - 1] + HASH_LEN as u64;
+            (!in_slot && pos < a + size).then(|| (i, (pos - a) as usize))
+        }
+        Slots::References(t) => {
+            let last = i + 1 == norm.len();
+            let (mut at_norm, mut at_nar) = (a, nar[i]);
+            for (&o, &s) in t.offsets.iter().zip(&t.index) {
+                if o < a || o > a + size || (o == a + size && !last) {
+                    continue;
+                }
+                if pos < at_nar + (o - at_norm) {
+                    return Some((i, (at_norm - a + pos - at_nar) as usize));
+                }
+                at_nar += o - at_norm;
+                at_norm = o;
+                let len = t.strings[s as usize].len() as u64;
+                if pos < at_nar + len {
+                    return None;
+                }
+                at_nar += len;
+            }
+            (pos < at_nar + (a + size - at_norm))
+                .then(|| (i, (at_norm - a + pos - at_nar) as usize))
+        }
+    }
+}
+
 /// Finds the NAR offset of the first regular-file byte outside the store-path slots (whose
 /// bytes the receiver overwrites when it restores the chunks).
 struct ContentByte<'a> {
-    slots: &'a [u64],
+    manifest: &'a Manifest,
     /// NAR offset and address of the piece being fed.
     base: u64,
     piece: usize,
     found: Option<u64>,
-}
-
-impl ContentByte<'_> {
-    fn in_slot(&self, pos: u64) -> bool {
-        let k = self.slots.partition_point(|&o| o <= pos);
-        k > 0 && pos < self.slots[k - 1] + HASH_LEN as u64
-    }
 }
 
 impl NarVisitor for ContentByte<'_> {
@@ -273,7 +303,8 @@ impl NarVisitor for ContentByte<'_> {
             return;
         };
         let start = self.base + start as u64;
-        self.found = (start..start + data.len() as u64).find(|&p| !self.in_slot(p));
+        self.found =
+            (start..start + data.len() as u64).find(|&p| locate(self.manifest, p).is_some());
     }
 }
 
@@ -286,8 +317,9 @@ fn forge(store: &Store, nar_hash: &NarHash) -> Result<(Vec<u8>, ChunkId, Vec<u8>
         .ok_or("no manifest")?;
     let mut reader = store.nar_reader(nar_hash).map_err(|x| e(&x))?;
     let mut validator = NarValidator::new();
+    let shown = manifest.clone();
     let mut finder = ContentByte {
-        slots: &manifest.slots.offsets,
+        manifest: &shown,
         base: 0,
         piece: 0,
         found: None,
@@ -304,21 +336,14 @@ fn forge(store: &Store, nar_hash: &NarHash) -> Result<(Vec<u8>, ChunkId, Vec<u8>
     }
     // No file contents at all (symlinks, empty files): spoil the NAR's first byte instead.
     let pos = finder.found.unwrap_or(0);
-    let (index, offset) = manifest
-        .chunk_offsets()
-        .enumerate()
-        .find(|(_, (o, c))| *o <= pos && pos < o + c.size as u64)
-        .map(|(i, (o, _))| (i, o))
-        .ok_or("offset beyond the chunks")?;
+    let (index, at) = locate(&manifest, pos).ok_or("NAR offset not in a chunk")?;
     let entry = manifest.chunks[index];
     let frame = store
         .chunk_frame(&entry.id)
         .map_err(|x| e(&x))?
         .ok_or("chunk missing")?;
     let mut data = zstd::bulk::decompress(&frame, entry.size as usize).map_err(|x| e(&x))?;
-    let byte = data
-        .get_mut((pos - offset) as usize)
-        .ok_or("chunk shorter than its entry")?;
+    let byte = data.get_mut(at).ok_or("chunk shorter than its entry")?;
     *byte ^= 0x01;
     let id = ChunkId::of(&data);
     let frame = zstd::bulk::compress(&data, 3).map_err(|x| e(&x))?;
