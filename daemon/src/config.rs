@@ -151,7 +151,16 @@ pub struct DaemonConfig {
     /// Cap on bytes per second sent to peers (all peers together).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upload_rate_limit: Option<ByteSize>,
+    /// zstd level cold packs are rewritten at in the background (0: off). Unset: 19 on a
+    /// seed, off on a peer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compact_level: Option<u8>,
+    /// A pack is cold once unmodified for this many seconds.
+    pub compact_min_age_secs: u64,
 }
+
+/// The background compaction level of a seed unless configured (`docs/chunking.md`).
+pub const DEFAULT_SEED_COMPACT_LEVEL: u8 = 19;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
 
@@ -172,11 +181,23 @@ impl Default for DaemonConfig {
             announce: Announce::Roots,
             max_cache_size: None,
             upload_rate_limit: None,
+            compact_level: None,
+            compact_min_age_secs: 3600,
         }
     }
 }
 
 impl DaemonConfig {
+    /// The background compaction level in effect, if compaction is on.
+    pub fn effective_compact_level(&self) -> Option<i32> {
+        let level = match (self.compact_level, self.role) {
+            (Some(l), _) => l,
+            (None, Role::Seed) => DEFAULT_SEED_COMPACT_LEVEL,
+            (None, Role::Peer) => 0,
+        };
+        (level > 0).then_some(i32::from(level))
+    }
+
     /// Reads a TOML config file (unknown keys are errors).
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
@@ -234,6 +255,9 @@ impl DaemonConfig {
             problems.push(
                 "upstream: a seed falls back on nothing (it is the source); drop upstream or use role = \"peer\"".into(),
             );
+        }
+        if self.compact_level.is_some_and(|l| l > 22) {
+            problems.push("compact-level: zstd levels go up to 22 (0 turns compaction off)".into());
         }
         if self.upload_rate_limit == Some(ByteSize(0)) {
             problems.push("upload-rate-limit: 0 would serve nothing; use share = \"none\"".into());

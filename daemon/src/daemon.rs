@@ -269,6 +269,16 @@ pub async fn run(
         sources.push(u);
     }
     let resolver = Arc::new(Resolver::new(store.clone(), sources, metrics.clone()));
+    // Background compaction stops when shutdown begins.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    if let Some(level) = config.effective_compact_level() {
+        let min_age = std::time::Duration::from_secs(config.compact_min_age_secs);
+        crate::compactor::start(store.clone(), level, min_age, stop_rx);
+    }
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
     let quota = match (config.role, config.max_cache_size) {
         (Role::Peer, Some(max)) => {
             // Evicted paths must not be announced from the served-narinfo cache any more.

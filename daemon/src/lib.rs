@@ -3,6 +3,7 @@
 //! See `docs/ARCHITECTURE.md` for the code map and invariants.
 
 pub mod announce;
+pub mod compactor;
 pub mod config;
 pub mod core;
 pub mod daemon;

@@ -40,7 +40,9 @@ use nix_p2p_cache::config::{default_data_dir, Announce, ByteSize, DaemonConfig, 
 use nix_p2p_cache::core::store_path::parse_hash_or_path;
 use nix_p2p_cache::daemon::trusted_keys;
 use nix_p2p_cache::import::{self, BinaryCache, Selection};
-use nix_p2p_cache::store::{GcPolicy, GcReport, Store, StoreError, DEFAULT_ZSTD_LEVEL};
+use nix_p2p_cache::store::{
+    CompactOptions, GcPolicy, GcReport, Store, StoreError, DEFAULT_ZSTD_LEVEL,
+};
 
 #[derive(Parser)]
 #[command(
@@ -167,6 +169,13 @@ struct DaemonArgs {
     /// Cap on bytes per second sent to peers, all peers together (e.g. 10M).
     #[arg(long)]
     upload_rate_limit: Option<ByteSize>,
+    /// Rewrite cold packs at this zstd level in the background, 0 for off [default: 19 on a
+    /// seed, off on a peer].
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=22))]
+    compact_level: Option<u8>,
+    /// A pack is cold once unmodified for this many seconds [default: 3600].
+    #[arg(long)]
+    compact_min_age_secs: Option<u64>,
 }
 
 impl DaemonArgs {
@@ -212,6 +221,12 @@ impl DaemonArgs {
         }
         if self.upload_rate_limit.is_some() {
             cfg.upload_rate_limit = self.upload_rate_limit;
+        }
+        if self.compact_level.is_some() {
+            cfg.compact_level = self.compact_level;
+        }
+        if let Some(s) = self.compact_min_age_secs {
+            cfg.compact_min_age_secs = s;
         }
     }
 }
@@ -310,6 +325,22 @@ enum Command {
         #[arg(long)]
         max_size: Option<ByteSize>,
     },
+    /// Rewrite cold packs with every chunk recompressed at a higher zstd level (smaller at
+    /// rest; reads and peers are served as before), then compact the index. Needs the daemon
+    /// stopped (a running daemon does this itself with --compact-level).
+    Compact {
+        #[command(flatten)]
+        data: DataDir,
+        /// zstd level of the rewritten chunks (docs/chunking.md: 19 is the measured choice).
+        #[arg(long, default_value_t = 19, value_parser = clap::value_parser!(i32).range(1..=22))]
+        level: i32,
+        /// Only packs unmodified for this many seconds.
+        #[arg(long, default_value_t = 0)]
+        min_age_secs: u64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// SIGINT or SIGTERM. The handlers are installed at once (before the daemon says it listens),
@@ -372,6 +403,61 @@ fn pin_command(data: &DataDir, store_paths: &[String], pin: bool) -> Result<Exit
 }
 
 /// `gc [--max-size SIZE]`.
+fn compact_command(data: &DataDir, level: i32, min_age_secs: u64, json: bool) -> Result<ExitCode> {
+    let mut store = open_unshared(&data.data_dir)?;
+    let before = store.stats()?;
+    let opts = CompactOptions {
+        level,
+        min_age: std::time::Duration::from_secs(min_age_secs),
+        max_packs: None,
+    };
+    let r = store.compact(opts, &|| false)?;
+    store.compact_index().context("compacting the index")?;
+    let after = store.stats()?;
+    if json {
+        let v = serde_json::json!({
+            "level": level,
+            "packs_in": r.packs_in,
+            "packs_out": r.packs_out,
+            "records": r.records,
+            "records_kept": r.records_kept,
+            "bytes_in": r.bytes_in,
+            "bytes_out": r.bytes_out,
+            "skipped": r.skipped,
+            "elapsed_s": r.elapsed.as_secs_f64(),
+            "stored_bytes_before": before.stored_bytes,
+            "stored_bytes_after": after.stored_bytes,
+        });
+        outln!("{v}");
+    } else {
+        outln!(
+            "compacted {} packs into {} at zstd level {level}: {} records ({} kept as they were), {} -> {} in {:.1} s ({:.1} MiB/s)",
+            r.packs_in,
+            r.packs_out,
+            r.records,
+            r.records_kept,
+            human(r.bytes_in),
+            human(r.bytes_out),
+            r.elapsed.as_secs_f64(),
+            r.bytes_in as f64 / (1 << 20) as f64 / r.elapsed.as_secs_f64().max(1e-6)
+        );
+        outln!(
+            "store {} -> {} (freed {})",
+            human(before.stored_bytes),
+            human(after.stored_bytes),
+            human(before.stored_bytes.saturating_sub(after.stored_bytes))
+        );
+    }
+    for s in &r.skipped {
+        eprintln!("skipped {s} (run `nix-p2p-cache verify`)");
+    }
+    Ok(if r.skipped.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 fn gc_command(data: &DataDir, max_size: Option<ByteSize>) -> Result<ExitCode> {
     let mut store = open_unshared(&data.data_dir)?;
     let before = store.stats()?;
@@ -394,7 +480,7 @@ fn gc_command(data: &DataDir, max_size: Option<ByteSize>) -> Result<ExitCode> {
     gc.bytes_reclaimed += g.bytes_reclaimed;
     gc.elapsed += g.elapsed;
     gc.skipped.extend(g.skipped);
-    store.compact().context("compacting the index")?;
+    store.compact_index().context("compacting the index")?;
     let after = store.stats()?;
     outln!(
         "compacted {} packs: moved {} live records ({}) in {:.2} s ({:.0} MiB/s), packs {} smaller",
@@ -688,7 +774,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })?;
             pb.finish_and_clear();
             if report.imported > 0 {
-                store.compact().context("compacting the index")?;
+                store.compact_index().context("compacting the index")?;
             }
             outln!(
                 "imported {} paths ({} already present), {} of NARs, {} of new chunks stored as {}",
@@ -772,6 +858,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Pin { data, store_paths } => pin_command(&data, &store_paths, true),
         Command::Unpin { data, store_paths } => pin_command(&data, &store_paths, false),
         Command::Gc { data, max_size } => gc_command(&data, max_size),
+        Command::Compact {
+            data,
+            level,
+            min_age_secs,
+            json,
+        } => compact_command(&data, level, min_age_secs, json),
         Command::Verify { data } => {
             let store = open_existing(&data.data_dir)?;
             let pb = ProgressBar::new(store.stats()?.chunk_compressed_bytes);

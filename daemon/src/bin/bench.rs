@@ -31,25 +31,29 @@ struct Args {
     corpus: PathBuf,
     skip_params: bool,
     levels: bool,
+    compaction: bool,
 }
 
 fn parse_args() -> Result<Args> {
     let mut corpus = None;
     let mut skip_params = false;
     let mut levels = false;
+    let mut compaction = false;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--corpus" => corpus = it.next().map(PathBuf::from),
             "--skip-params" => skip_params = true,
             "--levels" => levels = true,
-            other => bail!("unknown argument {other:?}; usage: nix-p2p-cache-bench --corpus DIR [--skip-params] [--levels]"),
+            "--compaction" => compaction = true,
+            other => bail!("unknown argument {other:?}; usage: nix-p2p-cache-bench --corpus DIR [--skip-params] [--levels] [--compaction]"),
         }
     }
     Ok(Args {
         corpus: corpus.context("--corpus DIR is required (made by corpus/build.sh)")?,
         skip_params,
         levels,
+        compaction,
     })
 }
 
@@ -286,6 +290,124 @@ fn measure_levels(nars: &[PathBuf], total: u64) -> Result<()> {
     Ok(())
 }
 
+/// Compaction candidates over the unique chunks of the store's own chunking (v2), in order of
+/// first appearance: per-chunk zstd at higher levels, with a dictionary trained on the
+/// chunks, and runs of adjacent chunks compressed together in bounded blocks.
+fn measure_compaction(cache: &Path, xz_bytes: u64) -> Result<()> {
+    let mut seen = HashSet::new();
+    let mut unique: Vec<Vec<u8>> = Vec::new();
+    for n in corpus_nars(cache)? {
+        let r = Normaliser::with_references(
+            BufReader::with_capacity(1 << 20, File::open(&n.file)?),
+            RefSet::from_paths(&n.refs),
+        );
+        for c in chunker::chunks(r, ChunkingParams::CURRENT) {
+            let c = c?;
+            if seen.insert(ChunkId::of(&c.data)) {
+                unique.push(c.data);
+            }
+        }
+    }
+    let bytes: u64 = unique.iter().map(|c| c.len() as u64).sum();
+    println!(
+        "\n## Compaction candidates (v2 unique chunks: {:.1} MB; xz cache {:.1} MB)",
+        bytes as f64 / 1e6,
+        xz_bytes as f64 / 1e6
+    );
+    println!(
+        "| scheme | compressed MB | vs xz cache × | compress MB/s (1 thread) | decompress MB/s |"
+    );
+    println!("|---|---|---|---|---|");
+    let row = |name: &str, frames: Vec<Vec<u8>>, t: Duration, d: Duration| {
+        let out: u64 = frames.iter().map(|f| f.len() as u64).sum();
+        println!(
+            "| {name} | {:.1} | {:.3} | {:.1} | {:.0} |",
+            out as f64 / 1e6,
+            out as f64 / xz_bytes as f64,
+            mbps(bytes, t),
+            mbps(bytes, d)
+        );
+    };
+    let time_decompress =
+        |frames: &[Vec<u8>], dict: Option<&[u8]>, cap: usize| -> Result<Duration> {
+            let mut dctx = match dict {
+                Some(d) => zstd::bulk::Decompressor::with_dictionary(d)?,
+                None => zstd::bulk::Decompressor::new()?,
+            };
+            let t = Instant::now();
+            for f in frames {
+                dctx.decompress(f, cap)?;
+            }
+            Ok(t.elapsed())
+        };
+    for level in [3, 9, 15, 19] {
+        let mut c = zstd::bulk::Compressor::new(level)?;
+        let t = Instant::now();
+        let frames = unique
+            .iter()
+            .map(|u| c.compress(u))
+            .collect::<io::Result<Vec<_>>>()?;
+        let t = t.elapsed();
+        let d = time_decompress(&frames, None, ChunkingParams::CURRENT.max as usize)?;
+        row(&format!("per chunk, level {level}"), frames, t, d);
+    }
+    // A dictionary trained on a sample of the chunks (about 100× its size, spread evenly).
+    let dict_size = 112 * 1024;
+    let step = (bytes / (100 * dict_size as u64)).max(1) as usize;
+    let samples: Vec<&[u8]> = unique.iter().step_by(step).map(|c| &c[..]).collect();
+    let t = Instant::now();
+    let dict = zstd::dict::from_samples(&samples, dict_size)?;
+    let train = t.elapsed();
+    for level in [3, 19] {
+        let mut c = zstd::bulk::Compressor::with_dictionary(level, &dict)?;
+        let t = Instant::now();
+        let mut frames = unique
+            .iter()
+            .map(|u| c.compress(u))
+            .collect::<io::Result<Vec<_>>>()?;
+        let t = t.elapsed();
+        let d = time_decompress(&frames, Some(&dict), ChunkingParams::CURRENT.max as usize)?;
+        frames.push(dict.clone()); // the dictionary is stored too
+        row(
+            &format!(
+                "per chunk + {} KiB dictionary (trained in {:.1} s), level {level}",
+                dict_size / 1024,
+                train.as_secs_f64()
+            ),
+            frames,
+            t,
+            d,
+        );
+    }
+    // Runs of adjacent chunks in one frame (a read then decompresses up to a whole block).
+    for block in [1usize << 20, 4 << 20] {
+        let mut blocks: Vec<Vec<u8>> = vec![Vec::new()];
+        for u in &unique {
+            if blocks.last().is_some_and(|b| b.len() + u.len() > block) {
+                blocks.push(Vec::new());
+            }
+            if let Some(b) = blocks.last_mut() {
+                b.extend_from_slice(u);
+            }
+        }
+        let mut c = zstd::bulk::Compressor::new(19)?;
+        let t = Instant::now();
+        let frames = blocks
+            .iter()
+            .map(|b| c.compress(b))
+            .collect::<io::Result<Vec<_>>>()?;
+        let t = t.elapsed();
+        let d = time_decompress(&frames, None, block)?;
+        row(
+            &format!("blocks of ≤ {} MiB, level 19", block >> 20),
+            frames,
+            t,
+            d,
+        );
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = parse_args()?;
     let none = args.corpus.join("cache-none");
@@ -383,6 +505,9 @@ fn main() -> Result<()> {
     );
 
     let xz_bytes = du(&xz);
+    if args.compaction {
+        measure_compaction(&none, xz_bytes)?;
+    }
     println!("\n## Stored bytes vs `nix copy --to file://…?compression=xz`");
     println!("| | bytes | MB |");
     println!("|---|---|---|");

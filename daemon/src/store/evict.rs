@@ -243,7 +243,7 @@ impl<'t> Removal<'t> {
     }
 }
 
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -748,6 +748,7 @@ impl Store {
                 packs.insert(pack, len)?;
             }
             packs.remove(p.pack)?;
+            txn.open_table(COMPACTED_PACKS)?.remove(p.pack)?;
             let d = dead.remove(p.pack)?.map(|v| v.value()).unwrap_or(0);
             add_counter(&mut counters, C_DEAD_BYTES, -(d as i64))?;
         }
@@ -756,7 +757,7 @@ impl Store {
     }
 
     /// Deletes a pack the index no longer points into; readers holding it open keep reading.
-    fn delete_pack(&self, pack: u32) -> Result<(), StoreError> {
+    pub(super) fn delete_pack(&self, pack: u32) -> Result<(), StoreError> {
         let path = pack::pack_path(&self.packs.dir, pack);
         {
             let _exclusive = self.packs.gate.write().unwrap_or_else(|e| e.into_inner());
@@ -782,9 +783,8 @@ impl Drop for Store {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
-    use std::io::Read;
 
-    use super::super::testing::{ingest, ingest_as, noise, sample_nar};
+    use super::super::testing::{ingest, ingest_as, noise, read_nar, sample_nar};
     use super::*;
     use crate::core::nar::{write_nar, Node};
 
@@ -808,16 +808,6 @@ mod tests {
         let mut nar = Vec::new();
         write_nar(&mut nar, &Node::Directory(entries)).expect("valid tree");
         nar
-    }
-
-    fn read_nar(store: &Store, nar_hash: &NarHash) -> Vec<u8> {
-        let mut out = Vec::new();
-        store
-            .nar_reader(nar_hash)
-            .unwrap()
-            .read_to_end(&mut out)
-            .unwrap();
-        out
     }
 
     fn set_access(store: &Store, nar_hash: &NarHash, t: u64) {

@@ -20,12 +20,14 @@
 //! - a committed pack's bytes are its header, live records (a chunk row points at them) and
 //!   dead ones (counted in `pack-dead-v1`), nothing else; eviction and pack GC: [`evict`].
 
+mod compact;
 pub mod dht;
 mod evict;
 pub mod pack;
 mod staging;
 pub mod tables;
 
+pub use compact::{CompactOptions, CompactReport};
 pub use evict::{EvictReport, GcPolicy, GcReport, RemovedPath, Retention};
 pub use staging::Staging;
 
@@ -404,6 +406,7 @@ impl Store {
             txn.open_table(PINS)?;
             txn.open_table(NAR_ACCESS)?;
             txn.open_table(PACK_DEAD)?;
+            txn.open_table(COMPACTED_PACKS)?;
             let packs = txn.open_table(PACKS)?;
             let last = packs.last()?.map(|(k, v)| (k.value(), v.value()));
             let known = packs
@@ -1034,7 +1037,7 @@ impl Store {
     }
 
     /// Compacts the index file (reclaims free pages after a large import). Needs exclusive use.
-    pub fn compact(&mut self) -> Result<bool, StoreError> {
+    pub fn compact_index(&mut self) -> Result<bool, StoreError> {
         self.db
             .compact()
             .map_err(|e| StoreError::Db(Box::new(e.into())))
@@ -1567,6 +1570,13 @@ pub(crate) mod testing {
             .update(&[seed])
             .finalize_xof()
             .fill(&mut out);
+        out
+    }
+
+    /// The NAR as the store reassembles it (whole, checked).
+    pub fn read_nar(store: &Store, nar_hash: &NarHash) -> Vec<u8> {
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut store.nar_reader(nar_hash).unwrap(), &mut out).unwrap();
         out
     }
 

@@ -361,6 +361,11 @@ impl PackWriter {
         self.pack
     }
 
+    /// Whether the pack being appended to holds no record yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == FILE_HEADER.len() as u64
+    }
+
     /// Closes the current pack (fsynced) and starts the next one. Recorded as touched, so a
     /// `rollback` removes the new pack again.
     pub fn rotate(&mut self) -> Result<(), PackError> {

@@ -57,5 +57,9 @@ pub const NAR_ACCESS: TableDefinition<[u8; 32], u64> = TableDefinition::new("nar
 /// Pack id → bytes of records in it that no chunk row points at any more (dead, awaiting GC).
 pub const PACK_DEAD: TableDefinition<u32, u64> = TableDefinition::new("pack-dead-v1");
 
+/// Pack id → zstd level its records were rewritten at by compaction (`store::compact`). A
+/// pack absent here holds records at the level they were ingested with.
+pub const COMPACTED_PACKS: TableDefinition<u32, u8> = TableDefinition::new("packs-compacted-v1");
+
 /// Sum of `PACK_DEAD`.
 pub const C_DEAD_BYTES: &str = "dead_bytes";
