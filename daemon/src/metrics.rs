@@ -275,6 +275,16 @@ impl Metrics {
                     "Bytes on disk (packs and index).",
                     s.stored_bytes,
                 ),
+                (
+                    "store_pack_bytes",
+                    "Bytes of pack files (compaction makes them smaller).",
+                    s.pack_bytes,
+                ),
+                (
+                    "store_chunk_compressed_bytes",
+                    "Compressed bytes of distinct chunks.",
+                    s.chunk_compressed_bytes,
+                ),
             ];
             for (name, help, v) in gauges {
                 let _ = writeln!(out, "# HELP nix_p2p_cache_{name} {help}");

@@ -25,7 +25,7 @@ use nix_p2p_cache::core::normalise::{Normalisation, Normaliser, RefSet};
 use nix_p2p_cache::core::store_path::StorePath;
 use nix_p2p_cache::core::ChunkId;
 use nix_p2p_cache::import::{self, BinaryCache, Selection};
-use nix_p2p_cache::store::Store;
+use nix_p2p_cache::store::{CompactOptions, Store};
 
 struct Args {
     corpus: PathBuf,
@@ -528,18 +528,66 @@ fn main() -> Result<()> {
         stats.chunk_compressed_bytes as f64 / 1e6
     );
 
-    // Reassembly vs reading the plain files.
+    // Reassembly vs reading the plain files, before and after compaction.
     let t = Instant::now();
     for p in &nars {
         io::copy(&mut File::open(p)?, &mut io::sink())?;
     }
     let plain_time = t.elapsed();
+    let reassemble = |store: &Store| -> Result<(u64, Duration)> {
+        let t = Instant::now();
+        let mut out = 0u64;
+        for (_, rec) in store.narinfos()? {
+            out += io::copy(&mut store.nar_reader(&rec.nar_hash)?, &mut io::sink())?;
+        }
+        Ok((out, t.elapsed()))
+    };
+    let (out, reasm_time) = reassemble(&store)?;
+
     let t = Instant::now();
-    let mut out = 0u64;
-    for (_, rec) in store.narinfos()? {
-        out += io::copy(&mut store.nar_reader(&rec.nar_hash)?, &mut io::sink())?;
+    let report = store.compact(
+        CompactOptions {
+            level: 19,
+            min_age: Duration::ZERO,
+            max_packs: None,
+        },
+        &|| false,
+    )?;
+    let compact_time = t.elapsed();
+    drop(store);
+    let mut store = Store::open(tmp.path())?;
+    store.compact_index()?;
+    let compacted = store.stats()?;
+    let (out2, reasm2_time) = reassemble(&store)?;
+    let problems = store.verify(|_| {})?;
+    if !problems.is_empty() {
+        bail!("the compacted store does not verify: {}", problems[0]);
     }
-    let reasm_time = t.elapsed();
+    println!("\n## Cold compaction (`compact --level 19`, one thread)");
+    println!("| | bytes | MB | vs xz cache × |");
+    println!("|---|---|---|---|");
+    println!(
+        "| after ingest (packs + index) | {} | {:.1} | {:.3} |",
+        stats.stored_bytes,
+        stats.stored_bytes as f64 / 1e6,
+        stats.stored_bytes as f64 / xz_bytes as f64
+    );
+    println!(
+        "| after compaction (packs + index) | {} | {:.1} | {:.3} |",
+        compacted.stored_bytes,
+        compacted.stored_bytes as f64 / 1e6,
+        compacted.stored_bytes as f64 / xz_bytes as f64
+    );
+    println!(
+        "compaction: {} packs in, {} out, {} records ({} kept), {:.1} s ({:.1} MB/s of chunks)",
+        report.packs_in,
+        report.packs_out,
+        report.records,
+        report.records_kept,
+        compact_time.as_secs_f64(),
+        mbps(stats.unique_chunk_bytes, compact_time)
+    );
+
     println!("\n## Reassembly (verified: chunk ids + NarHash)");
     println!("| | MB | MB/s |");
     println!("|---|---|---|");
@@ -549,9 +597,14 @@ fn main() -> Result<()> {
         mbps(total, plain_time)
     );
     println!(
-        "| nix-p2p-cache reassembly | {:.1} | {:.0} |",
+        "| nix-p2p-cache reassembly, after ingest | {:.1} | {:.0} |",
         out as f64 / 1e6,
         mbps(out, reasm_time)
+    );
+    println!(
+        "| nix-p2p-cache reassembly, after compaction | {:.1} | {:.0} |",
+        out2 as f64 / 1e6,
+        mbps(out2, reasm2_time)
     );
 
     // Informational: import straight from the xz cache (xz decompression dominates).
