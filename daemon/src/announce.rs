@@ -194,7 +194,7 @@ impl Announcer {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
-            match tokio::task::spawn_blocking(move || store.dht().purge_expired_dht(now)).await {
+            match tokio::task::spawn_blocking(move || store.dht()?.purge_expired_dht(now)).await {
                 Ok(Ok(n)) => {
                     self.counters.purged.fetch_add(n, Ordering::Relaxed);
                     tracing::debug!(purged = n, "expired DHT records deleted");

@@ -133,9 +133,12 @@ async fn start_p2p(
         upload_rate_limit: config.upload_rate_limit.map(u64::from),
     };
     let responder = Arc::new(StoreResponder::new(store.clone()));
+    let dht = store
+        .dht()
+        .map_err(|e| DaemonError::Store(Box::new(e)))?
+        .clone();
     let (client, event_loop) =
-        net::new_with_store(key, &net_config, responder, Some(store.dht().clone()))
-            .map_err(|e| p2p(&e))?;
+        net::new_with_store(key, &net_config, responder, Some(dht)).map_err(|e| p2p(&e))?;
     tokio::spawn(event_loop.run());
     let me = client.local_peer_id();
     let mut addrs = Vec::new();

@@ -408,7 +408,10 @@ mod tests {
         let addr: Multiaddr = "/ip4/10.0.0.1/tcp/4001".parse().unwrap();
         let key = |i: u32| RecordKey::new(&i.to_be_bytes());
         {
-            let mut s = PersistentStore::new(Store::open(dir.path()).unwrap().dht().clone(), local);
+            let mut s = PersistentStore::new(
+                Store::open(dir.path()).unwrap().dht().unwrap().clone(),
+                local,
+            );
             for i in 0..3000 {
                 s.add_provider(ProviderRecord::new(key(i), local, Vec::new()))
                     .unwrap();
@@ -422,7 +425,10 @@ mod tests {
             s.add_provider(gone).unwrap();
             s.put(Record::new(key(9), b"v".to_vec())).unwrap();
         }
-        let s = PersistentStore::new(Store::open(dir.path()).unwrap().dht().clone(), local);
+        let s = PersistentStore::new(
+            Store::open(dir.path()).unwrap().dht().unwrap().clone(),
+            local,
+        );
         assert_eq!(s.provided().count(), 3000);
         let mut keys: Vec<_> = s.provided().map(|r| r.key.to_vec()).collect();
         keys.dedup();

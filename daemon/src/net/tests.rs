@@ -58,7 +58,7 @@ pub(crate) async fn spawn_node(
     responder: Arc<dyn Responder>,
 ) -> Node {
     let (client, event_loop) =
-        new_with_store(key, config, responder, Some(store.dht().clone())).unwrap();
+        new_with_store(key, config, responder, Some(store.dht().unwrap().clone())).unwrap();
     tokio::spawn(event_loop.run());
     let addr = client.listen("/memory/0".parse().unwrap()).await.unwrap();
     let addr = addr.with(Protocol::P2p(client.local_peer_id()));
@@ -386,6 +386,7 @@ async fn find_provider(client: &Client, key: RecordKey, peer: PeerId) -> HashSet
 fn live_providers(store: &Store, i: u32) -> usize {
     store
         .dht()
+        .unwrap()
         .dht_providers(dht_key(i).as_ref(), unix_now())
         .unwrap()
         .len()
@@ -413,7 +414,7 @@ async fn shut_down(node: Node) -> TempDir {
     drop(client);
     let started = Instant::now();
     // The event loop's record store holds the DHT database; the `Store` holds it once.
-    while Arc::strong_count(&store) > 1 || Arc::strong_count(store.dht()) > 1 {
+    while Arc::strong_count(&store) > 1 || Arc::strong_count(store.dht().unwrap()) > 1 {
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "store still held"
@@ -446,19 +447,26 @@ async fn dht_provides_5000_keys_and_another_node_finds_them() {
     eprintln!("providing {KEYS} keys took {took:?}");
     assert_eq!(failures, 0);
     assert_eq!(
-        a.store.dht().dht_counts().unwrap().provided,
+        a.store.dht().unwrap().dht_counts().unwrap().provided,
         u64::from(KEYS)
     );
 
     // B was sent every ADD_PROVIDER (it is A's only peer) and kept it in its store.
     eventually("B stores every record", || {
-        b.store.dht().dht_counts().unwrap().remote_providers == u64::from(KEYS)
+        b.store
+            .dht()
+            .unwrap()
+            .dht_counts()
+            .unwrap()
+            .remote_providers
+            == u64::from(KEYS)
     })
     .await;
     let last = dht_key(KEYS - 1);
     let at_b = b
         .store
         .dht()
+        .unwrap()
         .dht_providers(last.as_ref(), unix_now())
         .unwrap();
     assert_eq!(at_b.len(), 1);
@@ -518,6 +526,7 @@ async fn dht_provider_records_survive_a_restart() {
     let limits = DhtLimits::default();
     a.store
         .dht()
+        .unwrap()
         .dht_add_provider(dht_key(3).as_ref(), &soon, &limits, now)
         .unwrap();
     let forever = RemoteProvider {
@@ -526,6 +535,7 @@ async fn dht_provider_records_survive_a_restart() {
     };
     a.store
         .dht()
+        .unwrap()
         .dht_add_provider(dht_key(4).as_ref(), &forever, &limits, now)
         .unwrap();
     drop(b);
@@ -536,10 +546,16 @@ async fn dht_provider_records_survive_a_restart() {
     let a = node_in(dir, a_key).await;
     assert_eq!(a.client.local_peer_id(), a_id);
     let now = unix_now();
-    assert!(a.store.dht().dht_is_provided(dht_key(1).as_ref()).unwrap());
+    assert!(a
+        .store
+        .dht()
+        .unwrap()
+        .dht_is_provided(dht_key(1).as_ref())
+        .unwrap());
     let remote = a
         .store
         .dht()
+        .unwrap()
         .dht_providers(dht_key(2).as_ref(), now)
         .unwrap();
     assert_eq!(remote.len(), 1);
@@ -548,6 +564,7 @@ async fn dht_provider_records_survive_a_restart() {
     assert!(a
         .store
         .dht()
+        .unwrap()
         .dht_providers(dht_key(3).as_ref(), now)
         .unwrap()
         .is_empty());
@@ -598,6 +615,7 @@ async fn dht_add_provider_flood_is_capped() {
         let n = a
             .store
             .dht()
+            .unwrap()
             .dht_providers(key.as_ref(), unix_now())
             .unwrap();
         if n.len() >= 20 || started.elapsed() > Duration::from_secs(10) {
@@ -609,11 +627,20 @@ async fn dht_add_provider_flood_is_capped() {
     let stored_after = a
         .store
         .dht()
+        .unwrap()
         .dht_providers(key.as_ref(), unix_now())
         .unwrap();
     assert_eq!(stored.len(), 20);
     assert_eq!(stored_after, stored, "a key keeps its first 20 providers");
-    assert_eq!(a.store.dht().dht_counts().unwrap().remote_providers, 20);
+    assert_eq!(
+        a.store
+            .dht()
+            .unwrap()
+            .dht_counts()
+            .unwrap()
+            .remote_providers,
+        20
+    );
     for p in &stored {
         assert!(ids.iter().any(|id| id.to_bytes() == p.peer));
     }
@@ -670,7 +697,12 @@ async fn dht_and_requests_are_answered_while_the_index_writer_is_held() {
     answered("A provides", a.client.start_providing_key(dht_key(2)))
         .await
         .unwrap();
-    assert!(a.store.dht().dht_is_provided(dht_key(2).as_ref()).unwrap());
+    assert!(a
+        .store
+        .dht()
+        .unwrap()
+        .dht_is_provided(dht_key(2).as_ref())
+        .unwrap());
     // A answers DHT lookups from B, exchange requests and commands.
     let p = find_provider(&b.client, dht_key(2), a_id).await;
     assert!(p.contains(&a_id), "{p:?}");

@@ -623,7 +623,7 @@ mod tests {
 
     /// The DHT database of a store in `dir` (the index is closed again at once).
     fn open(dir: &Path) -> Arc<DhtStore> {
-        Store::open(dir).unwrap().dht().clone()
+        Store::open(dir).unwrap().dht().unwrap().clone()
     }
 
     fn key(i: u32) -> Vec<u8> {
@@ -851,6 +851,8 @@ mod tests {
         {
             // What an older version left: the dht-* tables in index.redb.
             let store = Store::open(dir.path()).unwrap();
+            // As if a migration had been cut short: a key already in dht.redb is kept.
+            store.dht().unwrap().dht_provide(&key(3), 7).unwrap();
             let txn = store.db.begin_write().unwrap();
             {
                 let mut provided = txn.open_table(DHT_PROVIDED).unwrap();
@@ -872,8 +874,6 @@ mod tests {
                     .unwrap();
             }
             txn.commit().unwrap();
-            // As if a migration had been cut short: a key already in dht.redb is kept.
-            store.dht().dht_provide(&key(3), 7).unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
         let counts = DhtCounts {
@@ -881,12 +881,16 @@ mod tests {
             remote_providers: 0,
             records: 0,
         };
-        assert_eq!(store.dht().dht_counts().unwrap(), counts);
-        let first = store.dht().dht_provided_page(None, 2).unwrap();
+        assert_eq!(store.dht().unwrap().dht_counts().unwrap(), counts);
+        let first = store.dht().unwrap().dht_provided_page(None, 2).unwrap();
         assert_eq!(first, vec![key(0), key(1)]);
-        assert!(store.dht().dht_is_provided(&key(KEYS - 1)).unwrap());
+        assert!(store
+            .dht()
+            .unwrap()
+            .dht_is_provided(&key(KEYS - 1))
+            .unwrap());
         {
-            let txn = store.dht().db.begin_read().unwrap();
+            let txn = store.dht().unwrap().db.begin_read().unwrap();
             let t = read_table(&txn, DHT_PROVIDED).unwrap().unwrap();
             assert_eq!(t.get(key(3).as_slice()).unwrap().unwrap().value(), 7);
             assert_eq!(t.get(key(4).as_slice()).unwrap().unwrap().value(), NOW + 4);
@@ -901,7 +905,10 @@ mod tests {
         drop(store);
         // Once moved, nothing happens again.
         let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.dht().dht_counts().unwrap(), counts);
-        assert_eq!(migrate_from_index(&store.db, store.dht()).unwrap(), 0);
+        assert_eq!(store.dht().unwrap().dht_counts().unwrap(), counts);
+        assert_eq!(
+            migrate_from_index(&store.db, store.dht().unwrap()).unwrap(),
+            0
+        );
     }
 }

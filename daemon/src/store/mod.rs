@@ -334,8 +334,10 @@ impl PackFiles {
 pub struct Store {
     dir: PathBuf,
     db: Database,
-    /// The DHT's records (`dht.redb`), shared with kad's record store.
-    dht: Arc<dht::DhtStore>,
+    /// The DHT's records (`dht.redb`), shared with kad's record store; opened (created) on
+    /// first use, so commands that never run the P2P layer leave no DHT database behind.
+    dht: std::sync::OnceLock<Arc<dht::DhtStore>>,
+    dht_init: Mutex<()>,
     writer: Mutex<PackWriter>,
     packs: Arc<PackFiles>,
     params: ChunkingParams,
@@ -387,7 +389,6 @@ impl Store {
             }
             r => r?,
         };
-        let dht = Arc::new(dht::DhtStore::open(dir)?);
         if new_index {
             // Private uploads are in here: only the daemon's user reads the index.
             use std::os::unix::fs::PermissionsExt as _;
@@ -416,7 +417,6 @@ impl Store {
             (last, known)
         };
         txn.commit()?;
-        dht::migrate_from_index(&db, &dht)?;
         evict::sweep_orphan_packs(&pack_dir, &known)?;
         let (pack, committed) = match last {
             Some((p, len)) => (p, Some(len)),
@@ -426,7 +426,8 @@ impl Store {
         Ok(Self {
             dir: dir.to_path_buf(),
             db,
-            dht,
+            dht: std::sync::OnceLock::new(),
+            dht_init: Mutex::new(()),
             writer: Mutex::new(writer),
             packs: Arc::new(PackFiles {
                 dir: pack_dir,
@@ -445,8 +446,18 @@ impl Store {
 
     /// The DHT's records: their own database, whose writes never wait on this store's
     /// (ingest, eviction) and which kad's record store holds without holding the `Store`.
-    pub fn dht(&self) -> &Arc<dht::DhtStore> {
-        &self.dht
+    /// Opened on first use; DHT tables an older index still holds move there then.
+    pub fn dht(&self) -> Result<&Arc<dht::DhtStore>, StoreError> {
+        if let Some(d) = self.dht.get() {
+            return Ok(d);
+        }
+        let _init = self.dht_init.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(d) = self.dht.get() {
+            return Ok(d);
+        }
+        let d = Arc::new(dht::DhtStore::open(&self.dir)?);
+        dht::migrate_from_index(&self.db, &d)?;
+        Ok(self.dht.get_or_init(|| d))
     }
 
     /// Begins a write transaction on the index and hands it over: every other index write
@@ -1652,6 +1663,19 @@ mod tests {
     use super::testing::*;
     use super::*;
     use crate::core::signing::SecretKey;
+
+    #[test]
+    fn the_dht_database_exists_only_once_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        ingest(&store, &"a".repeat(32), &sample_nar(1), None, &[]);
+        assert!(
+            !dir.path().join("dht.redb").exists(),
+            "import, stats, verify: no DHT"
+        );
+        store.dht().unwrap();
+        assert!(dir.path().join("dht.redb").exists());
+    }
 
     #[test]
     fn chunk_frames_manifests_and_shareable_nars() {
