@@ -8,6 +8,7 @@ pub mod config;
 pub mod core;
 pub mod daemon;
 pub mod fetch;
+pub mod gc_policy;
 pub mod http;
 pub mod import;
 pub mod metrics;

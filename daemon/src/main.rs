@@ -41,7 +41,7 @@ use nix_p2p_cache::core::store_path::parse_hash_or_path;
 use nix_p2p_cache::daemon::trusted_keys;
 use nix_p2p_cache::import::{self, BinaryCache, Selection};
 use nix_p2p_cache::store::{
-    CompactOptions, GcPolicy, GcReport, Store, StoreError, DEFAULT_ZSTD_LEVEL,
+    CompactOptions, GcPolicy, GcReport, PathState, Store, StoreError, DEFAULT_ZSTD_LEVEL,
 };
 
 #[derive(Parser)]
@@ -316,14 +316,38 @@ enum Command {
         #[arg(required = true)]
         store_paths: Vec<String>,
     },
-    /// Evict least-recently-used unpinned paths down to --max-size (if given), then compact
-    /// every pack holding dead records and the index. Needs the daemon stopped.
+    /// Evict least-recently-used unpinned paths down to --max-size (if given), or apply a GC
+    /// policy (--policy: hide what it selects for its grace period, collect what was hidden
+    /// longer, keeping tombstones), then compact every pack holding dead records and the
+    /// index. Needs the daemon stopped.
     Gc {
         #[command(flatten)]
         data: DataDir,
         /// Keep the data directory (packs + index) within this size, e.g. 10G or 512MiB.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "policy")]
         max_size: Option<ByteSize>,
+        /// A GC policy file (TOML; docs/operations.md, "Seed GC").
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// With --policy: only list what it would hide and collect, with the bytes and the
+        /// monthly storage cost it would save.
+        #[arg(long, requires = "policy")]
+        dry_run: bool,
+        /// With --policy: print the report as JSON.
+        #[arg(long, requires = "policy")]
+        json: bool,
+    },
+    /// Bring back paths a GC policy hid (before their grace period ends). Needs the daemon
+    /// stopped.
+    Undelete {
+        #[command(flatten)]
+        data: DataDir,
+        /// Every hidden path.
+        #[arg(long, conflicts_with = "store_paths")]
+        all: bool,
+        /// Store paths or their hashes.
+        #[arg(required_unless_present = "all")]
+        store_paths: Vec<String>,
     },
     /// Rewrite cold packs with every chunk recompressed at a higher zstd level (smaller at
     /// rest; reads and peers are served as before), then compact the index. Needs the daemon
@@ -456,6 +480,112 @@ fn compact_command(data: &DataDir, level: i32, min_age_secs: u64, json: bool) ->
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// `gc --policy F [--dry-run] [--json]`: collects the hidden paths whose grace period is over,
+/// hides what the policy selects now, then reclaims the dead bytes.
+fn policy_gc_command(
+    data: &DataDir,
+    policy_file: &std::path::Path,
+    dry_run: bool,
+    json: bool,
+) -> Result<ExitCode> {
+    use nix_p2p_cache::gc_policy::{Policy, PRICES_PER_GB_MONTH};
+    let policy = Policy::from_file(policy_file)?;
+    let roots = policy.roots()?;
+    let mut store = open_unshared(&data.data_dir)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let facts = store.path_facts()?;
+    let due: Vec<&nix_p2p_cache::store::PathFacts> = facts
+        .iter()
+        .filter(|f| f.hidden.is_some_and(|(_, until)| until <= now))
+        .collect();
+    let visible: Vec<nix_p2p_cache::store::PathFacts> = facts
+        .iter()
+        .filter(|f| f.hidden.is_none())
+        .cloned()
+        .collect();
+    let sel = policy.select(&visible, &roots, now)?;
+    let selected: std::collections::HashSet<String> =
+        sel.collect.iter().map(|f| f.hash.clone()).collect();
+    let going: std::collections::HashSet<String> = selected
+        .iter()
+        .cloned()
+        .chain(due.iter().map(|f| f.hash.clone()))
+        .collect();
+    let freed = store.freed_by(&going)?;
+    let nar_bytes: u64 = sel.collect.iter().map(|f| f.nar_size).sum();
+    let savings: serde_json::Map<String, serde_json::Value> = PRICES_PER_GB_MONTH
+        .iter()
+        .map(|(name, p)| {
+            (
+                (*name).to_string(),
+                serde_json::json!(freed as f64 / 1e9 * p),
+            )
+        })
+        .collect();
+    let until = policy.hidden_until(now);
+    if json {
+        let v = serde_json::json!({
+            "dry_run": dry_run,
+            "hide": sel.collect.iter().map(|f| serde_json::json!({
+                "store_path": f.store_path, "nar_size": f.nar_size, "added_unix": f.added_unix,
+            })).collect::<Vec<_>>(),
+            "hide_nar_bytes": nar_bytes,
+            "hidden_until_unix": until,
+            "collect": due.iter().map(|f| f.store_path.clone()).collect::<Vec<_>>(),
+            "kept": sel.kept.len(),
+            "freed_bytes": freed,
+            "monthly_savings_usd": savings,
+        });
+        outln!("{v}");
+    } else {
+        for f in &sel.collect {
+            outln!("hide    {} ({})", f.store_path, human(f.nar_size));
+        }
+        for f in &due {
+            outln!(
+                "collect {} (hidden since {})",
+                f.store_path,
+                f.hidden.map_or(0, |h| h.0)
+            );
+        }
+        let prices: Vec<String> = PRICES_PER_GB_MONTH
+            .iter()
+            .map(|(name, p)| format!("{name} ${:.4}", freed as f64 / 1e9 * p))
+            .collect();
+        outln!(
+            "{}{} paths to hide ({} of NARs) for {:.1} days, {} hidden paths to collect, {} kept; frees about {} of packs, saving per month: {}",
+            if dry_run { "dry run: " } else { "" },
+            sel.collect.len(),
+            human(nar_bytes),
+            policy.grace_days,
+            due.len(),
+            sel.kept.len(),
+            human(freed),
+            prices.join(", ")
+        );
+    }
+    if dry_run {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let collected = store.collect_hidden(now)?;
+    let hidden = store.hide(&selected.into_iter().collect::<Vec<_>>(), until)?;
+    let g = store.gc_packs(GcPolicy::AllDead)?;
+    store.compact_index().context("compacting the index")?;
+    if !json {
+        outln!(
+            "hid {hidden} paths; collected {} paths ({} NARs, {} of NARs); reclaimed {} of packs",
+            collected.paths,
+            collected.nars,
+            human(collected.nar_bytes),
+            human(g.bytes_reclaimed)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn gc_command(data: &DataDir, max_size: Option<ByteSize>) -> Result<ExitCode> {
@@ -843,9 +973,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let hash = parse_hash_or_path(&store_path)
                 .with_context(|| format!("bad store path {store_path:?}"))?;
             let store = open_existing(&data.data_dir)?;
-            let rec = store
-                .narinfo(hash.as_str())?
-                .with_context(|| format!("{store_path}: not in the store"))?;
+            let Some(rec) = store.narinfo(hash.as_str())? else {
+                let why = match store.path_state(hash.as_str())? {
+                    PathState::Hidden { until, .. } => format!(
+                        "hidden by a GC policy (collected after unix time {until}; `undelete` brings it back)"
+                    ),
+                    PathState::Collected { at } => {
+                        format!("collected by a GC policy at unix time {at} (its narinfo is kept)")
+                    }
+                    _ => "not in the store".to_string(),
+                };
+                anyhow::bail!("{store_path}: {why}");
+            };
             let mut reader = store.nar_reader(&rec.nar_hash)?;
             let mut out = std::io::stdout().lock();
             std::io::copy(&mut reader, &mut out)
@@ -857,7 +996,41 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Peers { api } => api.show("/api/peers", print_peers),
         Command::Pin { data, store_paths } => pin_command(&data, &store_paths, true),
         Command::Unpin { data, store_paths } => pin_command(&data, &store_paths, false),
-        Command::Gc { data, max_size } => gc_command(&data, max_size),
+        Command::Gc {
+            data,
+            policy: Some(policy),
+            dry_run,
+            json,
+            ..
+        } => policy_gc_command(&data, &policy, dry_run, json),
+        Command::Gc { data, max_size, .. } => gc_command(&data, max_size),
+        Command::Undelete {
+            data,
+            all,
+            store_paths,
+        } => {
+            let store = open_unshared(&data.data_dir)?;
+            let hashes = if all {
+                Vec::new()
+            } else {
+                store_paths
+                    .iter()
+                    .map(|p| {
+                        parse_hash_or_path(p)
+                            .map(|h| h.as_str().to_string())
+                            .with_context(|| format!("bad store path {p:?}"))
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            };
+            let n = store.undelete(&hashes)?;
+            outln!("undeleted {n} paths");
+            Ok(if all || n as usize == hashes.len() {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("{} of the paths were not hidden", hashes.len() - n as usize);
+                ExitCode::FAILURE
+            })
+        }
         Command::Compact {
             data,
             level,

@@ -178,3 +178,126 @@ fn pin_of_an_unknown_path_fails_and_gc_refuses_while_the_daemon_runs() {
     run_ok(cmd().args(["gc", "--data-dir"]).arg(&data));
     assert_eq!(stats(&data)["narinfos"], 1);
 }
+
+/// Seed GC with soft-delete (issue 11): a policy keeping generation 2's closure hides the
+/// paths only generation 1 has (not served, listed by `--dry-run` first), `undelete` brings
+/// them back, and once their grace period is over the next run collects them, keeping
+/// tombstones; what is kept stays byte-identical and the store verifies.
+#[test]
+fn a_gc_policy_hides_then_collects_and_undelete_brings_back() {
+    let corpus = Corpus::small();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    run_ok(
+        cmd()
+            .args(["import", "--data-dir"])
+            .arg(&data)
+            .args(["--from", &corpus.xz_url()]),
+    );
+    let gen2: BTreeSet<String> = corpus.paths(2).into_iter().collect();
+    let all: BTreeSet<String> = corpus.paths(1).into_iter().chain(gen2.clone()).collect();
+    let gen1_only: BTreeSet<String> = all.difference(&gen2).cloned().collect();
+    let policy = tmp.path().join("policy.toml");
+    fs::write(
+        &policy,
+        format!(
+            "keep-pinned = false\nkeep-roots = [\"{}\"]\ngrace-days = 0\n",
+            corpus.out_path(2)
+        ),
+    )
+    .unwrap();
+    let gc = |extra: &[&str]| {
+        let out = run_ok(
+            cmd()
+                .args(["gc", "--policy"])
+                .arg(&policy)
+                .args(extra)
+                .arg("--data-dir")
+                .arg(&data),
+        );
+        text(&out.stdout)
+    };
+
+    // A dry run lists what would go and changes nothing.
+    let dry: serde_json::Value = serde_json::from_str(&gc(&["--dry-run", "--json"])).unwrap();
+    let listed: BTreeSet<String> = dry["hide"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["store_path"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(listed, gen1_only);
+    assert!(dry["freed_bytes"].as_u64().unwrap() > 0, "{dry}");
+    assert!(
+        dry["monthly_savings_usd"]["aws_s3_standard"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    assert_eq!(stats(&data)["hidden_paths"], 0);
+
+    // Hidden: not served; undelete brings them back.
+    eprintln!("{}", gc(&[]));
+    assert_eq!(stats(&data)["hidden_paths"], gen1_only.len() as u64);
+    let one = gen1_only.iter().next().unwrap();
+    let out = cmd()
+        .args(["nar", "--data-dir"])
+        .arg(&data)
+        .arg(one)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("hidden"),
+        "{}",
+        text(&out.stderr)
+    );
+    {
+        let d = Daemon::start(&data, &[]);
+        let hash = &one["/nix/store/".len()..][..32];
+        let r = nix_p2p_cache_tests::harness::http(
+            d.port,
+            &nix_p2p_cache_tests::harness::get(&format!("/{hash}.narinfo")),
+        );
+        assert_eq!(r.status, 404, "a hidden path is not served");
+        let kept = gen2.iter().next().unwrap();
+        let hash = &kept["/nix/store/".len()..][..32];
+        let r = nix_p2p_cache_tests::harness::http(
+            d.port,
+            &nix_p2p_cache_tests::harness::get(&format!("/{hash}.narinfo")),
+        );
+        assert_eq!(r.status, 200);
+        d.stop();
+    }
+    run_ok(cmd().args(["undelete", "--all", "--data-dir"]).arg(&data));
+    assert_eq!(stats(&data)["hidden_paths"], 0);
+    assert_same_nar(&data, one);
+
+    // Hidden again, then collected by the next run (grace 0): tombstones, bytes reclaimed.
+    gc(&[]);
+    let packs_before = pack_files_bytes(&data);
+    eprintln!("{}", gc(&[]));
+    let s = stats(&data);
+    assert_eq!(s["hidden_paths"], 0);
+    assert_eq!(s["collected_paths"], gen1_only.len() as u64);
+    assert_eq!(s["narinfos"], gen2.len() as u64);
+    assert!(
+        pack_files_bytes(&data) < packs_before,
+        "collected bytes reclaimed"
+    );
+    let out = cmd()
+        .args(["nar", "--data-dir"])
+        .arg(&data)
+        .arg(one)
+        .output()
+        .unwrap();
+    assert!(
+        text(&out.stderr).contains("collected"),
+        "{}",
+        text(&out.stderr)
+    );
+    for p in &gen2 {
+        assert_same_nar(&data, p);
+    }
+    run_ok(cmd().args(["verify", "--data-dir"]).arg(&data));
+}

@@ -175,7 +175,7 @@ impl DeadPack {
 }
 
 /// The tables removing a store path touches, open in one write transaction.
-struct Removal<'t> {
+pub(super) struct Removal<'t> {
     narinfos: redb::Table<'t, &'static str, &'static [u8]>,
     pins: redb::Table<'t, &'static str, u64>,
     manifests: redb::Table<'t, [u8; 32], &'static [u8]>,
@@ -188,7 +188,7 @@ struct Removal<'t> {
 }
 
 impl<'t> Removal<'t> {
-    fn open(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
+    pub(super) fn open(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
         Ok(Self {
             narinfos: txn.open_table(NARINFOS)?,
             pins: txn.open_table(PINS)?,
@@ -207,7 +207,7 @@ impl<'t> Removal<'t> {
     }
 
     /// Removes a narinfo (and its pin), releasing its NAR when no other path names it.
-    fn remove(&mut self, hash: &str) -> Result<Option<RemovedPath>, StoreError> {
+    pub(super) fn remove(&mut self, hash: &str) -> Result<Option<RemovedPath>, StoreError> {
         let Some(bytes) = self.narinfos.remove(hash)?.map(|v| v.value().to_vec()) else {
             return Ok(None);
         };

@@ -24,11 +24,13 @@ mod compact;
 pub mod dht;
 mod evict;
 pub mod pack;
+mod retire;
 mod staging;
 pub mod tables;
 
 pub use compact::{CompactOptions, CompactReport};
 pub use evict::{EvictReport, GcPolicy, GcReport, RemovedPath, Retention};
+pub use retire::{CollectReport, PathFacts, PathState};
 pub use staging::Staging;
 
 use std::collections::{HashMap, HashSet};
@@ -269,6 +271,10 @@ pub struct Stats {
     pub cache_bytes: u64,
     /// `cache_bytes` without `dead_bytes`: what is left after a full pack GC.
     pub live_bytes: u64,
+    /// Store paths a GC policy hid (collected after their grace period unless undeleted).
+    pub hidden_paths: u64,
+    /// Tombstones: collected paths whose narinfo is kept.
+    pub collected_paths: u64,
 }
 
 /// Open pack files for reading, shared by readers.
@@ -408,6 +414,8 @@ impl Store {
             txn.open_table(NAR_ACCESS)?;
             txn.open_table(PACK_DEAD)?;
             txn.open_table(COMPACTED_PACKS)?;
+            txn.open_table(HIDDEN)?;
+            txn.open_table(TOMBSTONES)?;
             let packs = txn.open_table(PACKS)?;
             let last = packs.last()?.map(|(k, v)| (k.value(), v.value()));
             let known = packs
@@ -467,9 +475,13 @@ impl Store {
         self.db.begin_write().expect("index write transaction")
     }
 
-    /// The stored narinfo of a store-path hash.
+    /// The stored narinfo of a store-path hash, unless it is hidden (a GC policy selected it:
+    /// not served, announced nor shared until `undelete`).
     pub fn narinfo(&self, hash: &str) -> Result<Option<StoredNarInfo>, StoreError> {
         let txn = self.db.begin_read()?;
+        if txn.open_table(HIDDEN)?.get(hash)?.is_some() {
+            return Ok(None);
+        }
         let t = txn.open_table(NARINFOS)?;
         let Some(v) = t.get(hash)? else {
             return Ok(None);
@@ -609,12 +621,17 @@ impl Store {
     }
 
     /// Calls `f` with the store-path hash and record of every narinfo with a trusted
-    /// signature: what peers may be told about. One scan of the narinfo table.
+    /// signature that is not hidden: what peers may be told about. One scan of the narinfo
+    /// table.
     fn for_each_trusted(&self, mut f: impl FnMut(&str, StoredNarInfo)) -> Result<(), StoreError> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(NARINFOS)?;
+        let hidden = txn.open_table(HIDDEN)?;
         for r in t.iter()? {
             let (k, v) = r?;
+            if hidden.get(k.value())?.is_some() {
+                continue;
+            }
             let rec = StoredNarInfo::decode(k.value(), v.value())?;
             if matches!(rec.trust, TrustClass::Trusted(_)) {
                 f(k.value(), rec);
@@ -672,6 +689,10 @@ impl Store {
         let hash = info.store_path.hash().as_str().to_string();
         let _span = tracing::info_span!("ingest", path = %store_path).entered();
         let record = StoredNarInfo::new(info, text, trust, source);
+        // Storing a hidden path again is asking for it: it is no longer to be collected.
+        if self.is_hidden(&hash)? {
+            self.undelete(std::slice::from_ref(&hash))?;
+        }
         if let Some(old) = self.narinfo(&hash)? {
             if old.nar_hash == info.nar_hash && old.text == record.text && old.trust == record.trust
             {
@@ -1093,6 +1114,7 @@ impl Store {
             }
         }
         s.pinned_nars = pinned.len() as u64;
+        (s.hidden_paths, s.collected_paths) = self.retired_counts()?;
         Ok(s)
     }
 

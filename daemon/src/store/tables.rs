@@ -61,5 +61,12 @@ pub const PACK_DEAD: TableDefinition<u32, u64> = TableDefinition::new("pack-dead
 /// pack absent here holds records at the level they were ingested with.
 pub const COMPACTED_PACKS: TableDefinition<u32, u8> = TableDefinition::new("packs-compacted-v1");
 
+/// Store-path hash → (unix seconds hidden, unix seconds after which it is collected): paths a
+/// GC policy selected, not served, announced nor shared until `undelete` (`store::retire`).
+pub const HIDDEN: TableDefinition<&str, (u64, u64)> = TableDefinition::new("hidden-v1");
+/// Store-path hash → (unix seconds collected, its prost `StoredNarInfo`): tombstones of
+/// collected paths.
+pub const TOMBSTONES: TableDefinition<&str, (u64, &[u8])> = TableDefinition::new("tombstones-v1");
+
 /// Sum of `PACK_DEAD`.
 pub const C_DEAD_BYTES: &str = "dead_bytes";
