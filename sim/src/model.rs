@@ -197,8 +197,6 @@ pub struct Outcome {
     pub seed_lower_bound_bytes: u64,
     /// Bytes the seeds store (every generation of every closure, deduplicated).
     pub seed_stored_bytes: u64,
-    /// Objects read from seeds (one ranged read per NAR-sized run served).
-    pub seed_reads: u64,
     /// Flows started from a source that could not serve (must be 0).
     pub serve_violations: u64,
     /// Link-capacity violations seen by `checks` (must be 0).
@@ -295,10 +293,9 @@ pub struct Model {
     dial_failures: u64,
     serve_violations: u64,
     capacity_violations: u64,
-    seed_reads_bytes: u64,
     completed: u64,
-    fresh_times: Vec<Vec<f32>>,
-    upgrade_times: Vec<Vec<f32>>,
+    fresh_times: Vec<Vec<f64>>,
+    upgrade_times: Vec<Vec<f64>>,
     fresh_completions: Vec<(f64, u32)>,
     samples: Vec<SampleRow>,
     last_sample: (f64, u64, u64, u64, u64),
@@ -469,7 +466,6 @@ impl Model {
             dial_failures: 0,
             serve_violations: 0,
             capacity_violations: 0,
-            seed_reads_bytes: 0,
             completed: 0,
             fresh_times: Vec::new(),
             upgrade_times: Vec::new(),
@@ -769,6 +765,8 @@ impl Model {
 
     fn go_offline(&mut self, n: u32) {
         let i = n as usize;
+        // Bytes moved up to now were moved while the node was online.
+        self.settle_node(n);
         self.flags[i] &= !(F_ONLINE | F_WAIT_SEED | F_LEAVE_AFTER);
         self.remove_holder(n);
         while let Some(&fl) = self.up_flows[i].last() {
@@ -936,7 +934,8 @@ impl Model {
         })
     }
 
-    /// Whether `src` can serve `dst`'s fetch: (any part, the new part too).
+    /// Whether `src` can serve `dst`'s fetch: (the old part, the new part too). A holder of the
+    /// previous generation serves only the old part.
     fn can_serve(&self, src: u32, dst: u32) -> (bool, bool) {
         if self.is_seed(src) {
             return (true, true);
@@ -949,7 +948,7 @@ impl Model {
         let h = self.held[s];
         if h == f.target {
             (true, true)
-        } else if h >= 0 && h + 1 == f.target && f.old_left > 0 {
+        } else if h >= 0 && h + 1 == f.target {
             (true, false)
         } else {
             (false, false)
@@ -1186,9 +1185,6 @@ impl Model {
         self.down_flows[dst as usize].push(id);
         self.n_up[src as usize][k] += 1;
         self.n_down[dst as usize][k] += 1;
-        if self.is_seed(src) {
-            self.seed_reads_bytes += 1;
-        }
         self.rerate_node(src, true);
         self.rerate_node(dst, false);
     }
@@ -1233,6 +1229,10 @@ impl Model {
         if bytes == 0 {
             return;
         }
+        if self.sc.checks && !(self.online(src) && self.can_serve(src, dst).0) {
+            // Bytes credited from a node that could not serve them at this instant.
+            self.serve_violations += 1;
+        }
         self.sent[src as usize] += bytes;
         self.recv[dst as usize] += bytes;
         self.delivered += bytes;
@@ -1242,6 +1242,19 @@ impl Model {
             self.seed_sent += bytes;
             self.by_closure_seed[c] += bytes;
         }
+    }
+
+    fn settle_node(&mut self, n: u32) {
+        let ups = std::mem::take(&mut self.up_flows[n as usize]);
+        for &id in &ups {
+            self.settle(id);
+        }
+        self.up_flows[n as usize] = ups;
+        let downs = std::mem::take(&mut self.down_flows[n as usize]);
+        for &id in &downs {
+            self.settle(id);
+        }
+        self.down_flows[n as usize] = downs;
     }
 
     fn settle_all(&mut self) {
@@ -1339,9 +1352,6 @@ impl Model {
                 fl.last_t = now;
                 fl.epoch = fl.epoch.wrapping_add(1);
                 let (rate, epoch) = (fl.rate, fl.epoch);
-                if self.is_seed(src) {
-                    self.seed_reads_bytes += 1;
-                }
                 if rate > 0.0 {
                     self.push(now + bytes as f64 / rate, Ev::FlowDone { flow: id, epoch });
                 }
@@ -1438,10 +1448,10 @@ impl Model {
         let took = accum + (self.now - since);
         let ci = self.class[i] as usize;
         if fresh {
-            self.fresh_times[ci].push(took as f32);
+            self.fresh_times[ci].push(took);
             self.fresh_completions.push((self.now, n));
         } else {
-            self.upgrade_times[ci].push(took as f32);
+            self.upgrade_times[ci].push(took);
         }
         let v = self.version(closure, target);
         if !self.first_done[v] {
@@ -1453,7 +1463,8 @@ impl Model {
                 self.seed_lower_bound += size as u64;
             }
         }
-        // Hold the new generation, drop the old one.
+        // Hold the new generation, drop the old one (uploads so far were of the old one).
+        self.settle_node(n);
         let old_changed = self.held[i] != target;
         self.remove_holder(n);
         let keys_new = if self.held[i] >= 0 {
@@ -1636,7 +1647,7 @@ impl Model {
         let mut upg_all: Vec<f64> = Vec::new();
         let mut classes = Vec::new();
         for (ci, cl) in self.classes.iter().enumerate() {
-            let mut fr: Vec<f64> = self.fresh_times[ci].iter().map(|&x| f64::from(x)).collect();
+            let mut fr: Vec<f64> = self.fresh_times[ci].clone();
             let mut up: Vec<f64> = self.upgrade_times[ci]
                 .iter()
                 .map(|&x| f64::from(x))
@@ -1712,7 +1723,6 @@ impl Model {
             stored_bytes_per_node: stored_end,
             seed_lower_bound_bytes: self.seed_lower_bound,
             seed_stored_bytes: seed_stored as u64,
-            seed_reads: self.seed_reads_bytes,
             serve_violations: self.serve_violations,
             capacity_violations: self.capacity_violations,
             capacity: (sum_up, seed_up, min_down),
