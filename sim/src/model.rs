@@ -728,15 +728,24 @@ impl Model {
                 self.start_fetch(n);
             }
             Kind::Peer => {
-                if self.held[i] >= 0 {
-                    self.add_holder(n);
-                    let keys = self.keys_of(self.closure[i]);
-                    self.count_announce(keys);
-                    self.announced_at[i] = self.now as f32;
-                }
+                let interval = self.sc.dht.reprovide_h * 3600.0;
                 let epoch = self.session_epoch[i];
-                let next = self.now + self.sc.dht.reprovide_h * 3600.0;
-                self.push(next, Ev::Reprovide { node: n, epoch });
+                if self.now == 0.0 {
+                    // Sessions running at t = 0 started earlier: their reprovide timers are at a
+                    // random phase, not all due now.
+                    let u = self.r_dht.f64();
+                    self.add_holder(n);
+                    self.announced_at[i] = (-u * interval) as f32;
+                    self.push((1.0 - u) * interval, Ev::Reprovide { node: n, epoch });
+                } else {
+                    if self.held[i] >= 0 {
+                        self.add_holder(n);
+                        let keys = self.keys_of(self.closure[i]);
+                        self.count_announce(keys);
+                        self.announced_at[i] = self.now as f32;
+                    }
+                    self.push(self.now + interval, Ev::Reprovide { node: n, epoch });
+                }
                 if self.fetch[i].active {
                     let f = &mut self.fetch[i];
                     f.online_since = self.now;
