@@ -1114,7 +1114,7 @@ impl Model {
         }
         let f = &self.fetch[i];
         let need = (f.new_left > 0 && peers_full < want) || (f.old_left > 0 && peers_any < want);
-        if !need || self.down_flows[i].len() >= self.sc.net.parallel_sources as usize + 1 {
+        if !need || self.down_flows[i].len() > self.sc.net.parallel_sources as usize {
             return;
         }
         // The seed with the fewest uploads, if it has a free slot.
@@ -1139,15 +1139,21 @@ impl Model {
         }
     }
 
-    /// Takes the next piece for a flow: new part first when the source can send it.
-    fn take_piece(&mut self, dst: u32, full: bool) -> Option<(bool, u64)> {
+    /// Takes the next piece for a flow from `src`: the new part first when the source can send
+    /// it. A seed is the last resort: it sends old-part bytes only while no peer flow is open.
+    fn take_piece(&mut self, src: u32, dst: u32, full: bool) -> Option<(bool, u64)> {
         let piece = (self.sc.net.piece_mib * 1024.0 * 1024.0) as u64;
+        let seed_src = self.is_seed(src);
+        let peers_open = seed_src
+            && self.down_flows[dst as usize]
+                .iter()
+                .any(|&fl| !self.is_seed(self.flows[fl as usize].src));
         let f = &mut self.fetch[dst as usize];
         if full && f.new_left > 0 {
             let b = piece.min(f.new_left).max(1);
             f.new_left -= b;
             Some((true, b))
-        } else if f.old_left > 0 {
+        } else if f.old_left > 0 && !peers_open {
             let b = piece.min(f.old_left).max(1);
             f.old_left -= b;
             Some((false, b))
@@ -1168,7 +1174,7 @@ impl Model {
     }
 
     fn start_flow(&mut self, src: u32, dst: u32, lan: bool, full: bool) {
-        let Some((new_part, bytes)) = self.take_piece(dst, full) else {
+        let Some((new_part, bytes)) = self.take_piece(src, dst, full) else {
             return;
         };
         let (any, can_full) = self.can_serve(src, dst);
@@ -1346,7 +1352,7 @@ impl Model {
         // Next piece from the same source, if any.
         let (still_any, still_full) = self.can_serve(src, dst);
         let next = if still_any && self.online(src) {
-            self.take_piece(dst, full && still_full)
+            self.take_piece(src, dst, full && still_full)
         } else {
             None
         };
@@ -1657,10 +1663,7 @@ impl Model {
         let mut classes = Vec::new();
         for (ci, cl) in self.classes.iter().enumerate() {
             let mut fr: Vec<f64> = self.fresh_times[ci].clone();
-            let mut up: Vec<f64> = self.upgrade_times[ci]
-                .iter()
-                .map(|&x| f64::from(x))
-                .collect();
+            let mut up: Vec<f64> = self.upgrade_times[ci].clone();
             fr.sort_by(f64::total_cmp);
             up.sort_by(f64::total_cmp);
             let members = (0..self.class.len()).filter(|&i| self.class[i] as usize == ci);

@@ -385,7 +385,11 @@ impl Scenario {
         if self.nodes == 0 {
             return bad("nodes must be > 0".into());
         }
-        if !(self.sim_hours > 0.0) || !(self.sample_minutes > 0.0) {
+        if self.sim_hours.is_nan()
+            || self.sim_hours <= 0.0
+            || self.sample_minutes.is_nan()
+            || self.sample_minutes <= 0.0
+        {
             return bad("sim_hours and sample_minutes must be > 0".into());
         }
         let w = &self.workload;
