@@ -392,6 +392,9 @@ impl Scenario {
         {
             return bad("sim_hours and sample_minutes must be > 0".into());
         }
+        if self.sim_hours > 87_600.0 {
+            return bad("sim_hours is limited to ten years".into());
+        }
         let w = &self.workload;
         if w.closures == 0 || w.gen_interval_h <= 0.0 {
             return bad("workload.closures and workload.gen_interval_h must be > 0".into());
@@ -412,6 +415,9 @@ impl Scenario {
         }
         if self.net.parallel_sources == 0 || self.net.piece_mib <= 0.0 || self.net.seed_slots == 0 {
             return bad("net.parallel_sources, net.piece_mib, net.seed_slots must be > 0".into());
+        }
+        if self.net.seed_slots > 60_000 || self.classes.iter().any(|c| c.upload_slots > 60_000) {
+            return bad("upload slots are limited to 60,000 per node".into());
         }
         if self.dht.k == 0 || self.dht.alpha == 0 || self.dht.reprovide_h <= 0.0 {
             return bad("dht.k, dht.alpha, dht.reprovide_h must be > 0".into());
