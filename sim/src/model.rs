@@ -1887,7 +1887,10 @@ mod tests {
             if n <= 8 {
                 assert_eq!(q, n);
             } else {
-                assert!(f64::from(n) >= f64::from(q) / 1.21 - 1.0, "q {q} too far above n {n}");
+                assert!(
+                    f64::from(n) >= f64::from(q) / 1.21 - 1.0,
+                    "q {q} too far above n {n}"
+                );
             }
         }
         assert!(moves < 120, "{moves} re-ratings for {} changes", path.len());
