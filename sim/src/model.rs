@@ -66,7 +66,10 @@ struct Fetch {
     online_since: f64,
     accum: f64,
     epoch: u32,
-    dial_failures: u32,
+    /// Consecutive retries with nothing flowing (the wait doubles each time, up to 64×).
+    retries: u32,
+    /// A Retry event is queued for this epoch.
+    retry_pending: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -218,8 +221,10 @@ pub struct Outcome {
     pub dial_failures: u64,
     /// Events processed.
     pub events: u64,
-    /// Fetches that used a seed at least once, out of all completed.
+    /// Completed fetches (full and upgrades).
     pub completed_fetches: u64,
+    /// Fetches still in progress (or stuck) at the end: not in the percentiles.
+    pub unfinished_fetches: u64,
 }
 
 /// The simulation state.
@@ -703,9 +708,12 @@ impl Model {
                 }
             }
             Ev::Retry { node, epoch } => {
-                let f = &self.fetch[node as usize];
-                if f.active && f.epoch == epoch && self.online(node) {
-                    self.fill_sources(node);
+                let f = &mut self.fetch[node as usize];
+                if f.epoch == epoch {
+                    f.retry_pending = false;
+                    if f.active && self.flags[node as usize] & F_ONLINE != 0 {
+                        self.fill_sources(node);
+                    }
                 }
             }
             Ev::FlowDone { flow, epoch } => {
@@ -791,6 +799,7 @@ impl Model {
                     let f = &mut self.fetch[i];
                     f.online_since = self.now;
                     f.epoch = f.epoch.wrapping_add(1);
+                    f.retry_pending = false;
                     f.looked_up = false;
                     self.begin_lookup(n);
                 } else if self.held[i] < 0 || self.flags[i] & F_PENDING != 0 {
@@ -829,6 +838,7 @@ impl Model {
             let f = &mut self.fetch[i];
             f.accum += self.now - f.online_since;
             f.epoch = f.epoch.wrapping_add(1);
+            f.retry_pending = false;
         }
         let off = self.classes[self.class[i] as usize].rc.sessions.off_mean_h;
         let gap = self.r_sess.exp(off * 3600.0);
@@ -928,7 +938,9 @@ impl Model {
         f.online_since = self.now;
         f.accum = 0.0;
         f.epoch = f.epoch.wrapping_add(1);
-        f.dial_failures = 0;
+        f.retry_pending = false;
+        f.retries = 0;
+        f.retry_pending = false;
         if f.total == 0 {
             self.complete_fetch(n);
             return;
@@ -1057,11 +1069,16 @@ impl Model {
         if self.fetch[i].looked_up {
             self.maybe_seed(n);
         }
-        if self.down_flows[i].is_empty() && self.flags[i] & F_WAIT_SEED == 0 && self.fetch[i].active
-        {
-            let epoch = self.fetch[i].epoch;
-            let t = self.now + self.sc.net.dial_timeout_s.max(0.001);
-            self.push(t, Ev::Retry { node: n, epoch });
+        let f = &mut self.fetch[i];
+        if !self.down_flows[i].is_empty() {
+            f.retries = 0;
+        } else if self.flags[i] & F_WAIT_SEED == 0 && f.active && !f.retry_pending {
+            // Nothing flows and no seed is coming: try again later, backing off.
+            let wait = self.sc.net.dial_timeout_s.max(0.001) * f64::from(1u32 << f.retries.min(6));
+            f.retries += 1;
+            f.retry_pending = true;
+            let epoch = f.epoch;
+            self.push(self.now + wait, Ev::Retry { node: n, epoch });
         }
     }
 
@@ -1102,7 +1119,6 @@ impl Model {
         let r = self.r_sel.below(total);
         if r >= live_t + live_o {
             self.dial_failures += 1;
-            self.fetch[n as usize].dial_failures += 1;
             return None;
         }
         let src = if r < live_t {
@@ -1124,7 +1140,6 @@ impl Model {
             && !self.r_sel.chance(self.sc.net.holepunch_success)
         {
             self.dial_failures += 1;
-            self.fetch[n as usize].dial_failures += 1;
             return None;
         }
         Some(src)
@@ -1515,6 +1530,7 @@ impl Model {
             let f = &mut self.fetch[i];
             f.active = false;
             f.epoch = f.epoch.wrapping_add(1);
+            f.retry_pending = false;
             (f.fresh, f.target, f.closure, f.accum, f.online_since)
         };
         self.flags[i] &= !F_WAIT_SEED;
@@ -1804,6 +1820,7 @@ impl Model {
             dial_failures: self.dial_failures,
             events: self.events,
             completed_fetches: self.completed,
+            unfinished_fetches: self.fetch.iter().filter(|f| f.active).count() as u64,
             samples: self.samples,
         }
     }

@@ -58,6 +58,8 @@ pub struct Summary {
     pub upgrade_fetch_p95_s: Option<f64>,
     /// Completed upgrades.
     pub upgrade_fetches: u64,
+    /// Fetches still running (or stuck) at the end, left out of the percentiles.
+    pub unfinished_fetches: u64,
     /// `roots` or `all`.
     pub dht_announce: String,
     /// Replication factor.
@@ -173,6 +175,7 @@ pub fn summarize(o: &Outcome, sc: &Scenario, prices: &Prices) -> Result<Summary,
         upgrade_fetch_p50_s: percentile(&o.upgrade_times, 0.50),
         upgrade_fetch_p95_s: percentile(&o.upgrade_times, 0.95),
         upgrade_fetches: o.upgrade_times.len() as u64,
+        unfinished_fetches: o.unfinished_fetches,
         dht_announce: match sc.dht.announce {
             Announce::Roots => "roots".into(),
             Announce::All => "all".into(),
@@ -416,10 +419,11 @@ pub fn report(s: &Summary, sc: &Scenario) -> String {
     );
     let _ = writeln!(
         r,
-        "| upgrade fetch p50 / p95 | {} / {} ({} fetches) |",
+        "| upgrade fetch p50 / p95 | {} / {} ({} fetches; {} fetches unfinished at the end) |",
         secs(s.upgrade_fetch_p50_s),
         secs(s.upgrade_fetch_p95_s),
-        s.upgrade_fetches
+        s.upgrade_fetches,
+        s.unfinished_fetches
     );
     let _ = writeln!(
         r,

@@ -187,6 +187,7 @@ fn swarm_never_beats_the_minimum_distribution_time() {
             "every node got the closure"
         );
         assert_eq!(o.capacity_violations, 0);
+        assert_eq!(o.unfinished_fetches, 0);
         let mut times: Vec<f64> = o.fresh_completions.iter().map(|&(t, _)| t).collect();
         times.sort_by(f64::total_cmp);
         let floor = (f / min_down).max(f / seed_up);
