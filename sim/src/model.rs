@@ -70,6 +70,8 @@ struct Fetch {
     retries: u32,
     /// A Retry event is queued for this epoch.
     retry_pending: bool,
+    /// A seed joined because the peers were slow: it may send old-part bytes too.
+    seed_boost: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -941,6 +943,7 @@ impl Model {
         f.retry_pending = false;
         f.retries = 0;
         f.retry_pending = false;
+        f.seed_boost = false;
         if f.total == 0 {
             self.complete_fetch(n);
             return;
@@ -1153,6 +1156,7 @@ impl Model {
         }
         let mut peers_full = 0;
         let mut peers_any = 0;
+        let mut peer_rate = 0.0;
         let mut has_seed = false;
         for &fl in &self.down_flows[i] {
             let f = &self.flows[fl as usize];
@@ -1160,6 +1164,7 @@ impl Model {
                 has_seed = true;
             } else {
                 peers_any += 1;
+                peer_rate += f.rate;
                 if f.full {
                     peers_full += 1;
                 }
@@ -1169,9 +1174,14 @@ impl Model {
             return;
         }
         let f = &self.fetch[i];
-        let need = (f.new_left > 0 && peers_full < want) || (f.old_left > 0 && peers_any < want);
-        if !need || self.down_flows[i].len() > self.sc.net.parallel_sources as usize {
+        let few = (f.new_left > 0 && peers_full < want) || (f.old_left > 0 && peers_any < want);
+        let floor = self.sc.net.seed_if_peers_below_mbps * 1e6 / 8.0;
+        let slow = floor > 0.0 && peers_any > 0 && peer_rate < floor && f.old_left + f.new_left > 0;
+        if !(few || slow) || self.down_flows[i].len() > self.sc.net.parallel_sources as usize {
             return;
+        }
+        if slow {
+            self.fetch[i].seed_boost = true;
         }
         // The seed with the fewest uploads, if it has a free slot.
         let mut best = None;
@@ -1196,11 +1206,13 @@ impl Model {
     }
 
     /// Takes the next piece for a flow from `src`: the new part first when the source can send
-    /// it. A seed is the last resort: it sends old-part bytes only while no peer flow is open.
+    /// it. A seed is the last resort: it sends old-part bytes only while no peer flow is open,
+    /// or when it was called in because the peers were too slow.
     fn take_piece(&mut self, src: u32, dst: u32, full: bool) -> Option<(bool, u64)> {
         let piece = (self.sc.net.piece_mib * 1024.0 * 1024.0) as u64;
         let seed_src = self.is_seed(src);
         let peers_open = seed_src
+            && !self.fetch[dst as usize].seed_boost
             && self.down_flows[dst as usize]
                 .iter()
                 .any(|&fl| !self.is_seed(self.flows[fl as usize].src));

@@ -104,6 +104,9 @@ pub struct Net {
     pub piece_mib: f64,
     /// Ask a seed when fewer than this many peer sources can serve a part (0 = never).
     pub seed_if_fewer_than: u32,
+    /// Also ask a seed when the peer flows of a fetch deliver less than this, Mbit/s (0 = off).
+    #[serde(default)]
+    pub seed_if_peers_below_mbps: f64,
     /// Probability that a connection to a NATed source succeeds (hole punching).
     pub holepunch_success: f64,
     /// Time lost on a failed dial before retrying when nothing else is flowing, seconds.
