@@ -1,0 +1,66 @@
+//! `nix-p2p-cache-sim`: what a network of N nix-p2p-cache nodes would cost and how fast it
+//! would be, before anyone runs it.
+//!
+//! Model mode only so far (`model`): a seeded discrete-event simulation driven by a scenario
+//! file (`scenario`), with a DHT placement model (`dht`), a dated cost layer (`cost`) and the
+//! writers of `summary.json`, CSV, SVG plots and a report (`output`, `svg`). Real mode (the
+//! daemon's own network stack in one process) is not built yet.
+
+pub mod cost;
+pub mod dht;
+pub mod model;
+pub mod output;
+pub mod rng;
+pub mod scenario;
+pub mod svg;
+
+use thiserror::Error;
+
+/// Errors of the simulator library.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The scenario is malformed or inconsistent.
+    #[error("scenario {path}: {msg}")]
+    Scenario {
+        /// Where it came from.
+        path: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A data file under `sim/data/` is malformed or lacks a named entry.
+    #[error("data file {file}: {msg}")]
+    Data {
+        /// The data file.
+        file: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A `--param key=values` override cannot be applied.
+    #[error("parameter {key}: {msg}")]
+    Param {
+        /// The dotted key.
+        key: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// JSON encoding failed.
+    #[error("json: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Runs one scenario with `seed` in model mode.
+pub fn run_model(sc: &scenario::Scenario, seed: u64) -> Result<model::Outcome, Error> {
+    let m = model::Model::new(sc, seed)?;
+    let mut out = m.run();
+    out.seed = seed;
+    Ok(out)
+}
