@@ -83,7 +83,7 @@ all_tmp=$(mktemp)
 for i in $(seq 1 "$gens"); do
   n=$(wc -l < "$out/gen-$i.paths")
   nar=$(xargs nix path-info --json < "$out/gen-$i.paths" \
-        | grep -o '"narSize":[0-9]*' | cut -d: -f2 | awk '{s+=$1} END {printf "%d\n", s}')
+        | grep -o '"narSize":[0-9]*' | cut -d: -f2 | awk '{s+=$1} END {printf "%.0f\n", s}')
   new=""
   if [ "$i" -gt 1 ]; then
     new=" new-vs-gen-$((i-1))=$(comm -13 "$out/gen-$((i-1)).paths" "$out/gen-$i.paths" | wc -l)"
@@ -93,7 +93,7 @@ for i in $(seq 1 "$gens"); do
 done
 uniq_n=$(LC_ALL=C sort -u "$all_tmp" | wc -l)
 uniq_nar=$(LC_ALL=C sort -u "$all_tmp" | xargs nix path-info --json \
-          | grep -o '"narSize":[0-9]*' | cut -d: -f2 | awk '{s+=$1} END {printf "%d\n", s}')
+          | grep -o '"narSize":[0-9]*' | cut -d: -f2 | awk '{s+=$1} END {printf "%.0f\n", s}')
 rm -f "$all_tmp"
 printf 'all  paths=%-4s narSize=%-12s (%s)\n' "$uniq_n" "$uniq_nar" "$(fmt_bytes "$uniq_nar")"
 for comp in xz none; do
