@@ -12,9 +12,12 @@
 #     generation >= 3 : git 2.39.5 (Debian) -> 2.47.3 (/usr/local), if present
 #     generation >= 4 : python 3.11.2 (Debian) -> 3.11.7 (pyenv), if present
 #     generation >= 5 : sqlite gets a "security patch" (modified files)
-#     generation >= 6 : the root is renamed glibc-2.36 -> glibc-2.40.1 (a mass rebuild
-#                       that changes the root dependency's name and its length, not
-#                       only its hash, as a glibc version bump does)
+#     generation >= 6 : the root is renamed glibc-2.36 -> glibc-2.40 (a mass rebuild
+#                       that changes the root dependency's name, not only its hash, as
+#                       a glibc version bump does)
+#     generation >= 7 : renamed again, glibc-2.40 -> glibc-2.40.1: the name's length
+#                       changes too (ELF files then change beyond the reference: patchelf
+#                       lays out a longer RUNPATH differently)
 # * scale = "small": ~30 MB of NARs, builds in well under a minute.
 #   scale = "large": ~300+ MB (adds gcc's cc1/cc1plus, LLVM, ICU, full perl and
 #   python stdlibs, vim runtime, glibc gconv/headers/locales ...).
@@ -56,7 +59,7 @@ let
   # ------------------------------------------------------------------ root
   glibc = mk {
     pname = "glibc";
-    version = if gen >= 6 then "2.40.1" else "2.36";
+    version = if gen >= 7 then "2.40.1" else if gen >= 6 then "2.40" else "2.36";
     script = ''
       cplib ld-linux-x86-64.so.2 libc.so.6 libm.so.6 libmvec.so.1 libpthread.so.0 \
             libdl.so.2 librt.so.1 libresolv.so.2 libutil.so.1 libnss_files.so.2 \
