@@ -47,6 +47,8 @@ pub struct Metrics {
     pub p2p_narinfo_asks_skipped: AtomicU64,
     /// narinfo lookups that waited for a source past its short budget.
     pub narinfo_late_waits: AtomicU64,
+    /// narinfos found at sources remembered in the index (found again after a restart).
+    pub narinfos_remembered: AtomicU64,
     /// NAR requests that joined a fetch already running for the same NAR.
     pub nar_flight_joins: AtomicU64,
     /// NAR fetches (flights) that no source could complete.
@@ -133,6 +135,11 @@ impl Metrics {
                 "narinfo_late_waits_total",
                 "narinfo lookups that waited for a source past its short budget.",
                 &self.narinfo_late_waits,
+            ),
+            (
+                "narinfos_remembered_total",
+                "narinfos found at sources remembered in the index (their NARs are found again after a restart).",
+                &self.narinfos_remembered,
             ),
             (
                 "nar_flight_joins_total",

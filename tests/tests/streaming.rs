@@ -383,3 +383,30 @@ fn slow_peer_narinfos_are_waited_for() {
     let _ = h.kill();
     let _ = h.wait();
 }
+
+/// Nix keeps a positive narinfo for a month: a narinfo served from an upstream, then a daemon
+/// restart, and the NAR Nix asks for next is still found (fetched from the upstream again).
+#[test]
+fn a_nar_whose_narinfo_was_served_is_found_after_a_restart() {
+    let env = Env::new();
+    let p = fake_path(
+        "3123456789abcdfghijklmnpqrsvwxyz",
+        "after-restart",
+        nar_of_file(&noise(5, 1 << 20)),
+    );
+    let up = TestUpstream::start(p.files(p.nar.clone(), None).into_iter().collect());
+    let data = env.path("data-a");
+    let a = Daemon::start(&data, &["--upstream", &up.url()]);
+    let r = http(a.port, &get(&format!("/{}.narinfo", p.hash)));
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(a.wait_metric("narinfos_remembered_total", 1), 1);
+    a.stop();
+    let a = Daemon::start(&data, &["--upstream", &up.url()]);
+    let r = http(a.port, &get(&p.nar_path()));
+    assert_eq!(r.status, 200, "the NAR after a restart: {}", a.stderr());
+    assert!(r.body == p.nar, "wrong bytes");
+    // Never served: still a 404.
+    let other = format!("/nar/{}.nar", "1".repeat(52));
+    assert_eq!(http(a.port, &get(&other)).status, 404);
+    a.stop();
+}

@@ -148,13 +148,40 @@ pub struct Resolver {
     spool_dir: PathBuf,
     /// Store paths of stored narinfos recently served, by NarHash (see [`Resolver::recover`]).
     served: Mutex<(HashMap<NarHash, StorePathHash>, VecDeque<NarHash>)>,
+    /// Narinfos found at sources, on their way into the index (`Store::remember_served`), so
+    /// their NARs are found again after a restart.
+    remember: tokio::sync::mpsc::Sender<(NarHash, String)>,
 }
+
+/// Narinfos found at sources waiting to be remembered in the index; more are not remembered.
+const REMEMBER_QUEUE: usize = 1024;
 
 impl Resolver {
     /// `sources` in cascade order (peers before upstreams).
+    /// Needs a runtime: it starts the task that remembers found narinfos in the index.
     pub fn new(store: Arc<Store>, sources: Vec<Arc<dyn Source>>, metrics: Arc<Metrics>) -> Self {
         let spool_dir = store.dir().join("spool");
+        let (remember, mut queue) = tokio::sync::mpsc::channel::<(NarHash, String)>(REMEMBER_QUEUE);
+        let (st, m) = (store.clone(), metrics.clone());
+        tokio::spawn(async move {
+            while let Some(first) = queue.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < 256 {
+                    match queue.try_recv() {
+                        Ok(x) => batch.push(x),
+                        Err(_) => break,
+                    }
+                }
+                let (s, n) = (st.clone(), batch.len() as u64);
+                match tokio::task::spawn_blocking(move || s.remember_served(&batch)).await {
+                    Ok(Ok(())) => Metrics::inc(&m.narinfos_remembered, n),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "served narinfos not remembered"),
+                    Err(e) => tracing::warn!(error = %e, "served narinfos not remembered"),
+                }
+            }
+        });
         Self {
+            remember,
             store,
             sources,
             pending: PendingNarinfos::new(PENDING_ENTRIES),
@@ -193,8 +220,25 @@ impl Resolver {
             let m = self.served.lock().unwrap_or_else(|e| e.into_inner());
             m.0.get(nar_hash).cloned()
         };
-        let Some(path) = path else {
-            return false;
+        let path = match path {
+            Some(p) => p,
+            // Served before a restart?
+            None => {
+                let (store, nar) = (self.store.clone(), *nar_hash);
+                let found = tokio::task::spawn_blocking(move || store.served_path(&nar)).await;
+                match found {
+                    Ok(Ok(Some(p))) => match StorePathHash::parse(&p) {
+                        Ok(h) => h,
+                        Err(_) => return false,
+                    },
+                    Ok(Ok(None)) => return false,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "looking up a served narinfo");
+                        return false;
+                    }
+                    Err(_) => return false,
+                }
+            }
         };
         match self.narinfo(&path).await {
             NarinfoAnswer::Found(_) => self.pending.by_nar(nar_hash).is_some(),
@@ -258,6 +302,13 @@ impl Resolver {
 
     fn found(&self, hash: &StorePathHash, f: Found) -> NarinfoAnswer {
         let text = f.text.clone();
+        if self
+            .remember
+            .try_send((f.info.nar_hash, hash.as_str().to_string()))
+            .is_err()
+        {
+            tracing::debug!(path = %hash, "too many narinfos to remember: this one is not");
+        }
         self.pending.insert(hash.clone(), f);
         NarinfoAnswer::Found(text)
     }

@@ -336,6 +336,11 @@ impl PackFiles {
     }
 }
 
+/// Rows of `served-remote-v1` kept (about 100 bytes each).
+pub const SERVED_REMOTE_MAX: u64 = 200_000;
+/// How long a served narinfo is remembered: Nix's positive narinfo cache lasts 30 days.
+pub const SERVED_REMOTE_TTL: u64 = 31 * 86_400;
+
 /// The data directory.
 pub struct Store {
     dir: PathBuf,
@@ -416,6 +421,7 @@ impl Store {
             txn.open_table(COMPACTED_PACKS)?;
             txn.open_table(HIDDEN)?;
             txn.open_table(TOMBSTONES)?;
+            txn.open_table(SERVED_REMOTE)?;
             let packs = txn.open_table(PACKS)?;
             let last = packs.last()?.map(|(k, v)| (k.value(), v.value()));
             let known = packs
@@ -638,6 +644,45 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// Remembers narinfos served from sources (NarHash, store-path hash), so that the NAR Nix
+    /// asks for later — even after a restart — can be found again. One transaction; the table
+    /// keeps at most [`SERVED_REMOTE_MAX`] rows (oldest out) and rows for at most
+    /// [`SERVED_REMOTE_TTL`] seconds.
+    pub fn remember_served(&self, served: &[(NarHash, String)]) -> Result<(), StoreError> {
+        let now = now_unix();
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(SERVED_REMOTE)?;
+            for (nar, path) in served {
+                t.insert(nar.0, (now, path.as_str()))?;
+            }
+            if t.len()? > SERVED_REMOTE_MAX + SERVED_REMOTE_MAX / 10 {
+                let mut rows: Vec<(u64, [u8; 32])> = t
+                    .iter()?
+                    .map(|r| r.map(|(k, v)| (v.value().0, k.value())))
+                    .collect::<Result<_, _>>()?;
+                rows.sort_unstable();
+                let excess = rows.len() - SERVED_REMOTE_MAX as usize;
+                for (_, k) in &rows[..excess] {
+                    t.remove(k)?;
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// The store-path hash of a narinfo served from a source with this NarHash, within
+    /// [`SERVED_REMOTE_TTL`].
+    pub fn served_path(&self, nar_hash: &NarHash) -> Result<Option<String>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(SERVED_REMOTE)?;
+        Ok(t.get(nar_hash.0)?.and_then(|v| {
+            let (at, path) = v.value();
+            (now_unix().saturating_sub(at) <= SERVED_REMOTE_TTL).then(|| path.to_string())
+        }))
     }
 
     /// How many narinfos the store holds (one counter read: a cheap change check).

@@ -68,5 +68,12 @@ pub const HIDDEN: TableDefinition<&str, (u64, u64)> = TableDefinition::new("hidd
 /// collected paths.
 pub const TOMBSTONES: TableDefinition<&str, (u64, &[u8])> = TableDefinition::new("tombstones-v1");
 
+/// NarHash digest → (unix seconds, store-path hash) of narinfos found at sources and served
+/// while their NAR was not stored: Nix keeps a positive narinfo for a month, so after a restart
+/// the NAR it then asks for is found again through its path (`Store::remember_served`).
+/// Bounded: the oldest rows go first.
+pub const SERVED_REMOTE: TableDefinition<[u8; 32], (u64, &str)> =
+    TableDefinition::new("served-remote-v1");
+
 /// Sum of `PACK_DEAD`.
 pub const C_DEAD_BYTES: &str = "dead_bytes";
