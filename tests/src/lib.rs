@@ -103,6 +103,16 @@ pub struct Corpus {
 }
 
 impl Corpus {
+    /// Imports every path of the corpus (its xz cache) into the data dir `data` (pinned).
+    pub fn import_into(&self, data: &Path) {
+        run_ok(
+            cmd()
+                .args(["import", "--data-dir"])
+                .arg(data)
+                .args(["--from", &self.xz_url()]),
+        );
+    }
+
     pub fn small() -> &'static Corpus {
         static C: OnceLock<Corpus> = OnceLock::new();
         C.get_or_init(|| {

@@ -33,12 +33,7 @@ fn unpinned_paths_are_evicted_pinned_ones_kept_and_packs_shrink() {
     let corpus = Corpus::small();
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    run_ok(
-        cmd()
-            .args(["import", "--data-dir"])
-            .arg(&data)
-            .args(["--from", &corpus.xz_url()]),
-    );
+    corpus.import_into(&data);
     let gen2: BTreeSet<String> = corpus.paths(2).into_iter().collect();
     let all: BTreeSet<String> = corpus.paths(1).into_iter().chain(gen2.clone()).collect();
     let gen1_only: Vec<&String> = all.difference(&gen2).collect();
@@ -114,12 +109,7 @@ fn unpinned_paths_are_evicted_pinned_ones_kept_and_packs_shrink() {
     }
 
     // Evicted paths come back with a re-import (pinned again).
-    run_ok(
-        cmd()
-            .args(["import", "--data-dir"])
-            .arg(&data)
-            .args(["--from", &corpus.xz_url()]),
-    );
+    corpus.import_into(&data);
     let s3 = stats(&data);
     assert_eq!(s3["narinfos"], all.len() as u64);
     assert_eq!(s3["chunks"], s0["chunks"]);
@@ -188,12 +178,7 @@ fn a_gc_policy_hides_then_collects_and_undelete_brings_back() {
     let corpus = Corpus::small();
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    run_ok(
-        cmd()
-            .args(["import", "--data-dir"])
-            .arg(&data)
-            .args(["--from", &corpus.xz_url()]),
-    );
+    corpus.import_into(&data);
     let gen2: BTreeSet<String> = corpus.paths(2).into_iter().collect();
     let all: BTreeSet<String> = corpus.paths(1).into_iter().chain(gen2.clone()).collect();
     let gen1_only: BTreeSet<String> = all.difference(&gen2).cloned().collect();

@@ -43,12 +43,7 @@ fn closure_imports_verifies_reassembles_and_damage_is_found() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    run_ok(
-        cmd()
-            .args(["import", "--data-dir"])
-            .arg(&data)
-            .args(["--from", &corpus.xz_url()]),
-    );
+    corpus.import_into(&data);
     let mut all: Vec<String> = corpus.paths(1);
     all.extend(gen2.iter().cloned());
     all.sort();
@@ -62,12 +57,7 @@ fn closure_imports_verifies_reassembles_and_damage_is_found() {
     );
 
     // Re-importing changes nothing.
-    run_ok(
-        cmd()
-            .args(["import", "--data-dir"])
-            .arg(&data)
-            .args(["--from", &corpus.xz_url()]),
-    );
+    corpus.import_into(&data);
     // (The index file may grow: last-access times are written. Its size is not content.)
     assert_eq!(content(stats(&data)), content(s.clone()));
 
@@ -310,12 +300,7 @@ fn kill_9_mid_import_keeps_the_store_consistent() {
     }
     // Resuming finishes the job, and the result is exactly a clean import: the killed writes'
     // uncommitted pack tails were truncated, not kept.
-    run_ok(
-        cmd()
-            .args(["import", "--data-dir"])
-            .arg(&data)
-            .args(["--from", &corpus.xz_url()]),
-    );
+    corpus.import_into(&data);
     run_ok(cmd().args(["verify", "--data-dir"]).arg(&data));
     let got = stats(&data);
     for k in [
@@ -374,4 +359,41 @@ fn sigterm_right_after_start_is_a_clean_shutdown() {
         // `stop` sends SIGTERM and asserts exit status 0.
         nix_p2p_cache_tests::harness::Daemon::start(&tmp.path().join(format!("d{i}")), &[]).stop();
     }
+}
+
+/// A half-truncated index (issue 14): `stats`, `verify` and `daemon` exit with an error that
+/// says the index is damaged and what to do — no panic — and leave the file as it was.
+#[test]
+fn a_damaged_index_is_a_clear_error_not_a_panic() {
+    let corpus = Corpus::small();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    corpus.import_into(&data);
+    let index = data.join("index.redb");
+    let len = fs::metadata(&index).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&index)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    for args in [
+        &["stats"][..],
+        &["verify"],
+        &["daemon", "--listen", "127.0.0.1:0"],
+    ] {
+        let out = cmd()
+            .args(args)
+            .arg("--data-dir")
+            .arg(&data)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("is damaged") && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(fs::metadata(&index).unwrap().len(), len / 2, "never wiped");
 }

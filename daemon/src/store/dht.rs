@@ -220,12 +220,7 @@ impl DhtStore {
     /// holding it is [`StoreError::Locked`].
     pub(super) fn open(dir: &Path) -> Result<Self, StoreError> {
         let path = dir.join(DHT_DB);
-        let db = match Database::create(&path) {
-            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
-                return Err(StoreError::Locked(dir.to_path_buf()))
-            }
-            r => r?,
-        };
+        let db = super::open_database(&path, dir)?;
         Ok(Self {
             path,
             db,

@@ -120,6 +120,44 @@ pub enum StoreError {
     Locked(PathBuf),
     #[error("{0} is not in the store")]
     NotStored(String),
+    #[error(
+        "{path} is damaged ({reason}); nothing was changed and the packs are untouched. Move \
+         it aside, then restore a backup of it or import the paths again"
+    )]
+    DamagedDatabase { path: PathBuf, reason: String },
+}
+
+/// Opens (creating if needed) a redb database. A file redb cannot make sense of — redb
+/// asserts on some truncated files — is [`StoreError::DamagedDatabase`], never a panic, and
+/// the file is left as it is; one another process holds is [`StoreError::Locked`].
+pub(crate) fn open_database(path: &Path, dir: &Path) -> Result<Database, StoreError> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {})); // redb's assertion is reported as an error below
+    let r = std::panic::catch_unwind(|| Database::create(path));
+    std::panic::set_hook(hook);
+    match r {
+        Err(panic) => {
+            let reason = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unreadable".into());
+            Err(StoreError::DamagedDatabase {
+                path: path.to_path_buf(),
+                reason,
+            })
+        }
+        Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => {
+            Err(StoreError::Locked(dir.to_path_buf()))
+        }
+        Ok(Err(e @ redb::DatabaseError::Storage(redb::StorageError::Corrupted(_)))) => {
+            Err(StoreError::DamagedDatabase {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })
+        }
+        Ok(r) => Ok(r?),
+    }
 }
 
 macro_rules! db_errors {
@@ -394,12 +432,7 @@ impl Store {
         let pack_dir = dir.join("packs");
         let index = dir.join("index.redb");
         let new_index = !index.exists();
-        let db = match Database::create(&index) {
-            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
-                return Err(StoreError::Locked(dir.to_path_buf()))
-            }
-            r => r?,
-        };
+        let db = open_database(&index, dir)?;
         if new_index {
             // Private uploads are in here: only the daemon's user reads the index.
             use std::os::unix::fs::PermissionsExt as _;
@@ -1730,6 +1763,36 @@ mod tests {
     use super::testing::*;
     use super::*;
     use crate::core::signing::SecretKey;
+
+    #[test]
+    fn a_damaged_index_is_an_error_and_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            ingest(&store, &"a".repeat(32), &sample_nar(1), None, &[]);
+        }
+        let index = dir.path().join("index.redb");
+        let len = fs::metadata(&index).unwrap().len();
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&index)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+        let before = fs::read(&index).unwrap();
+        match Store::open(dir.path()) {
+            Err(e @ StoreError::DamagedDatabase { .. }) => {
+                assert!(e.to_string().contains("index.redb is damaged"), "{e}");
+            }
+            Err(e) => panic!("another error: {e}"),
+            Ok(_) => panic!("a half index opened"),
+        }
+        assert!(
+            fs::read(&index).unwrap() == before,
+            "the index is left as it was"
+        );
+        assert!(dir.path().join("packs/pack-00000001.pack").exists());
+    }
 
     #[test]
     fn the_dht_database_exists_only_once_used() {
