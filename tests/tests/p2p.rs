@@ -250,3 +250,40 @@ fn max_cache_size_evicts_fetched_nars() {
     a.stop();
     s.stop();
 }
+
+/// A flood of TCP connections to the P2P port (reachable from the network) that never finish
+/// a handshake does not use up the daemon's file descriptors: connections over the pending
+/// limit are closed at once, and the daemon keeps answering (issue 14 finding).
+#[test]
+fn a_connection_flood_on_the_p2p_port_is_bounded() {
+    let env = Env::new();
+    let (_, pk) = env.key("flood");
+    let d = start(&env.path("data"), &pk, &p2p(None));
+    let port: u16 = d
+        .p2p
+        .as_ref()
+        .unwrap()
+        .split('/')
+        .nth(4)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let pid = d.child.as_ref().unwrap().id();
+    let fds = || fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let before = fds();
+    let conns: Vec<_> = (0..600)
+        .map_while(|_| std::net::TcpStream::connect(("127.0.0.1", port)).ok())
+        .collect();
+    assert!(conns.len() >= 400, "only {} connections", conns.len());
+    // Let the daemon accept them all (it does within milliseconds).
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let during = fds();
+    assert!(
+        during < before + 300,
+        "{before} -> {during} descriptors with {} half-open P2P connections",
+        conns.len()
+    );
+    assert_eq!(http(d.port, &get("/nix-cache-info")).status, 200);
+    drop(conns);
+    d.stop();
+}

@@ -35,6 +35,12 @@ pub const MAX_STREAMS_PER_CONNECTION: usize = 32;
 
 /// How long other nodes keep our provider records (and we theirs). The announcer reprovides
 /// well within it (`announce::REPROVIDE_INTERVAL`).
+/// Connection limits: a flood of connections to the P2P port (reachable from the network) must
+/// not use up the daemon's file descriptors — each one over a limit is closed at once.
+pub const MAX_PENDING_INCOMING: u32 = 128;
+pub const MAX_ESTABLISHED_INCOMING: u32 = 512;
+pub const MAX_ESTABLISHED_PER_PEER: u32 = 4;
+
 pub const PROVIDER_RECORD_TTL: Duration = Duration::from_secs(48 * 60 * 60);
 
 /// Options for [`Behaviour::new`].
@@ -46,6 +52,8 @@ pub struct BehaviourConfig {
 
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
+    /// First, so a connection over a limit is denied before anything else sees it.
+    pub limits: libp2p::connection_limits::Behaviour,
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
     pub kad: kad::Behaviour<KadStore>,
@@ -96,7 +104,12 @@ impl Behaviour {
                 .with_request_timeout(REQUEST_TIMEOUT)
                 .with_max_concurrent_streams(MAX_STREAMS_PER_CONNECTION),
         );
+        let limits = libp2p::connection_limits::ConnectionLimits::default()
+            .with_max_pending_incoming(Some(MAX_PENDING_INCOMING))
+            .with_max_established_incoming(Some(MAX_ESTABLISHED_INCOMING))
+            .with_max_established_per_peer(Some(MAX_ESTABLISHED_PER_PEER));
         Ok(Self {
+            limits: libp2p::connection_limits::Behaviour::new(limits),
             identify,
             ping: ping::Behaviour::default(),
             kad,
