@@ -355,12 +355,11 @@ pub async fn run(
             source,
         })?;
     let addr = listener.local_addr().map_err(DaemonError::Serve)?;
-    // Responses are written in large blocks; Nagle would only delay their tails.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY");
-        }
-    });
+    let listener = http::listener::BoundedListener::new(
+        listener,
+        http::listener::MAX_CONNECTIONS,
+        http::listener::idle_timeout(),
+    );
     on_listen(addr, &p2p_addrs);
     tracing::info!(%addr, data_dir = %config.data_dir.display(), "serving");
     axum::serve(listener, http::router(state))

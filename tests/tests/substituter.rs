@@ -871,3 +871,53 @@ fn slow_readers_do_not_starve_the_daemon() {
     daemon.assert_alive();
     daemon.stop();
 }
+
+/// Half-sent request heads (issue 14): the daemon holds at most its connection cap (the rest
+/// wait in the kernel's backlog, not in its descriptors), closes a connection that stays idle,
+/// and answers complete requests again once the idle ones are gone.
+#[test]
+fn half_sent_request_heads_are_capped_and_closed_when_idle() {
+    use std::io::{Read, Write};
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start_with_env(
+        &tmp.path().join("data"),
+        &[],
+        &[("NIX_P2P_CACHE_HTTP_IDLE_SECS", "2")],
+    );
+    let pid = d.child.as_ref().unwrap().id();
+    let fds = || fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let before = fds();
+    let mut conns: Vec<std::net::TcpStream> = (0..800)
+        .map_while(|_| {
+            let mut c = std::net::TcpStream::connect(("127.0.0.1", d.port)).ok()?;
+            c.write_all(b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\n")
+                .ok()?;
+            Some(c)
+        })
+        .collect();
+    assert!(conns.len() >= 700, "only {} connections", conns.len());
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let during = fds();
+    assert!(
+        during < before + 600,
+        "{before} -> {during} descriptors with {} half-sent requests",
+        conns.len()
+    );
+    // Idle ones are closed by the daemon (EOF or reset, never an answer).
+    for c in conns.iter_mut().take(20) {
+        c.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        match c.read(&mut buf) {
+            Ok(n) => assert_eq!(n, 0, "{:?}", String::from_utf8_lossy(&buf[..n])),
+            Err(e) => assert!(
+                e.kind() != std::io::ErrorKind::WouldBlock
+                    && e.kind() != std::io::ErrorKind::TimedOut,
+                "not closed: {e}"
+            ),
+        }
+    }
+    assert_eq!(http(d.port, &get("/nix-cache-info")).status, 200);
+    drop(conns);
+    d.stop();
+}

@@ -8,6 +8,7 @@
 
 mod api;
 mod error;
+pub mod listener;
 mod nar;
 mod upload;
 
