@@ -54,10 +54,8 @@ impl axum::serve::Listener for BoundedListener {
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        let permit = match self.slots.clone().acquire_owned().await {
-            Ok(p) => Some(p),
-            Err(_) => None, // never closed
-        };
+        // The semaphore is never closed; without a permit the connection is served anyway.
+        let permit = self.slots.clone().acquire_owned().await.ok();
         loop {
             match self.inner.accept().await {
                 Ok((io, addr)) => {

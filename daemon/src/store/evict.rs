@@ -497,13 +497,16 @@ impl Store {
         let txn = self.db.begin_read()?;
         let narinfos = txn.open_table(NARINFOS)?;
         let pins = txn.open_table(PINS)?;
+        let hidden = txn.open_table(HIDDEN)?;
         let access = txn.open_table(NAR_ACCESS)?;
         let mut by_nar: HashMap<NarHash, Candidate> = HashMap::new();
         let mut pinned = HashSet::new();
         for r in narinfos.iter()? {
             let (k, v) = r?;
             let rec = StoredNarInfo::decode(k.value(), v.value())?;
-            if pins.get(k.value())?.is_some() {
+            // A hidden path is left to its GC policy: `undelete` must stay possible until the
+            // grace period ends, so the quota does not take it either.
+            if pins.get(k.value())?.is_some() || hidden.get(k.value())?.is_some() {
                 pinned.insert(rec.nar_hash);
             }
             let c = by_nar.entry(rec.nar_hash).or_insert_with(|| Candidate {

@@ -264,3 +264,52 @@ impl Store {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{ingest, sample_nar};
+    use super::*;
+
+    #[test]
+    fn hidden_paths_are_not_served_shared_nor_evicted_and_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let key = crate::core::signing::SecretKey::generate("test-1", [3; 32]);
+        let trusted = [key.public_key()];
+        let (a, b) = ("a".repeat(32), "b".repeat(32));
+        ingest(&store, &a, &sample_nar(1), Some(&key), &trusted);
+        ingest(&store, &b, &sample_nar(2), Some(&key), &trusted);
+        assert_eq!(store.hide(std::slice::from_ref(&a), u64::MAX).unwrap(), 1);
+        assert!(store.narinfo(&a).unwrap().is_none(), "not served");
+        assert_eq!(
+            store.shareable_paths().unwrap(),
+            vec![b.clone()],
+            "not shared"
+        );
+        // The quota takes b, never the hidden a.
+        let r = store.evict_to(1).unwrap();
+        assert_eq!(r.paths, 1);
+        assert!(matches!(
+            store.path_state(&a).unwrap(),
+            PathState::Hidden { .. }
+        ));
+        assert_eq!(store.path_state(&b).unwrap(), PathState::Unknown);
+        assert_eq!(
+            store.collect_hidden(now_unix()).unwrap().paths,
+            0,
+            "grace not over"
+        );
+        assert_eq!(store.undelete(&[]).unwrap(), 1);
+        assert!(store.narinfo(&a).unwrap().is_some());
+        // Hidden with a grace period already over: collected, with a tombstone.
+        store.hide(std::slice::from_ref(&a), 0).unwrap();
+        let c = store.collect_hidden(now_unix()).unwrap();
+        assert_eq!((c.paths, c.nars), (1, 1));
+        assert!(matches!(
+            store.path_state(&a).unwrap(),
+            PathState::Collected { .. }
+        ));
+        assert_eq!(store.retired_counts().unwrap(), (0, 1));
+        assert!(store.verify(|_| {}).unwrap().is_empty());
+    }
+}
