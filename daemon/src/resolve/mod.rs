@@ -150,7 +150,15 @@ pub struct Resolver {
     served: Mutex<(HashMap<NarHash, StorePathHash>, VecDeque<NarHash>)>,
     /// Narinfos found at sources, on their way into the index (`Store::remember_served`), so
     /// their NARs are found again after a restart.
-    remember: tokio::sync::mpsc::Sender<(NarHash, String)>,
+    remember: tokio::sync::mpsc::Sender<Remember>,
+}
+
+/// A change to the remembered narinfos (`Store::remember_served`).
+enum Remember {
+    /// Served from a source: (NarHash, store-path hash).
+    Served(NarHash, String),
+    /// Every source failed the NAR: not to be looked for again through this path.
+    Forget(NarHash),
 }
 
 /// Narinfos found at sources waiting to be remembered in the index; more are not remembered.
@@ -161,7 +169,7 @@ impl Resolver {
     /// Needs a runtime: it starts the task that remembers found narinfos in the index.
     pub fn new(store: Arc<Store>, sources: Vec<Arc<dyn Source>>, metrics: Arc<Metrics>) -> Self {
         let spool_dir = store.dir().join("spool");
-        let (remember, mut queue) = tokio::sync::mpsc::channel::<(NarHash, String)>(REMEMBER_QUEUE);
+        let (remember, mut queue) = tokio::sync::mpsc::channel::<Remember>(REMEMBER_QUEUE);
         let (st, m) = (store.clone(), metrics.clone());
         tokio::spawn(async move {
             while let Some(first) = queue.recv().await {
@@ -172,8 +180,19 @@ impl Resolver {
                         Err(_) => break,
                     }
                 }
-                let (s, n) = (st.clone(), batch.len() as u64);
-                match tokio::task::spawn_blocking(move || s.remember_served(&batch)).await {
+                let (mut served, mut forget) = (Vec::new(), Vec::new());
+                for r in batch {
+                    match r {
+                        Remember::Served(nar, path) => served.push((nar, path)),
+                        Remember::Forget(nar) => forget.push(nar),
+                    }
+                }
+                let (s, n) = (st.clone(), served.len() as u64);
+                let write = move || {
+                    s.remember_served(&served)?;
+                    s.forget_served(&forget)
+                };
+                match tokio::task::spawn_blocking(write).await {
                     Ok(Ok(())) => Metrics::inc(&m.narinfos_remembered, n),
                     Ok(Err(e)) => tracing::warn!(error = %e, "served narinfos not remembered"),
                     Err(e) => tracing::warn!(error = %e, "served narinfos not remembered"),
@@ -304,7 +323,7 @@ impl Resolver {
         let text = f.text.clone();
         if self
             .remember
-            .try_send((f.info.nar_hash, hash.as_str().to_string()))
+            .try_send(Remember::Served(f.info.nar_hash, hash.as_str().to_string()))
             .is_err()
         {
             tracing::debug!(path = %hash, "too many narinfos to remember: this one is not");
@@ -382,6 +401,25 @@ impl Resolver {
         d.entry(nar_hash).or_default().insert(source);
     }
 
+    /// No source can bring this NAR: a request for it is not to look for its narinfo again.
+    /// Forgotten in the index before the flight's clients hear of the failure, and once more
+    /// through the queue, after any remembering still in it.
+    async fn forget_served(&self, nar_hash: &NarHash) {
+        {
+            let mut m = self.served.lock().unwrap_or_else(|e| e.into_inner());
+            m.0.remove(nar_hash); // its slot in the order ages out
+        }
+        let (store, nar) = (self.store.clone(), *nar_hash);
+        match tokio::task::spawn_blocking(move || store.forget_served(&[nar])).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "forgetting a served narinfo"),
+            Err(e) => tracing::warn!(error = %e, "forgetting a served narinfo"),
+        }
+        if self.remember.try_send(Remember::Forget(nar)).is_err() {
+            tracing::debug!(nar = %nar_hash, "too many narinfos to forget: this one is not");
+        }
+    }
+
     fn forget_demoted(&self, nar_hash: &NarHash) {
         let mut d = self.demoted.lock().unwrap_or_else(|e| e.into_inner());
         d.remove(nar_hash);
@@ -448,6 +486,7 @@ impl Resolver {
                 Metrics::inc(&self.metrics.nar_fetch_failures, 1);
                 self.pending.remove(&path);
                 self.forget_demoted(&nar_hash);
+                self.forget_served(&nar_hash).await;
                 flight.fail(e);
             }
             Err(e) => {

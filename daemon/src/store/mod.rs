@@ -684,6 +684,9 @@ impl Store {
     /// keeps at most [`SERVED_REMOTE_MAX`] rows (oldest out) and rows for at most
     /// [`SERVED_REMOTE_TTL`] seconds.
     pub fn remember_served(&self, served: &[(NarHash, String)]) -> Result<(), StoreError> {
+        if served.is_empty() {
+            return Ok(());
+        }
         let now = now_unix();
         let txn = self.db.begin_write()?;
         {
@@ -701,6 +704,22 @@ impl Store {
                 for (_, k) in &rows[..excess] {
                     t.remove(k)?;
                 }
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Forgets served narinfos by NarHash (no source could bring their NAR).
+    pub fn forget_served(&self, nar_hashes: &[NarHash]) -> Result<(), StoreError> {
+        if nar_hashes.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(SERVED_REMOTE)?;
+            for nar in nar_hashes {
+                t.remove(nar.0)?;
             }
         }
         txn.commit()?;
