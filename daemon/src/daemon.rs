@@ -357,7 +357,7 @@ pub async fn run(
     let addr = listener.local_addr().map_err(DaemonError::Serve)?;
     let listener = http::listener::BoundedListener::new(
         listener,
-        http::listener::MAX_CONNECTIONS,
+        http::listener::max_connections(),
         http::listener::idle_timeout(),
     );
     on_listen(addr, &p2p_addrs);

@@ -19,8 +19,34 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
-/// Concurrent HTTP connections (Nix opens at most `http-connections`, 25 by default).
+/// Concurrent HTTP connections when the descriptor limit is unknown (Nix opens at most
+/// `http-connections`, 25 by default).
 pub const MAX_CONNECTIONS: usize = 512;
+
+/// The connection cap: `NIX_P2P_CACHE_HTTP_MAX_CONNECTIONS`, else half the process's soft
+/// descriptor limit (the rest is for packs, databases, spools and peers), between 64 and 4096.
+pub fn max_connections() -> usize {
+    if let Some(n) = std::env::var("NIX_P2P_CACHE_HTTP_MAX_CONNECTIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return n;
+    }
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|t| soft_open_files(&t))
+        .map_or(MAX_CONNECTIONS, |soft| (soft / 2).clamp(64, 4096))
+}
+
+/// The soft "Max open files" of a `/proc/<pid>/limits` text.
+fn soft_open_files(limits: &str) -> Option<usize> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
 /// A connection with no byte read or written for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -178,5 +204,23 @@ impl AsyncWrite for GuardedStream {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_soft_descriptor_limit() {
+        let t = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                 Max cpu time              unlimited            unlimited            seconds   \n\
+                 Max open files            1024                 524288               files     \n";
+        assert_eq!(soft_open_files(t), Some(1024));
+        assert_eq!(
+            soft_open_files("Max open files  unlimited unlimited files"),
+            None
+        );
+        assert!((64..=4096).contains(&max_connections()));
     }
 }
