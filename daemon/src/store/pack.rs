@@ -423,8 +423,6 @@ impl PackWriter {
         let Some(&(first, Some(first_len))) = touched.first() else {
             return Ok(());
         };
-        // Drop buffered bytes without writing them where they no longer belong.
-        let _ = self.file.flush();
         for &(p, l) in touched.iter().skip(1) {
             if l.is_none() {
                 let path = pack_path(&self.dir, p);
@@ -432,15 +430,19 @@ impl PackWriter {
             }
         }
         let path = pack_path(&self.dir, first);
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .write(true)
             .read(true)
             .open(&path)
             .map_err(io_err(&path))?;
+        // Buffered bytes are discarded, never written: after a failed write (a full disk) a
+        // flush on drop would put them past the length the pack is cut back to.
+        let old = std::mem::replace(&mut self.file, BufWriter::with_capacity(1 << 20, file));
+        drop(old.into_parts());
+        let file = self.file.get_mut();
         file.set_len(first_len).map_err(io_err(&path))?;
         file.seek(SeekFrom::Start(first_len))
             .map_err(io_err(&path))?;
-        self.file = BufWriter::with_capacity(1 << 20, file);
         self.pack = first;
         self.len = first_len;
         Ok(())
