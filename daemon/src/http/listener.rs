@@ -1,4 +1,4 @@
-//! The substituter's listener: at most [`MAX_CONNECTIONS`] connections at once (more wait in
+//! The substituter's listener: at most [`max_connections`] connections at once (more wait in
 //! the kernel's backlog until one closes), and a connection that moves no byte in either
 //! direction for [`IDLE_TIMEOUT`] is closed — half-sent request heads and forgotten keep-alive
 //! connections cannot pile up and use the daemon's file descriptors (issue 14).
@@ -40,13 +40,12 @@ pub fn max_connections() -> usize {
 
 /// The soft "Max open files" of a `/proc/<pid>/limits` text.
 fn soft_open_files(limits: &str) -> Option<usize> {
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    line["Max open files".len()..]
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+    let rest = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))?;
+    rest.split_whitespace().next()?.parse().ok()
 }
+
 /// A connection with no byte read or written for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -128,6 +127,25 @@ impl GuardedStream {
         self.deadline.as_mut().reset(at);
     }
 
+    /// What a write of the inner stream came to: bytes written are progress, `Pending` runs
+    /// the idle clock.
+    fn wrote(
+        &mut self,
+        r: Poll<io::Result<usize>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        match r {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    self.progress();
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => self.idle_error(cx),
+        }
+    }
+
     /// After the inner stream said `Pending`: an error once the deadline has passed.
     fn idle_error<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
         match self.deadline.as_mut().poll(cx) {
@@ -165,16 +183,8 @@ impl AsyncWrite for GuardedStream {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match Pin::new(&mut self.io).poll_write(cx, data) {
-            Poll::Ready(Ok(n)) => {
-                if n > 0 {
-                    self.progress();
-                }
-                Poll::Ready(Ok(n))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => self.idle_error(cx),
-        }
+        let r = Pin::new(&mut self.io).poll_write(cx, data);
+        self.wrote(r, cx)
     }
 
     fn poll_write_vectored(
@@ -182,16 +192,8 @@ impl AsyncWrite for GuardedStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match Pin::new(&mut self.io).poll_write_vectored(cx, bufs) {
-            Poll::Ready(Ok(n)) => {
-                if n > 0 {
-                    self.progress();
-                }
-                Poll::Ready(Ok(n))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => self.idle_error(cx),
-        }
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.wrote(r, cx)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -235,29 +235,16 @@ impl Resolver {
     /// evicted): asks the sources for that path again. Answers whether a source has the same
     /// NAR now (it is pending: [`Resolver::nar`] starts its flight).
     pub async fn recover(&self, nar_hash: &NarHash) -> bool {
-        let path = {
+        let recent = {
             let m = self.served.lock().unwrap_or_else(|e| e.into_inner());
             m.0.get(nar_hash).cloned()
         };
-        let path = match path {
+        let path = match recent {
             Some(p) => p,
-            // Served before a restart?
-            None => {
-                let (store, nar) = (self.store.clone(), *nar_hash);
-                let found = tokio::task::spawn_blocking(move || store.served_path(&nar)).await;
-                match found {
-                    Ok(Ok(Some(p))) => match StorePathHash::parse(&p) {
-                        Ok(h) => h,
-                        Err(_) => return false,
-                    },
-                    Ok(Ok(None)) => return false,
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "looking up a served narinfo");
-                        return false;
-                    }
-                    Err(_) => return false,
-                }
-            }
+            None => match self.remembered_path(nar_hash).await {
+                Some(p) => p,
+                None => return false,
+            },
         };
         match self.narinfo(&path).await {
             NarinfoAnswer::Found(_) => self.pending.by_nar(nar_hash).is_some(),
@@ -399,6 +386,20 @@ impl Resolver {
             d.clear(); // a hint only: losing it costs one more failed try
         }
         d.entry(nar_hash).or_default().insert(source);
+    }
+
+    /// The store path of a narinfo served from a source with this NarHash, remembered in the
+    /// index (before a restart, too).
+    async fn remembered_path(&self, nar_hash: &NarHash) -> Option<StorePathHash> {
+        let (store, nar) = (self.store.clone(), *nar_hash);
+        match tokio::task::spawn_blocking(move || store.served_path(&nar)).await {
+            Ok(Ok(p)) => p.and_then(|p| StorePathHash::parse(&p).ok()),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "looking up a served narinfo");
+                None
+            }
+            Err(_) => None,
+        }
     }
 
     /// No source can bring this NAR: a request for it is not to look for its narinfo again.

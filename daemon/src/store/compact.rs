@@ -21,12 +21,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use redb::ReadableTable;
 
-use super::evict::add_dead;
-use super::evict::lock;
+use super::evict::{lock, Repoint};
 use super::pack::{self, Location, PACK_TARGET_SIZE};
-use super::tables::{
-    CHUNKS, COMPACTED_PACKS, COUNTERS, C_CHUNK_COMPRESSED_BYTES, C_DEAD_BYTES, PACKS, PACK_DEAD,
-};
+use super::tables::{CHUNKS, COMPACTED_PACKS, C_CHUNK_COMPRESSED_BYTES, PACKS};
 use super::{add_counter, io_err, loc_of, new_dctx, Staging, Store, StoreError};
 use crate::core::ChunkId;
 
@@ -89,17 +86,11 @@ impl Store {
         let start = Instant::now();
         let _span = tracing::info_span!("compact", level = opts.level).entered();
         let mut report = CompactReport::default();
-        let inputs = self.cold_packs(opts)?;
-        let limit = opts.max_packs.unwrap_or(usize::MAX);
+        let (inputs, left) = self.cold_packs(opts)?;
+        report.packs_left = left;
         let mut batches: Vec<Vec<Input>> = Vec::new();
         let mut batch_bytes = 0u64;
-        let mut taken = 0usize;
         for input in inputs {
-            if taken >= limit {
-                report.packs_left += 1;
-                continue;
-            }
-            taken += 1;
             let bytes: u64 = input.records.iter().map(|(_, l)| l.record_len()).sum();
             match batches.last_mut() {
                 Some(b) if batch_bytes + bytes <= PACK_TARGET_SIZE => {
@@ -137,13 +128,17 @@ impl Store {
         Ok(report)
     }
 
-    /// Packs not yet compacted at `opts.level` and unmodified for `opts.min_age` (the one
-    /// being appended to too, once it is that cold), with their live records, in pack order.
-    fn cold_packs(&self, opts: CompactOptions) -> Result<Vec<Input>, StoreError> {
+    /// The first `opts.max_packs` packs not yet compacted at `opts.level` and unmodified for
+    /// `opts.min_age` (the one being appended to too, once it is that cold), with their live
+    /// records, in pack order; and how many more such packs there are. Only the packs taken
+    /// have their records collected.
+    fn cold_packs(&self, opts: CompactOptions) -> Result<(Vec<Input>, u64), StoreError> {
         let now = SystemTime::now();
+        let limit = opts.max_packs.unwrap_or(usize::MAX);
         let txn = self.db.begin_read()?;
         let compacted = txn.open_table(COMPACTED_PACKS)?;
         let mut wanted: HashMap<u32, (u64, Vec<(ChunkId, Location)>)> = HashMap::new();
+        let mut left = 0u64;
         for r in txn.open_table(PACKS)?.iter()? {
             let (pack, len) = {
                 let (k, v) = r?;
@@ -165,7 +160,11 @@ impl Store {
             if now.duration_since(modified).unwrap_or_default() < opts.min_age {
                 continue;
             }
-            wanted.insert(pack, (len, Vec::new()));
+            if wanted.len() < limit {
+                wanted.insert(pack, (len, Vec::new()));
+            } else {
+                left += 1;
+            }
         }
         if !wanted.is_empty() {
             for r in txn.open_table(CHUNKS)?.iter()? {
@@ -184,7 +183,7 @@ impl Store {
             })
             .collect();
         inputs.sort_by_key(|i| i.pack);
-        Ok(inputs)
+        Ok((inputs, left))
     }
 
     /// Rewrites one batch; `false` if `stop` said so before anything was committed.
@@ -248,11 +247,7 @@ impl Store {
             let txn = self.db.begin_write()?;
             let (mut bytes_in, mut bytes_out) = (0u64, 0u64);
             {
-                let mut chunks = txn.open_table(CHUNKS)?;
-                let mut packs = txn.open_table(PACKS)?;
-                let mut dead = txn.open_table(PACK_DEAD)?;
-                let mut counters = txn.open_table(COUNTERS)?;
-                let mut compacted = txn.open_table(COMPACTED_PACKS)?;
+                let mut t = Repoint::open(&txn)?;
                 for (id, old) in inputs.iter().flat_map(|i| i.records.iter()) {
                     let new = placed.get(id).ok_or_else(|| {
                         io_err(&self.dir)(std::io::Error::other(format!(
@@ -261,34 +256,21 @@ impl Store {
                     })?;
                     bytes_in += old.record_len();
                     bytes_out += new.record_len();
-                    let row = chunks.get(id.0)?.map(|v| v.value());
-                    match row {
-                        Some(v) if v.0 == old.pack && v.1 == old.offset => {
-                            chunks.insert(
-                                id.0,
-                                (new.pack, new.offset, new.comp_len, new.raw_len, v.4),
-                            )?;
-                            add_counter(
-                                &mut counters,
-                                C_CHUNK_COMPRESSED_BYTES,
-                                i64::from(new.comp_len) - i64::from(old.comp_len),
-                            )?;
-                        }
-                        // Released meanwhile: the copy is dead.
-                        _ => add_dead(&mut dead, &mut counters, new.pack, new.record_len() as i64)?,
+                    // Released meanwhile: the copy is dead.
+                    if t.move_chunk(id, old, new)? {
+                        add_counter(
+                            &mut t.counters,
+                            C_CHUNK_COMPRESSED_BYTES,
+                            i64::from(new.comp_len) - i64::from(old.comp_len),
+                        )?;
                     }
                 }
-                for &(pack, len) in &lengths {
-                    packs.insert(pack, len)?;
-                }
+                t.set_lengths(&lengths)?;
                 for p in first_out..=last_out {
-                    compacted.insert(p, u8::try_from(level.clamp(0, 22)).unwrap_or(0))?;
+                    t.set_compacted(p, u8::try_from(level.clamp(0, 22)).unwrap_or(0))?;
                 }
                 for i in &inputs {
-                    packs.remove(i.pack)?;
-                    compacted.remove(i.pack)?;
-                    let d = dead.remove(i.pack)?.map(|v| v.value()).unwrap_or(0);
-                    add_counter(&mut counters, C_DEAD_BYTES, -(d as i64))?;
+                    t.forget_pack(i.pack)?;
                 }
             }
             txn.commit()?;

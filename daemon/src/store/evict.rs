@@ -131,6 +131,77 @@ pub(super) fn add_dead(
     add_counter(counters, C_DEAD_BYTES, delta)
 }
 
+/// The tables a pack rewrite (pack GC, compaction) changes in its commit: chunks pointed at
+/// their new records, pack lengths, and the old packs forgotten.
+pub(super) struct Repoint<'t> {
+    chunks: redb::Table<'t, [u8; 32], (u32, u64, u32, u32, u32)>,
+    packs: redb::Table<'t, u32, u64>,
+    dead: redb::Table<'t, u32, u64>,
+    pub(super) counters: redb::Table<'t, &'static str, u64>,
+    compacted: redb::Table<'t, u32, u8>,
+}
+
+impl<'t> Repoint<'t> {
+    pub(super) fn open(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Self {
+            chunks: txn.open_table(CHUNKS)?,
+            packs: txn.open_table(PACKS)?,
+            dead: txn.open_table(PACK_DEAD)?,
+            counters: txn.open_table(COUNTERS)?,
+            compacted: txn.open_table(COMPACTED_PACKS)?,
+        })
+    }
+
+    /// Points chunk `id` from its record at `old` to the copy at `new`; `false` (the copy
+    /// counted dead) if the chunk was released or moved meanwhile.
+    pub(super) fn move_chunk(
+        &mut self,
+        id: &ChunkId,
+        old: &Location,
+        new: &Location,
+    ) -> Result<bool, StoreError> {
+        let row = self.chunks.get(id.0)?.map(|v| v.value());
+        match row {
+            Some(v) if v.0 == old.pack && v.1 == old.offset => {
+                self.chunks
+                    .insert(id.0, (new.pack, new.offset, new.comp_len, new.raw_len, v.4))?;
+                Ok(true)
+            }
+            _ => {
+                add_dead(
+                    &mut self.dead,
+                    &mut self.counters,
+                    new.pack,
+                    new.record_len() as i64,
+                )?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Records the lengths of the packs written to.
+    pub(super) fn set_lengths(&mut self, lengths: &[(u32, u64)]) -> Result<(), StoreError> {
+        for &(pack, len) in lengths {
+            self.packs.insert(pack, len)?;
+        }
+        Ok(())
+    }
+
+    /// Marks a pack as written by compaction at `level`.
+    pub(super) fn set_compacted(&mut self, pack: u32, level: u8) -> Result<(), StoreError> {
+        self.compacted.insert(pack, level)?;
+        Ok(())
+    }
+
+    /// Forgets a pack nothing points into any more (its file is deleted after the commit).
+    pub(super) fn forget_pack(&mut self, pack: u32) -> Result<(), StoreError> {
+        self.packs.remove(pack)?;
+        self.compacted.remove(pack)?;
+        let d = self.dead.remove(pack)?.map(|v| v.value()).unwrap_or(0);
+        add_counter(&mut self.counters, C_DEAD_BYTES, -(d as i64))
+    }
+}
+
 /// Sizes eviction works with.
 #[derive(Debug, Clone, Copy)]
 struct Usage {
@@ -732,28 +803,13 @@ impl Store {
         let lengths = writer.touched_lengths();
         let txn = self.db.begin_write()?;
         {
-            let mut chunks = txn.open_table(CHUNKS)?;
-            let mut packs = txn.open_table(PACKS)?;
-            let mut dead = txn.open_table(PACK_DEAD)?;
-            let mut counters = txn.open_table(COUNTERS)?;
+            let mut t = Repoint::open(&txn)?;
             for (id, old, new) in &moved {
-                let row = chunks.get(id.0)?.map(|v| v.value());
-                match row {
-                    Some(v) if v.0 == old.pack && v.1 == old.offset => {
-                        chunks
-                            .insert(id.0, (new.pack, new.offset, new.comp_len, new.raw_len, v.4))?;
-                    }
-                    // Released meanwhile (not possible under the writer lock): the copy is dead.
-                    _ => add_dead(&mut dead, &mut counters, new.pack, new.record_len() as i64)?,
-                }
+                // Released meanwhile is not possible under the writer lock.
+                t.move_chunk(id, old, new)?;
             }
-            for &(pack, len) in &lengths {
-                packs.insert(pack, len)?;
-            }
-            packs.remove(p.pack)?;
-            txn.open_table(COMPACTED_PACKS)?.remove(p.pack)?;
-            let d = dead.remove(p.pack)?.map(|v| v.value()).unwrap_or(0);
-            add_counter(&mut counters, C_DEAD_BYTES, -(d as i64))?;
+            t.set_lengths(&lengths)?;
+            t.forget_pack(p.pack)?;
         }
         txn.commit()?;
         Ok(copied)
