@@ -69,16 +69,6 @@ impl Default for Policy {
     }
 }
 
-/// Why a path is kept (the first rule that holds).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Keep {
-    Pinned,
-    NoReferences,
-    InRootClosure,
-    RecentlyAccessed,
-    TooNew,
-}
-
 impl Policy {
     pub fn from_file(path: &Path) -> Result<Self, PolicyError> {
         let text = std::fs::read_to_string(path).map_err(|error| PolicyError::Read {
@@ -178,22 +168,15 @@ impl Policy {
             .map(|d| now.saturating_sub((d * 86_400.0) as u64));
         let mut sel = Selection::default();
         for f in facts {
-            let keep = if self.keep_pinned && f.pinned {
-                Some(Keep::Pinned)
-            } else if self.keep_without_references && f.references.is_empty() {
-                Some(Keep::NoReferences)
-            } else if in_closure.contains(f.hash.as_str()) {
-                Some(Keep::InRootClosure)
-            } else if recent.is_some_and(|r| f.last_access.unwrap_or(f.added_unix) >= r) {
-                Some(Keep::RecentlyAccessed)
-            } else if cutoff.is_some_and(|c| f.added_unix >= c) {
-                Some(Keep::TooNew)
+            let keep = (self.keep_pinned && f.pinned)
+                || (self.keep_without_references && f.references.is_empty())
+                || in_closure.contains(f.hash.as_str())
+                || recent.is_some_and(|r| f.last_access.unwrap_or(f.added_unix) >= r)
+                || cutoff.is_some_and(|c| f.added_unix >= c);
+            if keep {
+                sel.kept.push(f);
             } else {
-                None
-            };
-            match keep {
-                Some(k) => sel.kept.push((f, k)),
-                None => sel.collect.push(f),
+                sel.collect.push(f);
             }
         }
         Ok(sel)
@@ -208,7 +191,7 @@ impl Policy {
 /// A policy's verdict.
 #[derive(Debug, Default)]
 pub struct Selection<'a> {
-    pub kept: Vec<(&'a PathFacts, Keep)>,
+    pub kept: Vec<&'a PathFacts>,
     pub collect: Vec<&'a PathFacts>,
 }
 

@@ -41,7 +41,7 @@ use nix_p2p_cache::core::store_path::parse_hash_or_path;
 use nix_p2p_cache::daemon::trusted_keys;
 use nix_p2p_cache::import::{self, BinaryCache, Selection};
 use nix_p2p_cache::store::{
-    CompactOptions, GcPolicy, GcReport, PathState, Store, StoreError, DEFAULT_ZSTD_LEVEL,
+    CompactOptions, GcPolicy, GcReport, PathFacts, PathState, Store, StoreError, DEFAULT_ZSTD_LEVEL,
 };
 
 #[derive(Parser)]
@@ -498,26 +498,26 @@ fn policy_gc_command(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
+    // The policy judges every path, hidden ones too: a root's closure is walked through them,
+    // and a hidden path the policy keeps now is brought back instead of collected.
     let facts = store.path_facts()?;
-    let due: Vec<&nix_p2p_cache::store::PathFacts> = facts
-        .iter()
+    let sel = policy.select(&facts, &roots, now)?;
+    let (hide, hidden_before): (Vec<&PathFacts>, Vec<&PathFacts>) =
+        sel.collect.iter().partition(|f| f.hidden.is_none());
+    let due: Vec<&PathFacts> = hidden_before
+        .into_iter()
         .filter(|f| f.hidden.is_some_and(|(_, until)| until <= now))
         .collect();
-    let visible: Vec<nix_p2p_cache::store::PathFacts> = facts
+    let rescued: Vec<String> = sel
+        .kept
         .iter()
-        .filter(|f| f.hidden.is_none())
-        .cloned()
+        .filter(|f| f.hidden.is_some())
+        .map(|f| f.hash.clone())
         .collect();
-    let sel = policy.select(&visible, &roots, now)?;
-    let selected: std::collections::HashSet<String> =
-        sel.collect.iter().map(|f| f.hash.clone()).collect();
-    let going: std::collections::HashSet<String> = selected
-        .iter()
-        .cloned()
-        .chain(due.iter().map(|f| f.hash.clone()))
-        .collect();
+    let going: std::collections::HashSet<String> =
+        hide.iter().chain(&due).map(|f| f.hash.clone()).collect();
     let freed = store.freed_by(&going)?;
-    let nar_bytes: u64 = sel.collect.iter().map(|f| f.nar_size).sum();
+    let nar_bytes: u64 = hide.iter().map(|f| f.nar_size).sum();
     let savings: serde_json::Map<String, serde_json::Value> = PRICES_PER_GB_MONTH
         .iter()
         .map(|(name, p)| {
@@ -531,19 +531,20 @@ fn policy_gc_command(
     if json {
         let v = serde_json::json!({
             "dry_run": dry_run,
-            "hide": sel.collect.iter().map(|f| serde_json::json!({
+            "hide": hide.iter().map(|f| serde_json::json!({
                 "store_path": f.store_path, "nar_size": f.nar_size, "added_unix": f.added_unix,
             })).collect::<Vec<_>>(),
             "hide_nar_bytes": nar_bytes,
             "hidden_until_unix": until,
             "collect": due.iter().map(|f| f.store_path.clone()).collect::<Vec<_>>(),
+            "undelete": rescued.len(),
             "kept": sel.kept.len(),
             "freed_bytes": freed,
             "monthly_savings_usd": savings,
         });
         outln!("{v}");
     } else {
-        for f in &sel.collect {
+        for f in &hide {
             outln!("hide    {} ({})", f.store_path, human(f.nar_size));
         }
         for f in &due {
@@ -558,13 +559,14 @@ fn policy_gc_command(
             .map(|(name, p)| format!("{name} ${:.4}", freed as f64 / 1e9 * p))
             .collect();
         outln!(
-            "{}{} paths to hide ({} of NARs) for {:.1} days, {} hidden paths to collect, {} kept; frees about {} of packs, saving per month: {}",
+            "{}{} paths to hide ({} of NARs) for {:.1} days, {} hidden paths to collect, {} kept ({} of them hidden before: undeleted); frees about {} of packs, saving per month: {}",
             if dry_run { "dry run: " } else { "" },
-            sel.collect.len(),
+            hide.len(),
             human(nar_bytes),
             policy.grace_days,
             due.len(),
             sel.kept.len(),
+            rescued.len(),
             human(freed),
             prices.join(", ")
         );
@@ -572,8 +574,13 @@ fn policy_gc_command(
     if dry_run {
         return Ok(ExitCode::SUCCESS);
     }
+    if !rescued.is_empty() {
+        store.undelete(&rescued)?;
+    }
+    // What is still hidden and due is what the policy selected.
     let collected = store.collect_hidden(now)?;
-    let hidden = store.hide(&selected.into_iter().collect::<Vec<_>>(), until)?;
+    let hide: Vec<String> = hide.iter().map(|f| f.hash.clone()).collect();
+    let hidden = store.hide(&hide, until)?;
     let g = store.gc_packs(GcPolicy::AllDead)?;
     store.compact_index().context("compacting the index")?;
     if !json {

@@ -258,6 +258,28 @@ fn a_gc_policy_hides_then_collects_and_undelete_brings_back() {
     assert_eq!(stats(&data)["hidden_paths"], 0);
     assert_same_nar(&data, one);
 
+    // Hidden again; a policy that keeps them now brings them back instead of collecting.
+    gc(&[]);
+    assert_eq!(stats(&data)["hidden_paths"], gen1_only.len() as u64);
+    let narrow = fs::read_to_string(&policy).unwrap();
+    fs::write(
+        &policy,
+        format!(
+            "keep-pinned = false\nkeep-roots = [\"{}\", \"{}\"]\ngrace-days = 0\n",
+            corpus.out_path(1),
+            corpus.out_path(2)
+        ),
+    )
+    .unwrap();
+    gc(&[]);
+    let s = stats(&data);
+    assert_eq!(
+        (s["hidden_paths"].as_u64(), s["collected_paths"].as_u64()),
+        (Some(0), Some(0))
+    );
+    assert_eq!(s["narinfos"], all.len() as u64);
+    fs::write(&policy, narrow).unwrap();
+
     // Hidden again, then collected by the next run (grace 0): tombstones, bytes reclaimed.
     gc(&[]);
     let packs_before = pack_files_bytes(&data);
