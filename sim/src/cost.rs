@@ -16,7 +16,7 @@ const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 /// Seconds in the 30-day month bills are scaled to.
 pub const MONTH_S: f64 = 30.0 * 86400.0;
 
-/// Provider keys, in the order they appear in outputs.
+/// Provider keys the price table must have; every bill lists them (sorted by key, as a map).
 pub const PROVIDERS: [&str; 5] = [
     "aws_s3_standard",
     "aws_s3_ia",
@@ -134,11 +134,11 @@ pub struct Usage {
     pub egress_bytes: f64,
 }
 
-/// Sums a tiered marginal price over `volume`.
-fn tiered(volume: f64, tiers: &[(f64, f64)]) -> f64 {
+/// Sums a tiered marginal price over `volume`; `tiers` are (upper bound, price), ascending.
+fn tiered(volume: f64, tiers: impl IntoIterator<Item = (f64, f64)>) -> f64 {
     let mut cost = 0.0;
     let mut lower = 0.0;
-    for &(upto, price) in tiers {
+    for (upto, price) in tiers {
         if volume <= lower {
             break;
         }
@@ -155,19 +155,13 @@ pub fn provider_bill(p: &Provider, eur_usd: f64, u: &Usage) -> f64 {
     let egress = u.egress_bytes / GIB;
     let storage = tiered(
         stored,
-        &p.storage_tiers
-            .iter()
-            .map(|t| (t.upto_gb, t.per_gb_month))
-            .collect::<Vec<_>>(),
+        p.storage_tiers.iter().map(|t| (t.upto_gb, t.per_gb_month)),
     );
     let free = p.free_egress_gb + p.free_egress_x_stored * stored;
     let billable = (egress - free).max(0.0);
     let egress_cost = tiered(
         billable,
-        &p.egress_tiers
-            .iter()
-            .map(|t| (t.upto_gb, t.per_gb))
-            .collect::<Vec<_>>(),
+        p.egress_tiers.iter().map(|t| (t.upto_gb, t.per_gb)),
     );
     let requests = u.puts / 1000.0 * p.put_per_1k + u.gets / 1000.0 * p.get_per_1k;
     let retrieval = egress * p.retrieval_per_gb;
@@ -179,7 +173,7 @@ pub fn provider_bill(p: &Provider, eur_usd: f64, u: &Usage) -> f64 {
     }
 }
 
-/// The bill for every provider, rounded to cents, keyed in `PROVIDERS` order.
+/// The bill for every provider in `PROVIDERS`, rounded to cents, keyed by provider.
 pub fn bills(prices: &Prices, u: &Usage) -> BTreeMap<String, f64> {
     PROVIDERS
         .iter()

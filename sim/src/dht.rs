@@ -17,16 +17,6 @@ impl ServerIndex {
         ServerIndex { ids }
     }
 
-    /// Number of servers (online or not).
-    pub fn len(&self) -> usize {
-        self.ids.len()
-    }
-
-    /// True if there are no servers.
-    pub fn is_empty(&self) -> bool {
-        self.ids.is_empty()
-    }
-
     /// Writes into `out` the (up to) `k` online servers closest to `key` by XOR distance.
     ///
     /// All ids sharing a longer prefix with `key` are closer than any id sharing a shorter one,
@@ -81,10 +71,8 @@ fn prefix_bounds(key: u64, len: u32) -> (u64, u64) {
 /// Records placed for the survival check.
 #[derive(Debug, Default, Clone)]
 pub struct Probe {
-    /// Holders per probe key, `k` consecutive entries each (fewer if fewer servers were online).
+    /// Holders per probe key: the `k` closest servers online at placement (fewer if fewer were).
     pub holders: Vec<Vec<u32>>,
-    /// When they were placed, seconds.
-    pub placed_at: f64,
 }
 
 #[cfg(test)]

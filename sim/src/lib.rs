@@ -59,8 +59,5 @@ pub enum Error {
 
 /// Runs one scenario with `seed` in model mode.
 pub fn run_model(sc: &scenario::Scenario, seed: u64) -> Result<model::Outcome, Error> {
-    let m = model::Model::new(sc, seed)?;
-    let mut out = m.run();
-    out.seed = seed;
-    Ok(out)
+    Ok(model::Model::new(sc, seed)?.run())
 }

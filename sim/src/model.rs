@@ -217,14 +217,10 @@ pub struct Outcome {
     pub probe_survival: Option<f64>,
     /// Fraction of probe holders online at the check (empirical p).
     pub probe_holder_online: Option<f64>,
-    /// k actually used.
-    pub k: u32,
     /// Failed dials (NAT, stale records).
     pub dial_failures: u64,
     /// Events processed.
     pub events: u64,
-    /// Completed fetches (full and upgrades).
-    pub completed_fetches: u64,
     /// Fetches still in progress (or stuck) at the end: not in the percentiles.
     pub unfinished_fetches: u64,
 }
@@ -232,6 +228,7 @@ pub struct Outcome {
 /// The simulation state.
 pub struct Model {
     sc: Scenario,
+    seed: u64,
     classes: Vec<Class>,
     now: f64,
     end: f64,
@@ -266,7 +263,6 @@ pub struct Model {
     recv: Vec<u64>,
     fetch: Vec<Fetch>,
     seeds: Vec<u32>,
-    n_seeds: usize,
 
     // Flows.
     flows: Vec<Flow>,
@@ -307,7 +303,6 @@ pub struct Model {
     dial_failures: u64,
     serve_violations: u64,
     capacity_violations: u64,
-    completed: u64,
     fresh_times: Vec<Vec<f64>>,
     upgrade_times: Vec<Vec<f64>>,
     fresh_completions: Vec<(f64, u32)>,
@@ -318,7 +313,8 @@ pub struct Model {
     seed_lower_bound: u64,
 }
 
-fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+/// The `p`-quantile (nearest rank) of an ascending slice; None if it is empty.
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
     if sorted.is_empty() {
         return None;
     }
@@ -347,6 +343,7 @@ impl Model {
                 msg: "at most 255 classes".into(),
             });
         }
+        let n_classes = classes.len();
         let mut r_init = Rng::stream(seed, "init");
 
         // Node counts per class: seeds by count, the others by share (the last takes the rest).
@@ -453,7 +450,6 @@ impl Model {
             recv: vec![0; total],
             fetch: vec![Fetch::default(); total],
             seeds: Vec::new(),
-            n_seeds: 0,
             flows: Vec::new(),
             free_flows: Vec::new(),
             seed_queue: VecDeque::new(),
@@ -484,9 +480,8 @@ impl Model {
             dial_failures: 0,
             serve_violations: 0,
             capacity_violations: 0,
-            completed: 0,
-            fresh_times: Vec::new(),
-            upgrade_times: Vec::new(),
+            fresh_times: vec![Vec::new(); n_classes],
+            upgrade_times: vec![Vec::new(); n_classes],
             fresh_completions: Vec::new(),
             samples: Vec::new(),
             last_sample: (0.0, 0, 0, 0, 0),
@@ -494,9 +489,8 @@ impl Model {
             records_time: 0.0,
             seed_lower_bound: 0,
             sc,
+            seed,
         };
-        m.fresh_times = vec![Vec::new(); m.classes.len()];
-        m.upgrade_times = vec![Vec::new(); m.classes.len()];
 
         // Nodes: seeds first, then the other classes in file order.
         let order: Vec<usize> = (0..m.classes.len())
@@ -558,7 +552,6 @@ impl Model {
                 m.class.push(ci as u8);
             }
         }
-        m.n_seeds = m.seeds.len();
         m.servers = ServerIndex::new(server_ids);
 
         // Initial sessions: stationary start (online with probability E[on] / (E[on] + E[off])).
@@ -940,7 +933,6 @@ impl Model {
         f.online_since = self.now;
         f.accum = 0.0;
         f.epoch = f.epoch.wrapping_add(1);
-        f.retry_pending = false;
         f.retries = 0;
         f.retry_pending = false;
         f.seed_boost = false;
@@ -1052,20 +1044,10 @@ impl Model {
         if self.fetch[i].looked_up {
             let tries = self.sc.net.sample_tries;
             while self.down_flows[i].len() < parallel && self.fetch_unassigned(n) > 0 {
-                let mut found = None;
-                for _ in 0..tries {
-                    if let Some(src) = self.sample_provider(n) {
-                        found = Some(src);
-                        break;
-                    }
-                }
-                match found {
-                    Some(src) => {
-                        let (_, full) = self.can_serve(src, n);
-                        self.start_flow(src, n, false, full);
-                    }
-                    None => break,
-                }
+                let Some((src, full)) = (0..tries).find_map(|_| self.sample_provider(n)) else {
+                    break;
+                };
+                self.start_flow(src, n, false, full);
             }
         }
         // 3. Seeds, when too few peers can serve a part.
@@ -1096,25 +1078,21 @@ impl Model {
     }
 
     /// One draw from the provider records of the fetch's target (and target − 1 when the old
-    /// part is still open). Failed dials (NAT, stale record) count and return None.
-    fn sample_provider(&mut self, n: u32) -> Option<u32> {
+    /// part is still open): the source and whether it can send the new part too. Failed dials
+    /// (NAT, stale record) count and return None.
+    fn sample_provider(&mut self, n: u32) -> Option<(u32, bool)> {
         let f = &self.fetch[n as usize];
         let (c, g) = (f.closure, f.target);
         let vt = self.version(c, g);
         let old_open = f.old_left > 0 && g >= 1;
         let vo = if old_open { self.version(c, g - 1) } else { vt };
         let live_t = self.holders[vt].len() as u64;
-        let live_o = if old_open {
-            self.holders[vo].len() as u64
+        let (live_o, stale_o) = if old_open {
+            (self.holders[vo].len() as u64, u64::from(self.stale[vo]))
         } else {
-            0
+            (0, 0)
         };
-        let stale = u64::from(self.stale[vt])
-            + if old_open {
-                u64::from(self.stale[vo])
-            } else {
-                0
-            };
+        let stale = u64::from(self.stale[vt]) + stale_o;
         let total = live_t + live_o + stale;
         if total == 0 {
             return None;
@@ -1145,7 +1123,7 @@ impl Model {
             self.dial_failures += 1;
             return None;
         }
-        Some(src)
+        Some((src, full))
     }
 
     fn maybe_seed(&mut self, n: u32) {
@@ -1186,8 +1164,7 @@ impl Model {
         // The seed with the fewest uploads, if it has a free slot.
         let mut best = None;
         let mut best_count = u32::MAX;
-        for k in 0..self.n_seeds {
-            let s = self.seeds[k];
+        for &s in &self.seeds {
             let cnt = self.up_count(s);
             if cnt < best_count {
                 best_count = cnt;
@@ -1272,24 +1249,27 @@ impl Model {
         self.rerate_node(dst, false);
     }
 
-    fn share(&self, n: u32, up: bool, lan: bool) -> f64 {
+    /// Capacity of one of `n`'s links, bytes/s: the LAN link, else its uplink or downlink.
+    fn link_cap(&self, n: u32, up: bool, lan: bool) -> f32 {
         let i = n as usize;
-        let k = usize::from(lan);
-        let (cap, q) = if lan {
-            (
-                self.lan_bps[i],
-                if up {
-                    self.q_up[i][k]
-                } else {
-                    self.q_down[i][k]
-                },
-            )
+        if lan {
+            self.lan_bps[i]
         } else if up {
-            (self.up_bps[i], self.q_up[i][k])
+            self.up_bps[i]
         } else {
-            (self.down_bps[i], self.q_down[i][k])
+            self.down_bps[i]
+        }
+    }
+
+    /// A flow's share of one of `n`'s links.
+    fn share(&self, n: u32, up: bool, lan: bool) -> f64 {
+        let (i, k) = (n as usize, usize::from(lan));
+        let q = if up {
+            self.q_up[i][k]
+        } else {
+            self.q_down[i][k]
         };
-        f64::from(cap) / f64::from(q.max(1))
+        f64::from(self.link_cap(n, up, lan)) / f64::from(q.max(1))
     }
 
     fn settle(&mut self, id: u32) {
@@ -1383,15 +1363,7 @@ impl Model {
                     .filter(|f| f.lan == lan)
                     .map(|f| f.rate)
                     .sum();
-                let i = n as usize;
-                let cap = if lan {
-                    self.lan_bps[i]
-                } else if up {
-                    self.up_bps[i]
-                } else {
-                    self.down_bps[i]
-                };
-                if sum > f64::from(cap) * (1.0 + 1e-9) {
+                if sum > f64::from(self.link_cap(n, up, lan)) * (1.0 + 1e-9) {
                     self.capacity_violations += 1;
                 }
             }
@@ -1546,7 +1518,6 @@ impl Model {
             (f.fresh, f.target, f.closure, f.accum, f.online_since)
         };
         self.flags[i] &= !F_WAIT_SEED;
-        self.completed += 1;
         let took = accum + (self.now - since);
         let ci = self.class[i] as usize;
         if fresh {
@@ -1632,10 +1603,7 @@ impl Model {
                 .closest_online(key, k, |nd| flags[nd as usize] & F_ONLINE != 0, &mut out);
             holders.push(out.clone());
         }
-        self.probe = Probe {
-            holders,
-            placed_at: self.now,
-        };
+        self.probe = Probe { holders };
         self.push(self.now + self.sc.dht.probe_age_h * 3600.0, Ev::ProbeCheck);
     }
 
@@ -1744,22 +1712,24 @@ impl Model {
         );
     }
 
-    fn finish(self) -> Outcome {
+    fn finish(mut self) -> Outcome {
+        // (nodes, sent, received) per class, in one pass over the nodes.
+        let mut totals = vec![(0u64, 0u64, 0u64); self.classes.len()];
+        for (i, &ci) in self.class.iter().enumerate() {
+            let t = &mut totals[ci as usize];
+            t.0 += 1;
+            t.1 += self.sent[i];
+            t.2 += self.recv[i];
+        }
         let mut fresh_all: Vec<f64> = Vec::new();
         let mut upg_all: Vec<f64> = Vec::new();
-        let mut classes = Vec::new();
+        let mut classes = Vec::with_capacity(self.classes.len());
         for (ci, cl) in self.classes.iter().enumerate() {
-            let mut fr: Vec<f64> = self.fresh_times[ci].clone();
-            let mut up: Vec<f64> = self.upgrade_times[ci].clone();
+            let mut fr = std::mem::take(&mut self.fresh_times[ci]);
+            let mut up = std::mem::take(&mut self.upgrade_times[ci]);
             fr.sort_by(f64::total_cmp);
             up.sort_by(f64::total_cmp);
-            let members = (0..self.class.len()).filter(|&i| self.class[i] as usize == ci);
-            let (mut nodes, mut sent, mut recv) = (0u64, 0u64, 0u64);
-            for i in members {
-                nodes += 1;
-                sent += self.sent[i];
-                recv += self.recv[i];
-            }
+            let (nodes, sent, recv) = totals[ci];
             classes.push(ClassStats {
                 class: cl.rc.cfg.name.clone(),
                 nodes,
@@ -1792,19 +1762,20 @@ impl Model {
             .filter(|&i| self.flags[i] & F_SEED == 0)
             .map(|i| f64::from(self.down_bps[i]))
             .fold(f64::INFINITY, f64::min);
+        let generations: f64 = 1.0 + self.new_frac[1..].iter().sum::<f64>();
         let seed_stored: f64 = self
             .closure_bytes
             .iter()
-            .map(|&b| b as f64 * (1.0 + self.new_frac[1..].iter().sum::<f64>()))
+            .map(|&b| b as f64 * generations)
             .sum();
-        let non_seed = (self.class.len() - self.n_seeds) as u64;
+        let non_seed = (self.class.len() - self.seeds.len()) as u64;
         let stored_end = self.samples.last().map_or(0.0, |s| s.stored_bytes_per_node);
         let sim_seconds = self.end;
         Outcome {
             name: self.sc.name.clone(),
             nodes: non_seed,
-            seeds: self.n_seeds as u64,
-            seed: 0,
+            seeds: self.seeds.len() as u64,
+            seed: self.seed,
             sim_seconds,
             delivered_bytes: self.delivered,
             sent_bytes: self.sent.iter().sum(),
@@ -1828,10 +1799,8 @@ impl Model {
             closure_bytes: self.closure_bytes,
             probe_survival: self.probe_result.map(|p| p.0),
             probe_holder_online: self.probe_result.map(|p| p.1),
-            k: self.sc.dht.k,
             dial_failures: self.dial_failures,
             events: self.events,
-            completed_fetches: self.completed,
             unfinished_fetches: self.fetch.iter().filter(|f| f.active).count() as u64,
             samples: self.samples,
         }

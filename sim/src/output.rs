@@ -12,7 +12,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::cost::{bills, Prices, Usage, MONTH_S};
-use crate::model::{ClassStats, Outcome};
+use crate::model::{percentile, ClassStats, Outcome};
 use crate::scenario::{Announce, Scenario};
 use crate::svg::{line_chart, Chart, Series};
 use crate::Error;
@@ -110,14 +110,6 @@ fn share(a: u64, b: u64) -> f64 {
     }
 }
 
-fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let idx = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
-    Some(sorted[idx])
-}
-
 /// Builds the summary (and its bills) from an outcome.
 pub fn summarize(o: &Outcome, sc: &Scenario, prices: &Prices) -> Result<Summary, Error> {
     let mix = sc.closure_mix()?;
@@ -154,7 +146,7 @@ pub fn summarize(o: &Outcome, sc: &Scenario, prices: &Prices) -> Result<Summary,
     let servers = o.mean_online_servers.max(1.0);
     let expected = o
         .probe_holder_online
-        .map(|p| 1.0 - (1.0 - p).powi(o.k as i32));
+        .map(|p| 1.0 - (1.0 - p).powi(sc.dht.k as i32));
     Ok(Summary {
         mode: "model".into(),
         scenario: o.name.clone(),
@@ -284,8 +276,7 @@ pub fn write_run(
 
     // Fetch-time percentiles (deciles and tails) for the CDF plot, per class is in classes.csv.
     let mut ft = String::from("quantile,fresh_s,upgrade_s\n");
-    let qs: Vec<f64> = (1..=99).map(|q| f64::from(q) / 100.0).collect();
-    for &q in &qs {
+    for q in (1..=99).map(|q| f64::from(q) / 100.0) {
         let _ = writeln!(
             ft,
             "{q:.2},{},{}",
@@ -295,7 +286,6 @@ pub fn write_run(
     }
     write(dir, "fetch_times.csv", &ft)?;
 
-    let t: Vec<f64> = o.samples.iter().map(|r| r.t_h).collect();
     let seed_share = line_chart(
         &Chart {
             title: "Seed share of delivered bytes",
@@ -316,10 +306,10 @@ pub fn write_run(
             },
             Series {
                 label: "cumulative".into(),
-                points: t
+                points: o
+                    .samples
                     .iter()
-                    .zip(&o.samples)
-                    .map(|(&x, r)| (x, r.seed_share_cum))
+                    .map(|r| (r.t_h, r.seed_share_cum))
                     .collect(),
             },
         ],
@@ -364,10 +354,10 @@ pub fn write_run(
         },
         &[Series {
             label: format!("announce {}", summary.dht_announce),
-            points: t
+            points: o
+                .samples
                 .iter()
-                .zip(&o.samples)
-                .map(|(&x, r)| (x, r.dht_records_per_server))
+                .map(|r| (r.t_h, r.dht_records_per_server))
                 .collect(),
         }],
     );

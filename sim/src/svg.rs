@@ -142,19 +142,21 @@ pub fn line_chart(c: &Chart, series: &[Series]) -> String {
         );
         v += step;
     }
-    // X ticks.
+    // X ticks: a grid line at plot position `x` labelled with the data value `v`.
+    let mut x_tick = |x: f64, v: f64| {
+        let _ = writeln!(
+            s,
+            r##"<line x1="{x:.1}" y1="{T:.1}" x2="{x:.1}" y2="{:.1}" stroke="#ddd"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{}</text>"##,
+            T + ph,
+            T + ph + 18.0,
+            fmt_tick(v)
+        );
+    };
     if c.log_x {
         let mut e = x0.floor();
         while e <= x1 + 1e-9 {
             if e >= x0 - 1e-9 {
-                let x = L + (e - x0) / (x1 - x0) * pw;
-                let _ = writeln!(
-                    s,
-                    r##"<line x1="{x:.1}" y1="{T:.1}" x2="{x:.1}" y2="{:.1}" stroke="#ddd"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{}</text>"##,
-                    T + ph,
-                    T + ph + 18.0,
-                    fmt_tick(10f64.powf(e))
-                );
+                x_tick(L + (e - x0) / (x1 - x0) * pw, 10f64.powf(e));
             }
             e += 1.0;
         }
@@ -162,14 +164,7 @@ pub fn line_chart(c: &Chart, series: &[Series]) -> String {
         let step = nice_step(x1 - x0);
         let mut v = (x0 / step).ceil() * step;
         while v <= x1 + step * 1e-9 {
-            let x = L + (v - x0) / (x1 - x0) * pw;
-            let _ = writeln!(
-                s,
-                r##"<line x1="{x:.1}" y1="{T:.1}" x2="{x:.1}" y2="{:.1}" stroke="#ddd"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{}</text>"##,
-                T + ph,
-                T + ph + 18.0,
-                fmt_tick(v)
-            );
+            x_tick(L + (v - x0) / (x1 - x0) * pw, v);
             v += step;
         }
     }

@@ -102,6 +102,8 @@ fn same_seed_gives_byte_identical_outputs() {
         "classes.csv",
         "fetch_times.csv",
         "seed_share.svg",
+        "fetch_cdf.svg",
+        "dht_records.svg",
         "report.md",
     ] {
         let x = std::fs::read(a.join(f)).unwrap();
