@@ -137,10 +137,7 @@ fn added_per_group(
             let r = BufReader::with_capacity(1 << 20, File::open(&n.file)?);
             let source: Box<dyn Read> = match normalisation {
                 None => Box::new(r),
-                Some(Normalisation::Hashes) => Box::new(Normaliser::new(r)),
-                Some(Normalisation::References) => {
-                    Box::new(Normaliser::with_references(r, RefSet::from_paths(&n.refs)))
-                }
+                Some(norm) => Box::new(Normaliser::of(r, norm, || RefSet::from_paths(&n.refs))),
             };
             for c in chunker::chunks(source, ChunkingParams::CURRENT) {
                 let c = c?;

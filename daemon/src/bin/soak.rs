@@ -65,9 +65,8 @@ fn parse_args() -> Result<Args> {
     Ok(a)
 }
 
-/// One `GET` on a new connection: (status, body bytes, whether the body had its
-/// Content-Length).
-async fn get(addr: &str, path: &str) -> Result<(u16, usize, bool)> {
+/// One `GET` on a new connection: (status, body, whether the body had its Content-Length).
+async fn get(addr: &str, path: &str) -> Result<(u16, Vec<u8>, bool)> {
     let mut s = TcpStream::connect(addr).await?;
     s.write_all(
         format!("GET {path} HTTP/1.1\r\nHost: soak\r\nConnection: close\r\n\r\n").as_bytes(),
@@ -85,14 +84,15 @@ async fn get(addr: &str, path: &str) -> Result<(u16, usize, bool)> {
         .nth(1)
         .context("no status")?
         .parse()?;
-    let body = raw.len() - head_end - 4;
     let declared = head.lines().find_map(|l| {
         let (k, v) = l.split_once(':')?;
         k.eq_ignore_ascii_case("content-length")
             .then(|| v.trim().parse::<usize>().ok())
             .flatten()
     });
-    Ok((status, body, !matches!(declared, Some(d) if d != body)))
+    let body = raw.split_off(head_end + 4);
+    let complete = !matches!(declared, Some(d) if d != body.len());
+    Ok((status, body, complete))
 }
 
 fn random_hash(x: &mut u64) -> String {
@@ -136,21 +136,13 @@ async fn main() -> Result<()> {
     let latencies = Arc::new(Mutex::new(Vec::<f64>::new()));
     let nar_url = match &args.hash {
         Some(h) => {
-            let (status, _, _) = get(&args.addr, &format!("/{h}.narinfo")).await?;
+            let (status, body, _) = get(&args.addr, &format!("/{h}.narinfo")).await?;
             if status != 200 {
                 bail!("{h}.narinfo: status {status}");
             }
-            let mut s = TcpStream::connect(&args.addr).await?;
-            s.write_all(
-                format!("GET /{h}.narinfo HTTP/1.1\r\nHost: soak\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await?;
-            let mut raw = String::new();
-            s.read_to_string(&mut raw).await?;
-            let url = raw
+            let url = String::from_utf8_lossy(&body)
                 .lines()
-                .find_map(|l| l.strip_prefix("URL: "))
+                .find_map(|l| l.strip_prefix("URL: ").map(str::to_string))
                 .context("narinfo without URL")?;
             Some(format!("/{url}"))
         }

@@ -191,12 +191,9 @@ mod tests {
             let small = ChunkingParams { id: 0, min: 64, avg: 256, max: 1024, normalisation: Normalisation::Hashes };
             let glibc = StorePath::from_base_name("7gx4kiv5m0i7d7qkixq2cwzbr10lvxwc-glibc").unwrap();
             for params in [small, ChunkingParams::V1, ChunkingParams::V2] {
-                let mut norm = match params.normalisation {
-                    Normalisation::Hashes => Normaliser::new(&data[..]),
-                    Normalisation::References => {
-                        Normaliser::with_references(&data[..], RefSet::from_paths([&glibc]))
-                    }
-                };
+                let mut norm = Normaliser::of(&data[..], params.normalisation, || {
+                    RefSet::from_paths([&glibc])
+                });
                 let cs: Vec<Chunk> = chunks(&mut norm, params).map(Result::unwrap).collect();
                 let (_, slots) = norm.into_parts();
                 let nar_offsets = slots.nar_offsets(cs.iter().map(|c| c.offset));

@@ -233,12 +233,7 @@ mod tests {
 
     fn build(data: &[u8], params: ChunkingParams) -> Manifest {
         let glibc = StorePath::from_base_name(GLIBC).unwrap();
-        let mut norm = match params.normalisation {
-            Normalisation::Hashes => Normaliser::new(data),
-            Normalisation::References => {
-                Normaliser::with_references(data, RefSet::from_paths([&glibc]))
-            }
-        };
+        let mut norm = Normaliser::of(data, params.normalisation, || RefSet::from_paths([&glibc]));
         let cs: Vec<_> = chunks(&mut norm, params)
             .map(|c| {
                 let c = c.unwrap();

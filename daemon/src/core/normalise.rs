@@ -287,31 +287,7 @@ pub enum Slots {
     References(InsertTable),
 }
 
-impl Default for Slots {
-    fn default() -> Self {
-        Self::Hashes(SlotTable::default())
-    }
-}
-
 impl Slots {
-    pub fn normalisation(&self) -> Normalisation {
-        match self {
-            Self::Hashes(_) => Normalisation::Hashes,
-            Self::References(_) => Normalisation::References,
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        match self {
-            Self::Hashes(t) => t.len(),
-            Self::References(t) => t.offsets.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Restores the normalised bytes `data` found at stream offset `offset` to NAR bytes.
     pub fn restore(&self, offset: u64, mut data: Vec<u8>) -> Vec<u8> {
         match self {
@@ -367,13 +343,6 @@ impl SlotBuilder {
         };
         self.offsets.push(offset);
         self.index.push(idx);
-    }
-
-    fn finish(self, mode: Normalisation, norm_len: u64) -> Slots {
-        match mode {
-            Normalisation::Hashes => Slots::Hashes(self.into_hashes()),
-            Normalisation::References => Slots::References(self.into_inserts(norm_len)),
-        }
     }
 
     fn into_hashes(self) -> SlotTable {
@@ -436,6 +405,15 @@ impl<R: Read> Normaliser<R> {
         Self::with_mode(inner, Mode::References(refs))
     }
 
+    /// The normaliser of `normalisation`; `refs` (the paths a NAR may name) are used by
+    /// [`Normalisation::References`] only.
+    pub fn of(inner: R, normalisation: Normalisation, refs: impl FnOnce() -> RefSet) -> Self {
+        match normalisation {
+            Normalisation::Hashes => Self::new(inner),
+            Normalisation::References => Self::with_references(inner, refs()),
+        }
+    }
+
     fn with_mode(inner: R, mode: Mode) -> Self {
         Self {
             inner,
@@ -455,11 +433,11 @@ impl<R: Read> Normaliser<R> {
     /// stream was read to its end).
     pub fn into_parts(self) -> (R, Slots) {
         let norm_len = self.base + self.ready as u64;
-        let mode = match self.mode {
-            Mode::Hashes => Normalisation::Hashes,
-            Mode::References(_) => Normalisation::References,
+        let slots = match self.mode {
+            Mode::Hashes => Slots::Hashes(self.slots.into_hashes()),
+            Mode::References(_) => Slots::References(self.slots.into_inserts(norm_len)),
         };
-        (self.inner, self.slots.finish(mode, norm_len))
+        (self.inner, slots)
     }
 
     /// How many raw bytes from `buf[h]` (just past a prefix) are cut out: the whole reference

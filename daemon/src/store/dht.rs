@@ -220,7 +220,11 @@ impl DhtStore {
     /// holding it is [`StoreError::Locked`].
     pub(super) fn open(dir: &Path) -> Result<Self, StoreError> {
         let path = dir.join(DHT_DB);
-        let db = super::open_database(&path, dir)?;
+        let db = super::open_database(
+            &path,
+            dir,
+            "start again: the DHT records are learnt anew from the network",
+        )?;
         Ok(Self {
             path,
             db,

@@ -49,7 +49,7 @@ use crate::core::chunker::{self, ChunkingParams};
 use crate::core::manifest::{ChunkEntry, Manifest, ManifestError};
 use crate::core::nar::{NarError, NarValidator};
 use crate::core::narinfo::NarInfo;
-use crate::core::normalise::{Normalisation, Normaliser, RefSet};
+use crate::core::normalise::{Normaliser, RefSet};
 use crate::core::signing::Trust;
 use crate::core::{ChunkId, NarHash};
 use pack::{Location, PackError, PackWriter};
@@ -122,15 +122,24 @@ pub enum StoreError {
     NotStored(String),
     #[error(
         "{path} is damaged ({reason}); nothing was changed and the packs are untouched. Move \
-         it aside, then restore a backup of it or import the paths again"
+         it aside, then {remedy}"
     )]
-    DamagedDatabase { path: PathBuf, reason: String },
+    DamagedDatabase {
+        path: PathBuf,
+        reason: String,
+        remedy: &'static str,
+    },
 }
 
 /// Opens (creating if needed) a redb database. A file redb cannot make sense of — redb
 /// asserts on some truncated files — is [`StoreError::DamagedDatabase`], never a panic, and
-/// the file is left as it is; one another process holds is [`StoreError::Locked`].
-pub(crate) fn open_database(path: &Path, dir: &Path) -> Result<Database, StoreError> {
+/// the file is left as it is (`remedy` says what to do instead); one another process holds is
+/// [`StoreError::Locked`].
+pub(crate) fn open_database(
+    path: &Path,
+    dir: &Path,
+    remedy: &'static str,
+) -> Result<Database, StoreError> {
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {})); // redb's assertion is reported as an error below
     let r = std::panic::catch_unwind(|| Database::create(path));
@@ -145,6 +154,7 @@ pub(crate) fn open_database(path: &Path, dir: &Path) -> Result<Database, StoreEr
             Err(StoreError::DamagedDatabase {
                 path: path.to_path_buf(),
                 reason,
+                remedy,
             })
         }
         Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => {
@@ -154,6 +164,7 @@ pub(crate) fn open_database(path: &Path, dir: &Path) -> Result<Database, StoreEr
             Err(StoreError::DamagedDatabase {
                 path: path.to_path_buf(),
                 reason: e.to_string(),
+                remedy,
             })
         }
         Ok(r) => Ok(r?),
@@ -432,7 +443,11 @@ impl Store {
         let pack_dir = dir.join("packs");
         let index = dir.join("index.redb");
         let new_index = !index.exists();
-        let db = open_database(&index, dir)?;
+        let db = open_database(
+            &index,
+            dir,
+            "restore a backup of it or import the paths again",
+        )?;
         if new_index {
             // Private uploads are in here: only the daemon's user reads the index.
             use std::os::unix::fs::PermissionsExt as _;
@@ -933,13 +948,9 @@ impl Store {
         let nar = open_nar().map_err(read_err)?;
         // One byte past NarSize is enough to know the NAR is too long.
         let mut tee = CheckingReader::new(nar.take(info.nar_size.saturating_add(1)));
-        let mut norm = match self.params.normalisation {
-            Normalisation::Hashes => Normaliser::new(&mut tee),
-            Normalisation::References => Normaliser::with_references(
-                &mut tee,
-                RefSet::from_paths(info.references.iter().chain([&info.store_path])),
-            ),
-        };
+        let mut norm = Normaliser::of(&mut tee, self.params.normalisation, || {
+            RefSet::from_paths(info.references.iter().chain([&info.store_path]))
+        });
         let txn = self.db.begin_read()?;
         let chunks_t = txn.open_table(CHUNKS)?;
         let mut entries = Vec::new();
