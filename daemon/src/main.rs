@@ -297,6 +297,11 @@ enum Command {
     Verify {
         #[command(flatten)]
         data: DataDir,
+        /// First rebuild the index from the packs alone (when it is lost, damaged or older
+        /// than the packs); the old index is moved aside, not deleted. Needs the daemon
+        /// stopped.
+        #[arg(long)]
+        repair: bool,
     },
     /// Pin store paths: their NARs are never evicted (uploads and imports are pinned already).
     /// Needs the daemon stopped.
@@ -652,8 +657,49 @@ fn gc_command(data: &DataDir, max_size: Option<ByteSize>) -> Result<ExitCode> {
 }
 
 /// Opens a store that must already exist (read-side commands never create one).
+fn print_repair(r: &nix_p2p_cache::store::RepairReport) {
+    if let Some(old) = &r.old_index {
+        outln!("old index moved to {}", old.display());
+    }
+    outln!(
+        "read {} packs ({}): {} chunk records ({} duplicates), {} metadata records ({} damaged)",
+        r.packs,
+        human(r.pack_bytes),
+        r.chunk_records,
+        r.duplicate_chunk_records,
+        r.metadata_records,
+        r.damaged_metadata_records
+    );
+    outln!(
+        "restored {} paths ({} pinned), {} NARs; {} dead bytes, {} torn bytes",
+        r.paths_restored,
+        r.pinned_restored,
+        r.nars_restored,
+        r.dead_bytes,
+        r.torn_bytes
+    );
+    for p in &r.paths_incomplete {
+        outln!("NOT RESTORED: {p}: a chunk of its NAR is in no pack");
+    }
+    for p in &r.unreadable_packs {
+        outln!("NOT A PACK: {p}");
+    }
+}
+
 fn open_existing(dir: &std::path::Path) -> Result<Store> {
     if !dir.join("index.redb").is_file() {
+        if dir
+            .join("packs")
+            .read_dir()
+            .is_ok_and(|mut d| d.next().is_some())
+        {
+            bail!(
+                "{} has packs but no index: rebuild it with `nix-p2p-cache verify --repair \
+                 --data-dir {}`",
+                dir.display(),
+                dir.display()
+            );
+        }
         bail!(
             "no store in {} (nothing imported or uploaded there yet)",
             dir.display()
@@ -1044,7 +1090,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             min_age_secs,
             json,
         } => compact_command(&data, level, min_age_secs, json),
-        Command::Verify { data } => {
+        Command::Verify { data, repair } => {
+            if repair {
+                let r = nix_p2p_cache::store::repair(&data.data_dir)
+                    .with_context(|| format!("repairing {}", data.data_dir.display()))?;
+                print_repair(&r);
+            }
             let store = open_existing(&data.data_dir)?;
             let pb = ProgressBar::new(store.stats()?.chunk_compressed_bytes);
             pb.set_style(

@@ -87,11 +87,15 @@ fn unpinned_paths_are_evicted_pinned_ones_kept_and_packs_shrink() {
         - s2["chunk_compressed_bytes"].as_u64().unwrap();
     let freed_chunks = s1["chunks"].as_u64().unwrap() - s2["chunks"].as_u64().unwrap();
     assert!(freed_chunks > 0);
-    // Each pack deleted or created also frees or takes its 16-byte header.
+    // Each pack deleted or created also frees or takes its 16-byte header, and each evicted
+    // path its metadata record.
     let packs_delta = s1["packs"].as_i64().unwrap() - s2["packs"].as_i64().unwrap();
+    let freed_metadata =
+        s1["metadata_bytes"].as_i64().unwrap() - s2["metadata_bytes"].as_i64().unwrap();
+    assert!(freed_metadata > 0);
     assert_eq!(
         packs_before as i64 - packs_after as i64,
-        (freed_chunk_bytes + 48 * freed_chunks) as i64 + 16 * packs_delta,
+        (freed_chunk_bytes + 48 * freed_chunks) as i64 + 16 * packs_delta + freed_metadata,
         "packs shrink by exactly the dead records"
     );
     run_ok(cmd().args(["verify", "--data-dir"]).arg(&data));

@@ -16,7 +16,7 @@
 //! tail (dropped on open); after it, the old packs are files the index does not know (deleted
 //! on open). Nothing committed ever points at bytes that are not fsynced.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime};
 
 use redb::ReadableTable;
@@ -240,6 +240,10 @@ impl Store {
                 .iter()
                 .flat_map(|i| i.records.iter().map(|(id, _)| *id));
             let placed = staging.copy_into(&mut writer, ids)?;
+            let from: HashSet<u32> = inputs.iter().map(|i| i.pack).collect();
+            let mut dctx = new_dctx(&self.dir)?;
+            let metas =
+                super::meta::copy_live(&self.db, &self.packs, &mut writer, &from, &mut dctx)?;
             let last_out = writer.pack();
             // Ingest goes on in the next pack, never into a compacted one.
             writer.rotate()?;
@@ -272,6 +276,7 @@ impl Store {
                 for i in &inputs {
                     t.forget_pack(i.pack)?;
                 }
+                super::meta::repoint(&txn, &mut t.dead, &mut t.counters, &metas)?;
             }
             txn.commit()?;
             Ok::<_, StoreError>(Some((

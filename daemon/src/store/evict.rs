@@ -136,7 +136,7 @@ pub(super) fn add_dead(
 pub(super) struct Repoint<'t> {
     chunks: redb::Table<'t, [u8; 32], (u32, u64, u32, u32, u32)>,
     packs: redb::Table<'t, u32, u64>,
-    dead: redb::Table<'t, u32, u64>,
+    pub(super) dead: redb::Table<'t, u32, u64>,
     pub(super) counters: redb::Table<'t, &'static str, u64>,
     compacted: redb::Table<'t, u32, u8>,
 }
@@ -256,6 +256,7 @@ pub(super) struct Removal<'t> {
     dead: redb::Table<'t, u32, u64>,
     access: redb::Table<'t, [u8; 32], u64>,
     nar_files: redb::Table<'t, &'static str, [u8; 32]>,
+    metas: redb::Table<'t, &'static str, super::meta::MetaRow>,
 }
 
 impl<'t> Removal<'t> {
@@ -270,6 +271,7 @@ impl<'t> Removal<'t> {
             dead: txn.open_table(PACK_DEAD)?,
             access: txn.open_table(NAR_ACCESS)?,
             nar_files: txn.open_table(NAR_FILES)?,
+            metas: txn.open_table(NAR_META)?,
         })
     }
 
@@ -285,6 +287,8 @@ impl<'t> Removal<'t> {
         let rec = StoredNarInfo::decode(hash, &bytes)?;
         add_counter(&mut self.counters, C_NARINFOS, -1)?;
         self.pins.remove(hash)?;
+        let meta_bytes =
+            super::meta::forget(&mut self.metas, &mut self.dead, &mut self.counters, hash)?;
         let released = release_manifest(
             &mut self.manifests,
             &mut self.refs,
@@ -309,7 +313,7 @@ impl<'t> Removal<'t> {
             nar_removed: released.is_some(),
             nar_size: r.nar_size,
             chunks_removed: r.chunks,
-            dead_bytes: r.dead_bytes,
+            dead_bytes: r.dead_bytes + meta_bytes,
         }))
     }
 }
@@ -324,7 +328,7 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(io_err(dir))
 }
 
-fn parse_pack_name(name: &str) -> Option<u32> {
+pub(super) fn parse_pack_name(name: &str) -> Option<u32> {
     let digits = name.strip_prefix("pack-")?.strip_suffix(".pack")?;
     (digits.len() == 8 && digits.bytes().all(|b| b.is_ascii_digit()))
         .then(|| digits.parse().ok())
@@ -388,6 +392,26 @@ pub(super) fn verify_tables(
     for r in txn.open_table(CHUNKS)?.iter()? {
         let (loc, _) = loc_of(r?.1.value());
         *live.entry(loc.pack).or_default() += loc.record_len();
+    }
+    let mut described = HashSet::new();
+    for r in txn.open_table(NAR_META)?.iter()? {
+        let (k, v) = r?;
+        let m = super::meta::MetaLoc::of_row(v.value());
+        *live.entry(m.loc.pack).or_default() += m.loc.record_len();
+        if !names.contains(k.value()) {
+            problems.push(format!(
+                "metadata record of {}: no such store path",
+                k.value()
+            ));
+        }
+        described.insert(k.value().to_string());
+    }
+    for name in &names {
+        if !described.contains(*name) {
+            problems.push(format!(
+                "{name}: no metadata record in the packs (verify --repair could not restore it)"
+            ));
+        }
     }
     let mut dead: HashMap<u32, u64> = HashMap::new();
     for r in txn.open_table(PACK_DEAD)?.iter()? {
@@ -516,6 +540,12 @@ impl Store {
             txn.commit()?;
         }
         Ok(was)
+    }
+
+    /// Whether a path is pinned.
+    pub fn is_pinned(&self, hash: &str) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(PINS)?.get(hash)?.is_some())
     }
 
     /// Pinned store-path hashes, sorted.
@@ -799,6 +829,17 @@ impl Store {
             copied += new.record_len();
             moved.push((*id, *old, new));
         }
+        let metas = super::meta::copy_live(
+            &self.db,
+            &self.packs,
+            writer,
+            &HashSet::from([p.pack]),
+            &mut dctx,
+        )?;
+        copied += metas
+            .iter()
+            .map(|(_, _, m)| m.loc.record_len())
+            .sum::<u64>();
         writer.sync()?;
         let lengths = writer.touched_lengths();
         let txn = self.db.begin_write()?;
@@ -810,6 +851,7 @@ impl Store {
             }
             t.set_lengths(&lengths)?;
             t.forget_pack(p.pack)?;
+            super::meta::repoint(&txn, &mut t.dead, &mut t.counters, &metas)?;
         }
         txn.commit()?;
         Ok(copied)

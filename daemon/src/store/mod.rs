@@ -23,13 +23,16 @@
 mod compact;
 pub mod dht;
 mod evict;
+pub(crate) mod meta;
 pub mod pack;
+mod repair;
 mod retire;
 mod staging;
 pub mod tables;
 
 pub use compact::{CompactOptions, CompactReport};
 pub use evict::{EvictReport, GcPolicy, GcReport, RemovedPath, Retention};
+pub use repair::{repair, RepairReport};
 pub use retire::{CollectReport, PathFacts, PathState};
 pub use staging::Staging;
 
@@ -52,6 +55,7 @@ use crate::core::narinfo::NarInfo;
 use crate::core::normalise::{Normaliser, RefSet};
 use crate::core::signing::Trust;
 use crate::core::{ChunkId, NarHash};
+use meta::{MetaLoc, NarMeta};
 use pack::{Location, PackError, PackWriter};
 use tables::*;
 
@@ -121,6 +125,12 @@ pub enum StoreError {
     #[error("{0} is not in the store")]
     NotStored(String),
     #[error(
+        "{dir}: the index does not match the packs ({reason}); nothing was changed. Rebuild the \
+         index from the packs with `nix-p2p-cache verify --repair --data-dir {dir}`",
+        dir = dir.display()
+    )]
+    IndexMismatch { dir: PathBuf, reason: String },
+    #[error(
         "{path} is damaged ({reason}); nothing was changed and the packs are untouched. Move \
          it aside, then {remedy}"
     )]
@@ -129,6 +139,26 @@ pub enum StoreError {
         reason: String,
         remedy: &'static str,
     },
+}
+
+/// Creates every table of the index, so readers never meet a missing one.
+fn create_tables(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    txn.open_table(CHUNKS)?;
+    txn.open_table(MANIFESTS)?;
+    txn.open_table(MANIFEST_REFS)?;
+    txn.open_table(NARINFOS)?;
+    txn.open_table(COUNTERS)?;
+    txn.open_table(NAR_FILES)?;
+    txn.open_table(PINS)?;
+    txn.open_table(NAR_ACCESS)?;
+    txn.open_table(PACK_DEAD)?;
+    txn.open_table(COMPACTED_PACKS)?;
+    txn.open_table(HIDDEN)?;
+    txn.open_table(TOMBSTONES)?;
+    txn.open_table(SERVED_REMOTE)?;
+    txn.open_table(NAR_META)?;
+    txn.open_table(PACKS)?;
+    Ok(())
 }
 
 /// Opens (creating if needed) a redb database. A file redb cannot make sense of — redb
@@ -303,6 +333,8 @@ pub struct Stats {
     pub chunk_compressed_bytes: u64,
     /// Bytes of all manifests (chunk lists and store-path slot tables) in the index.
     pub manifest_bytes: u64,
+    /// Bytes of the live metadata records in the packs (what makes the index rebuildable).
+    pub metadata_bytes: u64,
     pub packs: u64,
     pub pack_bytes: u64,
     pub index_bytes: u64,
@@ -446,7 +478,7 @@ impl Store {
         let db = open_database(
             &index,
             dir,
-            "restore a backup of it or import the paths again",
+            "rebuild it from the packs with `nix-p2p-cache verify --repair`",
         )?;
         if new_index {
             // Private uploads are in here: only the daemon's user reads the index.
@@ -455,37 +487,31 @@ impl Store {
                 .map_err(io_err(&index))?;
         }
         let txn = db.begin_write()?;
-        let (last, known) = {
-            // Create every table so readers never meet a missing one.
-            txn.open_table(CHUNKS)?;
-            txn.open_table(MANIFESTS)?;
-            txn.open_table(MANIFEST_REFS)?;
-            txn.open_table(NARINFOS)?;
-            txn.open_table(COUNTERS)?;
-            txn.open_table(NAR_FILES)?;
-            txn.open_table(PINS)?;
-            txn.open_table(NAR_ACCESS)?;
-            txn.open_table(PACK_DEAD)?;
-            txn.open_table(COMPACTED_PACKS)?;
-            txn.open_table(HIDDEN)?;
-            txn.open_table(TOMBSTONES)?;
-            txn.open_table(SERVED_REMOTE)?;
-            let packs = txn.open_table(PACKS)?;
-            let last = packs.last()?.map(|(k, v)| (k.value(), v.value()));
-            let known = packs
+        let (known, meta_seq) = {
+            create_tables(&txn)?;
+            let known = txn
+                .open_table(PACKS)?
                 .iter()?
-                .map(|r| r.map(|(k, _)| k.value()))
-                .collect::<Result<HashSet<u32>, _>>()?;
-            (last, known)
+                .map(|r| r.map(|(k, v)| (k.value(), v.value())))
+                .collect::<Result<std::collections::BTreeMap<u32, u64>, _>>()?;
+            let seq = txn
+                .open_table(COUNTERS)?
+                .get(C_META_SEQ)?
+                .map(|v| v.value())
+                .unwrap_or(0);
+            (known, seq)
         };
         txn.commit()?;
-        evict::sweep_orphan_packs(&pack_dir, &known)?;
-        let (pack, committed) = match last {
-            Some((p, len)) => (p, Some(len)),
+        // Nothing is cut below unless the packs are proven to hold nothing the index lacks.
+        repair::check_agreement(dir, &pack_dir, &known, meta_seq)?;
+        let known_ids: HashSet<u32> = known.keys().copied().collect();
+        evict::sweep_orphan_packs(&pack_dir, &known_ids)?;
+        let (pack, committed) = match known.last_key_value() {
+            Some((&p, &len)) => (p, Some(len)),
             None => (1, None),
         };
         let writer = PackWriter::open(&pack_dir, pack, committed)?;
-        Ok(Self {
+        let store = Self {
             dir: dir.to_path_buf(),
             db,
             dht: std::sync::OnceLock::new(),
@@ -499,7 +525,9 @@ impl Store {
             params: ChunkingParams::CURRENT,
             zstd_level,
             touches: Mutex::default(),
-        })
+        };
+        store.describe_undescribed_paths()?;
+        Ok(store)
     }
 
     pub fn dir(&self) -> &Path {
@@ -859,8 +887,9 @@ impl Store {
     }
 
     /// The serialised part of every ingest: under the pack-writer lock, copies the staged
-    /// records of the chunks the index still lacks into the current pack, fsyncs, and commits
-    /// the index in one transaction (or rolls the pack back and commits nothing).
+    /// records of the chunks the index still lacks into the current pack, appends the path's
+    /// metadata record, fsyncs, and commits the index in one transaction (or rolls the pack
+    /// back and commits nothing).
     fn commit_staged(
         &self,
         info: &NarInfo,
@@ -881,37 +910,47 @@ impl Store {
             Some(s) if !self.has_nar(&info.nar_hash)? => Some(s),
             _ => None,
         };
-        if let Some((m, mut staging)) = staged {
-            let ids: Vec<ChunkId> = m.chunks.iter().map(|c| c.id).collect();
-            let stored = self.stored_chunks(&ids)?;
-            let mut seen = HashSet::new();
-            let missing: Vec<ChunkId> = ids
-                .into_iter()
-                .filter(|id| !stored.contains(id) && seen.insert(*id))
-                .collect();
-            writer.mark();
-            let copied = staging
-                .copy_into(&mut writer, missing)
-                .map_err(StoreError::from)
-                .and_then(|locs| {
-                    writer.sync()?;
-                    Ok(locs)
-                });
-            match copied {
-                Ok(locs) => new_chunks = locs,
-                Err(e) => {
-                    writer.rollback()?;
-                    return Err(e);
-                }
-            }
-            manifest = Some(m);
-        }
-        let packs = if manifest.is_some() {
-            writer.touched_lengths()
-        } else {
-            Vec::new()
-        };
         let nar_file = nar_file_name(&info.url);
+        writer.mark();
+        let written = (|| {
+            if let Some((m, mut staging)) = staged {
+                let ids: Vec<ChunkId> = m.chunks.iter().map(|c| c.id).collect();
+                let stored = self.stored_chunks(&ids)?;
+                let mut seen = HashSet::new();
+                let missing: Vec<ChunkId> = ids
+                    .into_iter()
+                    .filter(|id| !stored.contains(id) && seen.insert(*id))
+                    .collect();
+                new_chunks = staging.copy_into(&mut writer, missing)?;
+                manifest = Some(m);
+            }
+            let manifest_bytes = match &manifest {
+                Some(m) => m.encode(),
+                None => self
+                    .manifest_bytes(&info.nar_hash)?
+                    .ok_or(StoreError::NoSuchNar(info.nar_hash))?,
+            };
+            let pinned = retention == Retention::Pinned || self.is_pinned(&hash)?;
+            let meta = self.append_meta(
+                &mut writer,
+                self.meta_seq()? + 1,
+                &hash,
+                pinned,
+                &record,
+                manifest_bytes,
+                nar_file,
+            )?;
+            writer.sync()?;
+            Ok::<_, StoreError>(meta)
+        })();
+        let meta = match written {
+            Ok(m) => m,
+            Err(e) => {
+                writer.rollback()?;
+                return Err(e);
+            }
+        };
+        let packs = writer.touched_lengths();
         let commit = self.commit_ingest(
             &hash,
             nar_file,
@@ -919,17 +958,132 @@ impl Store {
             manifest.as_ref(),
             &new_chunks,
             &packs,
+            &meta,
             retention,
             &mut outcome,
         );
         if let Err(e) = commit {
-            if manifest.is_some() {
-                writer.rollback()?;
-            }
+            writer.rollback()?;
             return Err(e);
         }
         tracing::debug!(?outcome, "ingested");
         Ok(outcome)
+    }
+
+    /// The number of the last metadata record committed.
+    fn meta_seq(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        let c = txn.open_table(COUNTERS)?;
+        Ok(c.get(C_META_SEQ)?.map(|v| v.value()).unwrap_or(0))
+    }
+
+    /// Writes a metadata record for every stored path that has none (an index from before
+    /// they existed), so that `verify --repair` can restore it. Batches of paths, each
+    /// appended, fsynced and committed like an ingest.
+    fn describe_undescribed_paths(&self) -> Result<u64, StoreError> {
+        let missing: Vec<(String, StoredNarInfo)> = {
+            let txn = self.db.begin_read()?;
+            let metas = txn.open_table(NAR_META)?;
+            let mut v = Vec::new();
+            for r in txn.open_table(NARINFOS)?.iter()? {
+                let (k, rec) = r?;
+                if metas.get(k.value())?.is_none() {
+                    v.push((
+                        k.value().to_string(),
+                        StoredNarInfo::decode(k.value(), rec.value())?,
+                    ));
+                }
+            }
+            v
+        };
+        if missing.is_empty() {
+            return Ok(0);
+        }
+        let _span = tracing::info_span!("describe_paths", paths = missing.len()).entered();
+        let mut written = 0;
+        for batch in missing.chunks(1000) {
+            let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+            writer.mark();
+            let appended = (|| {
+                let mut seq = self.meta_seq()?;
+                let mut out = Vec::new();
+                for (hash, rec) in batch {
+                    let Some(manifest) = self.manifest_bytes(&rec.nar_hash)? else {
+                        continue; // verify reports a narinfo without its NAR
+                    };
+                    let nar_file = NarInfo::parse(&rec.text)
+                        .ok()
+                        .and_then(|i| nar_file_name(&i.url).map(str::to_string));
+                    seq += 1;
+                    let m = self.append_meta(
+                        &mut writer,
+                        seq,
+                        hash,
+                        self.is_pinned(hash)?,
+                        rec,
+                        manifest,
+                        nar_file.as_deref(),
+                    )?;
+                    out.push((hash.as_str(), m));
+                }
+                writer.sync()?;
+                let packs = writer.touched_lengths();
+                let txn = self.db.begin_write()?;
+                {
+                    let mut dead = txn.open_table(PACK_DEAD)?;
+                    let mut counters = txn.open_table(COUNTERS)?;
+                    let mut packs_t = txn.open_table(PACKS)?;
+                    for &(p, len) in &packs {
+                        packs_t.insert(p, len)?;
+                    }
+                    for (hash, m) in &out {
+                        meta::commit(&txn, &mut dead, &mut counters, hash, m)?;
+                    }
+                }
+                txn.commit()?;
+                Ok::<_, StoreError>(out.len() as u64)
+            })();
+            match appended {
+                Ok(n) => written += n,
+                Err(e) => {
+                    writer.rollback()?;
+                    return Err(e);
+                }
+            }
+        }
+        tracing::info!(paths = written, "metadata records written for older paths");
+        Ok(written)
+    }
+
+    /// Appends a path's metadata record numbered `seq` (one past the last committed) to the
+    /// writer, whose lock the caller holds until the commit.
+    #[allow(clippy::too_many_arguments)]
+    fn append_meta(
+        &self,
+        writer: &mut PackWriter,
+        seq: u64,
+        hash: &str,
+        pinned: bool,
+        record: &StoredNarInfo,
+        manifest: Vec<u8>,
+        nar_file: Option<&str>,
+    ) -> Result<MetaLoc, StoreError> {
+        let payload = NarMeta {
+            seq,
+            hash: hash.to_string(),
+            pinned,
+            narinfo: record.encode(),
+            manifest,
+            nar_file: nar_file.map(str::to_string),
+        }
+        .encode();
+        let rec = pack::meta_record(&payload).map_err(io_err(&self.dir))?;
+        let loc = writer.append_record(&rec)?;
+        Ok(MetaLoc {
+            loc,
+            id: ChunkId::of(&payload),
+            seq,
+        })
     }
 
     /// Streams the NAR into a [`Staging`] (no store-wide lock: validation, hashing,
@@ -1042,6 +1196,7 @@ impl Store {
         manifest: Option<&Manifest>,
         new_chunks: &HashMap<ChunkId, Location>,
         packs: &[(u32, u64)],
+        meta: &MetaLoc,
         retention: Retention,
         outcome: &mut IngestOutcome,
     ) -> Result<(), StoreError> {
@@ -1093,10 +1248,11 @@ impl Store {
                     C_CHUNK_COMPRESSED_BYTES,
                     outcome.new_compressed_bytes as i64,
                 )?;
-                for &(p, len) in packs {
-                    packs_t.insert(p, len)?;
-                }
             }
+            for &(p, len) in packs {
+                packs_t.insert(p, len)?;
+            }
+            meta::commit(&txn, &mut dead, &mut counters, hash, meta)?;
             let old = narinfos.get(hash)?.map(|v| v.value().to_vec());
             match old {
                 Some(old) => {
@@ -1200,6 +1356,9 @@ impl Store {
         };
         for r in txn.open_table(MANIFESTS)?.iter()? {
             s.manifest_bytes += r?.1.value().len() as u64;
+        }
+        for r in txn.open_table(NAR_META)?.iter()? {
+            s.metadata_bytes += MetaLoc::of_row(r?.1.value()).loc.record_len();
         }
         let packs = txn.open_table(PACKS)?;
         s.packs = packs.len()?;
@@ -1355,7 +1514,28 @@ impl Store {
             }
         }
 
-        // 4. Pins, last-access times and each pack's live + dead bytes (`evict.rs`).
+        // 4. Every metadata record: checked, decodes, says what the index says.
+        for r in txn.open_table(NAR_META)?.iter()? {
+            let (k, v) = r?;
+            let hash = k.value();
+            let m = MetaLoc::of_row(v.value());
+            let meta = match meta::read(&self.packs, &m, &mut dctx) {
+                Ok(meta) => meta,
+                Err(e) => {
+                    problems.push(format!("metadata record of {hash}: {e}"));
+                    continue;
+                }
+            };
+            let record = narinfos.get(hash)?.map(|v| v.value().to_vec());
+            if meta.hash != hash || meta.seq != m.seq || record.as_ref() != Some(&meta.narinfo) {
+                problems.push(format!(
+                    "metadata record of {hash}: differs from the index (verify --repair would \
+                     restore something else)"
+                ));
+            }
+        }
+
+        // 5. Pins, last-access times and each pack's live + dead bytes (`evict.rs`).
         evict::verify_tables(&txn, &narinfo_recs, &mut problems)?;
         Ok(problems)
     }

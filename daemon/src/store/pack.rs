@@ -1,13 +1,18 @@
 //! Pack files: append-only files of self-describing chunk records (design §3).
 //!
 //! Layout: a 16-byte file header (`NIXP2P-PACK-v1\0\0`) followed by records. Each record is a
-//! 48-byte header — magic `NPCK`, BLAKE3 digest of the uncompressed chunk (32), uncompressed
+//! 48-byte header — magic, BLAKE3 digest of the uncompressed payload (32), uncompressed
 //! length (u32 LE), compressed length (u32 LE), header check (first 4 bytes of BLAKE3 over the
-//! preceding 44 bytes) — then one zstd frame. A pack can be re-indexed from its bytes alone:
-//! [`scan`] walks the records and checks each header.
+//! preceding 44 bytes) — then one zstd frame. Two kinds of record:
+//! - `NPCK`, a chunk: the payload is the chunk, its digest is its [`ChunkId`];
+//! - `NPMD`, a path's metadata (`store::meta`): its narinfo, the NAR's manifest, whether it
+//!   was pinned, and the index commit it belongs to — written with every commit that stores
+//!   a narinfo, so a pack can be re-indexed from its bytes alone: [`scan`] walks the records
+//!   and checks each header, and `verify --repair` rebuilds the index from them.
 //!
 //! Invariant: bytes are only ever appended, except that the single writer truncates a tail it
-//! wrote itself (a refused NAR, or on open a tail no committed index entry points to).
+//! wrote itself (a refused NAR, or on open a tail that holds no metadata record, so no
+//! committed narinfo can need it).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
@@ -18,6 +23,7 @@ use crate::core::ChunkId;
 
 pub const FILE_HEADER: &[u8; 16] = b"NIXP2P-PACK-v1\0\0";
 pub const RECORD_MAGIC: &[u8; 4] = b"NPCK";
+pub const META_MAGIC: &[u8; 4] = b"NPMD";
 pub const RECORD_HEADER_LEN: usize = 48;
 /// A pack is closed and a new one started once it reaches this size.
 pub const PACK_TARGET_SIZE: u64 = 64 * 1024 * 1024;
@@ -85,8 +91,20 @@ fn header_check(h: &[u8]) -> [u8; 4] {
 
 /// The record header of a chunk (`id`, lengths), with its check.
 pub(crate) fn record_header(id: &ChunkId, raw_len: u32, comp_len: u32) -> [u8; RECORD_HEADER_LEN] {
+    header_of(RecordKind::Chunk, id, raw_len, comp_len)
+}
+
+fn header_of(
+    kind: RecordKind,
+    id: &ChunkId,
+    raw_len: u32,
+    comp_len: u32,
+) -> [u8; RECORD_HEADER_LEN] {
     let mut h = [0u8; RECORD_HEADER_LEN];
-    h[..4].copy_from_slice(RECORD_MAGIC);
+    h[..4].copy_from_slice(match kind {
+        RecordKind::Chunk => RECORD_MAGIC,
+        RecordKind::Meta => META_MAGIC,
+    });
     h[4..36].copy_from_slice(&id.0);
     h[36..40].copy_from_slice(&raw_len.to_le_bytes());
     h[40..44].copy_from_slice(&comp_len.to_le_bytes());
@@ -109,24 +127,48 @@ pub(crate) fn compress_record(
     Ok(record_header(id, data.len() as u32, frame.len() as u32))
 }
 
+/// A whole metadata record (header + zstd frame of `payload`).
+pub(crate) fn meta_record(payload: &[u8]) -> io::Result<Vec<u8>> {
+    let frame = zstd::bulk::compress(payload, 3)?;
+    let id = ChunkId::of(payload);
+    let header = header_of(
+        RecordKind::Meta,
+        &id,
+        u32::try_from(payload.len()).map_err(io::Error::other)?,
+        u32::try_from(frame.len()).map_err(io::Error::other)?,
+    );
+    Ok([&header[..], &frame].concat())
+}
+
+/// What a record holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordKind {
+    Chunk,
+    Meta,
+}
+
 /// A decoded record header.
 #[derive(Debug, Clone, Copy)]
 pub struct RecordHeader {
+    pub kind: RecordKind,
     pub id: ChunkId,
     pub raw_len: u32,
     pub comp_len: u32,
 }
 
 fn decode_header(h: &[u8; RECORD_HEADER_LEN]) -> Result<RecordHeader, &'static str> {
-    if &h[..4] != RECORD_MAGIC {
-        return Err("bad magic");
-    }
+    let kind = match &h[..4] {
+        m if m == RECORD_MAGIC => RecordKind::Chunk,
+        m if m == META_MAGIC => RecordKind::Meta,
+        _ => return Err("bad magic"),
+    };
     if h[44..48] != header_check(h) {
         return Err("header checksum mismatch");
     }
     let mut id = [0u8; 32];
     id.copy_from_slice(&h[4..36]);
     Ok(RecordHeader {
+        kind,
         id: ChunkId(id),
         raw_len: u32::from_le_bytes(h[36..40].try_into().expect("4 bytes")),
         comp_len: u32::from_le_bytes(h[40..44].try_into().expect("4 bytes")),
@@ -216,11 +258,30 @@ fn decompress(
     Ok(out)
 }
 
-/// Walks the records of a pack from the start, yielding each header and its location.
-/// Stops at the first damaged or truncated record and reports it.
-pub fn scan(dir: &Path, pack: u32) -> Result<Vec<(RecordHeader, Location)>, PackError> {
+/// The records of a pack from some offset on, as far as they are whole.
+#[derive(Debug, Default)]
+pub struct Scan {
+    pub records: Vec<(RecordHeader, Location)>,
+    /// Where the last whole record ends.
+    pub end: u64,
+    /// The file's length: past `end` is a torn or damaged tail.
+    pub file_len: u64,
+    /// Why the walk stopped before `file_len`.
+    pub stopped: Option<&'static str>,
+}
+
+/// Walks the records of a pack from the start (see [`scan_from`]).
+pub fn scan(dir: &Path, pack: u32) -> Result<Scan, PackError> {
+    scan_from(dir, pack, FILE_HEADER.len() as u64)
+}
+
+/// Walks the records of a pack from `start` (a record boundary), reading headers only, and
+/// stops at the end of the file or at the first damaged or torn record.
+pub fn scan_from(dir: &Path, pack: u32, start: u64) -> Result<Scan, PackError> {
     let path = pack_path(dir, pack);
-    let mut f = io::BufReader::new(File::open(&path).map_err(io_err(&path))?);
+    let file = File::open(&path).map_err(io_err(&path))?;
+    let file_len = file.metadata().map_err(io_err(&path))?.len();
+    let mut f = io::BufReader::new(file);
     let mut fh = [0u8; 16];
     f.read_exact(&mut fh).map_err(io_err(&path))?;
     if &fh != FILE_HEADER {
@@ -230,29 +291,44 @@ pub fn scan(dir: &Path, pack: u32) -> Result<Vec<(RecordHeader, Location)>, Pack
             reason: "not a pack file",
         });
     }
-    let mut out = Vec::new();
-    let mut offset = FILE_HEADER.len() as u64;
-    loop {
+    let mut out = Scan {
+        end: start,
+        file_len,
+        ..Scan::default()
+    };
+    f.seek(SeekFrom::Start(start)).map_err(io_err(&path))?;
+    let mut offset = start;
+    while offset < file_len {
         let mut h = [0u8; RECORD_HEADER_LEN];
         match f.read_exact(&mut h) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                out.stopped = Some("torn record header");
+                break;
+            }
             Err(source) => return Err(PackError::Io { path, source }),
         }
-        let rh = decode_header(&h).map_err(|reason| PackError::BadHeader {
-            path: path.clone(),
-            offset,
-            reason,
-        })?;
-        f.seek_relative(rh.comp_len as i64).map_err(io_err(&path))?;
+        let rh = match decode_header(&h) {
+            Ok(rh) => rh,
+            Err(reason) => {
+                out.stopped = Some(reason);
+                break;
+            }
+        };
         let loc = Location {
             pack,
             offset,
             comp_len: rh.comp_len,
             raw_len: rh.raw_len,
         };
+        if offset + loc.record_len() > file_len {
+            out.stopped = Some("torn record");
+            break;
+        }
+        f.seek_relative(rh.comp_len as i64).map_err(io_err(&path))?;
         offset += loc.record_len();
-        out.push((rh, loc));
+        out.end = offset;
+        out.records.push((rh, loc));
     }
     Ok(out)
 }
@@ -487,10 +563,12 @@ mod tests {
             Err(PackError::BadChunk { .. })
         ));
         let recs = scan(dir.path(), 1).unwrap();
-        assert_eq!(recs.len(), 2);
-        assert_eq!(recs[1].1, lb);
+        assert_eq!(recs.records.len(), 2);
+        assert_eq!(recs.records[1].1, lb);
+        assert_eq!(recs.end, recs.file_len);
+        assert!(recs.stopped.is_none());
         w.rollback().unwrap();
-        assert_eq!(scan(dir.path(), 1).unwrap().len(), 1);
+        assert_eq!(scan(dir.path(), 1).unwrap().records.len(), 1);
         assert_eq!(
             fs::metadata(&path).unwrap().len(),
             la.offset + la.record_len()

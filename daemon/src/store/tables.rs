@@ -77,3 +77,11 @@ pub const SERVED_REMOTE: TableDefinition<[u8; 32], (u64, &str)> =
 
 /// Sum of `PACK_DEAD`.
 pub const C_DEAD_BYTES: &str = "dead_bytes";
+
+/// Store-path hash → where its newest metadata record is (`store::meta`): (pack, record
+/// offset, compressed len, raw len, seq, record digest). Older records of the path are dead.
+pub const NAR_META: TableDefinition<&str, crate::store::meta::MetaRow> =
+    TableDefinition::new("nar-meta-v1");
+
+/// Number of the last metadata record committed (`store::meta`).
+pub const C_META_SEQ: &str = "meta_seq";
