@@ -378,26 +378,36 @@ enum Command {
         #[command(flatten)]
         args: DaemonArgs,
     },
-    /// Import narinfos and NARs from a file:// binary cache.
+    /// Import (mirror) narinfos and NARs from a binary cache: a directory (file://) or an
+    /// HTTP(S) server. Paths whose NAR is stored already are not downloaded again, so a run
+    /// cut short continues where it stopped.
     Import {
         #[command(flatten)]
         data: DataDir,
-        /// Binary cache to read, e.g. file:///var/cache/nix.
+        /// Binary cache to read: file:///var/cache/nix, http://… or https://cache.nixos.org.
         #[arg(long)]
         from: String,
         /// A trusted public key (name:base64); cache.nixos.org-1 is always trusted.
         #[arg(long = "trusted-public-key")]
         trusted_public_keys: Vec<String>,
-        /// Read store paths (or hashes) from this file, one per line.
-        #[arg(long)]
-        paths_file: Option<PathBuf>,
+        /// A store-paths list to import: a file or an http(s) URL, plain or xz (a channel's
+        /// store-paths.xz), one store path (or hash) per line. Repeatable.
+        #[arg(long = "store-paths", alias = "paths-file", value_name = "FILE|URL")]
+        lists: Vec<String>,
         /// Also import everything the given paths reference, transitively.
         #[arg(long)]
         closure: bool,
+        /// Paths downloaded and ingested at once.
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
+        jobs: u16,
         /// zstd level for new chunks.
         #[arg(long, default_value_t = DEFAULT_ZSTD_LEVEL)]
         zstd_level: i32,
-        /// Store paths to import; none (and no --paths-file) imports the whole cache.
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Store paths to import; none (and no --store-paths) imports the whole cache (a
+        /// directory only: an HTTP cache cannot be listed).
         store_paths: Vec<String>,
     },
     /// Print counts and sizes of the store.
@@ -807,6 +817,129 @@ fn gc_command(live: &LiveArgs, max_size: Option<ByteSize>, json: bool) -> Result
     })
 }
 
+/// `import`'s arguments.
+struct ImportArgs {
+    data: DataDir,
+    from: String,
+    trusted_public_keys: Vec<String>,
+    lists: Vec<String>,
+    closure: bool,
+    jobs: usize,
+    zstd_level: i32,
+    json: bool,
+    store_paths: Vec<String>,
+}
+
+/// `import --from URL [--store-paths F] [--closure] [--jobs N] [PATH…]`.
+fn import_command(a: ImportArgs) -> Result<ExitCode> {
+    use std::io::IsTerminal as _;
+    let trusted = trusted_keys(&a.trusted_public_keys)?;
+    let cache = BinaryCache::open(&a.from)?;
+    let mut roots = a
+        .store_paths
+        .iter()
+        .map(|n| parse_hash_or_path(n).with_context(|| format!("bad store path {n:?}")))
+        .collect::<Result<Vec<_>>>()?;
+    for l in &a.lists {
+        roots.extend(import::read_store_paths(l)?);
+    }
+    let selection = if roots.is_empty() {
+        if a.closure {
+            bail!("--closure needs store paths (arguments or --store-paths)");
+        }
+        if !cache.can_list() {
+            bail!(
+                "{}: an HTTP binary cache cannot be listed: give store paths, --store-paths FILE \
+                 (e.g. a channel's store-paths.xz) and/or --closure",
+                a.from
+            );
+        }
+        Selection::All
+    } else {
+        Selection::Paths {
+            roots,
+            closure: a.closure,
+        }
+    };
+    let mut store = Store::open_with(&a.data.data_dir, a.zstd_level)
+        .with_context(|| format!("opening store {}", a.data.data_dir.display()))?;
+    let tty = std::io::stderr().is_terminal();
+    let pb = if tty {
+        let pb = ProgressBar::new(0);
+        pb.set_style(
+            ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len} paths, {msg} (eta {eta})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        pb
+    } else {
+        ProgressBar::hidden()
+    };
+    let tally = std::sync::Mutex::new((0u64, 0u64, std::time::Instant::now())); // done, NAR bytes, last log
+    let report = import::import_with(&store, &cache, selection, &trusted, a.jobs, &|e| match e {
+        import::Event::Total(n) => pb.set_length(n),
+        import::Event::Done { outcome, .. } => {
+            let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
+            t.0 += 1;
+            t.1 += outcome.nar_size;
+            let msg = format!("{} of NARs, {} read", human(t.1), human(cache.read_bytes()));
+            pb.inc(1);
+            pb.set_message(msg.clone());
+            if !tty && t.2.elapsed() >= std::time::Duration::from_secs(10) {
+                t.2 = std::time::Instant::now();
+                eprintln!(
+                    "import: {} of {} paths, {msg}",
+                    t.0,
+                    pb.length().unwrap_or(0)
+                );
+            }
+        }
+        import::Event::Failed(_) => pb.inc(1),
+    })?;
+    pb.finish_and_clear();
+    if report.imported > 0 {
+        store.compact_index().context("compacting the index")?;
+    }
+    if a.json {
+        let v = serde_json::json!({
+            "imported": report.imported,
+            "already_present": report.already_present,
+            "failed": report.failed.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "nar_bytes": report.nar_bytes,
+            "new_chunk_bytes": report.new_chunk_bytes,
+            "new_compressed_bytes": report.new_compressed_bytes,
+            "nars_read": cache.nars_opened(),
+            "read_bytes": cache.read_bytes(),
+        });
+        outln!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        outln!(
+            "imported {} paths ({} already present), {} of NARs ({} NAR files read, {}), {} of new chunks stored as {}",
+            report.imported,
+            report.already_present,
+            human(report.nar_bytes),
+            cache.nars_opened(),
+            human(cache.read_bytes()),
+            human(report.new_chunk_bytes),
+            human(report.new_compressed_bytes),
+        );
+    }
+    if report.failed.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        for e in &report.failed {
+            eprintln!("refused: {e}");
+        }
+        eprintln!(
+            "{} paths refused or not fetched (run again to retry them)",
+            report.failed.len()
+        );
+        Ok(ExitCode::FAILURE)
+    }
+}
+
 /// Opens a store that must already exist (read-side commands never create one).
 fn open_existing(dir: &std::path::Path) -> Result<Store> {
     if !dir.join("index.redb").is_file() {
@@ -816,15 +949,6 @@ fn open_existing(dir: &std::path::Path) -> Result<Store> {
         );
     }
     Store::open(dir).with_context(|| format!("opening store {}", dir.display()))
-}
-
-fn progress_bar() -> ProgressBar {
-    let pb = ProgressBar::new_spinner();
-    pb.set_style(
-        ProgressStyle::with_template("{spinner} {elapsed} {pos} paths, {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
-    pb
 }
 
 fn human(bytes: u64) -> String {
@@ -1026,67 +1150,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
             data,
             from,
             trusted_public_keys,
-            paths_file,
+            lists,
             closure,
+            jobs,
             zstd_level,
+            json,
             store_paths,
-        } => {
-            let trusted = trusted_keys(&trusted_public_keys)?;
-            let cache = BinaryCache::open(&from)?;
-            let mut names = store_paths;
-            if let Some(f) = paths_file {
-                let text = std::fs::read_to_string(&f)
-                    .with_context(|| format!("reading {}", f.display()))?;
-                names.extend(
-                    text.lines()
-                        .map(str::trim)
-                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                        .map(String::from),
-                );
-            }
-            let selection = if names.is_empty() {
-                if closure {
-                    bail!("--closure needs store paths");
-                }
-                Selection::All
-            } else {
-                let roots = names
-                    .iter()
-                    .map(|n| parse_hash_or_path(n).with_context(|| format!("bad store path {n:?}")))
-                    .collect::<Result<Vec<_>>>()?;
-                Selection::Paths { roots, closure }
-            };
-            let mut store = Store::open_with(&data.data_dir, zstd_level)
-                .with_context(|| format!("opening store {}", data.data_dir.display()))?;
-            let pb = progress_bar();
-            let mut bytes = 0u64;
-            let report = import::import(&store, &cache, selection, &trusted, |_, o| {
-                bytes += o.nar_size;
-                pb.inc(1);
-                pb.set_message(human(bytes));
-            })?;
-            pb.finish_and_clear();
-            if report.imported > 0 {
-                store.compact_index().context("compacting the index")?;
-            }
-            outln!(
-                "imported {} paths ({} already present), {} of NARs, {} of new chunks stored as {}",
-                report.imported,
-                report.already_present,
-                human(report.nar_bytes),
-                human(report.new_chunk_bytes),
-                human(report.new_compressed_bytes),
-            );
-            if report.failed.is_empty() {
-                Ok(ExitCode::SUCCESS)
-            } else {
-                for e in &report.failed {
-                    eprintln!("refused: {e}");
-                }
-                eprintln!("{} paths refused", report.failed.len());
-                Ok(ExitCode::FAILURE)
-            }
-        }
+        } => import_command(ImportArgs {
+            data,
+            from,
+            trusted_public_keys,
+            lists,
+            closure,
+            jobs: jobs.into(),
+            zstd_level,
+            json,
+            store_paths,
+        }),
         Command::Stats { data, json } => {
             let store = open_existing(&data.data_dir)?;
             let s = store.stats()?;
