@@ -11,6 +11,7 @@ pub mod fetch;
 pub mod gc_policy;
 pub mod http;
 pub mod import;
+pub mod maintain;
 pub mod metrics;
 pub mod net;
 pub mod pending;

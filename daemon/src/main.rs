@@ -40,9 +40,10 @@ use nix_p2p_cache::config::{default_data_dir, Announce, ByteSize, DaemonConfig, 
 use nix_p2p_cache::core::store_path::parse_hash_or_path;
 use nix_p2p_cache::daemon::trusted_keys;
 use nix_p2p_cache::import::{self, BinaryCache, Selection};
-use nix_p2p_cache::store::{
-    CompactOptions, GcPolicy, GcReport, PathFacts, PathState, Store, StoreError, DEFAULT_ZSTD_LEVEL,
+use nix_p2p_cache::maintain::{
+    self, PinOutcome, PinReport, PolicyGcReport, SizeGcReport, UndeleteReport,
 };
+use nix_p2p_cache::store::{CompactOptions, PathState, Store, StoreError, DEFAULT_ZSTD_LEVEL};
 
 #[derive(Parser)]
 #[command(
@@ -96,11 +97,7 @@ impl ApiArgs {
             (None, None) => format!("http://{}", nix_p2p_cache::config::DEFAULT_LISTEN),
         };
         let url = format!("{base}{path}");
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("starting the async runtime")?;
-        rt.block_on(async {
+        block_on(async {
             let resp = reqwest::Client::new()
                 .get(&url)
                 .timeout(std::time::Duration::from_secs(10))
@@ -115,6 +112,141 @@ impl ApiArgs {
                 .bytes()
                 .await
                 .with_context(|| format!("{url}: reading"))?;
+            serde_json::from_slice(&body).with_context(|| format!("{url}: not the daemon's JSON"))
+        })
+    }
+}
+
+/// Runs `f` on a one-off current-thread runtime (the CLI is synchronous).
+fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(f)
+}
+
+/// Where `pin`, `unpin`, `gc` and `undelete` act: the store itself when no daemon holds it,
+/// else the running daemon's API.
+#[derive(Args)]
+struct LiveArgs {
+    /// Data directory [default: `data_dir` of --config, else $XDG_DATA_HOME/nix-p2p-cache].
+    #[arg(long, env = "NIX_P2P_CACHE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Send the request to the daemon at this address (e.g. http://127.0.0.1:7420) instead of
+    /// opening the store [default: when a daemon holds the store, `listen` of --config, else
+    /// 127.0.0.1:7420].
+    #[arg(long)]
+    url: Option<String>,
+    /// The daemon's config file: its data_dir, listen address and upload_token_file are used.
+    #[arg(long, env = "NIX_P2P_CACHE_CONFIG")]
+    config: Option<PathBuf>,
+    /// File holding the daemon's upload token, needed to act through a running daemon
+    /// [default: upload_token_file of --config].
+    #[arg(long)]
+    upload_token_file: Option<PathBuf>,
+}
+
+/// A running daemon's state-changing API.
+struct Admin {
+    base: String,
+    token: String,
+}
+
+/// Where a maintenance command runs.
+enum Target {
+    Store(Box<Store>),
+    Daemon(Admin),
+}
+
+impl LiveArgs {
+    /// The store, opened, if no daemon holds it; else (or with --url) the daemon's API.
+    fn target(&self) -> Result<Target> {
+        let cfg = match &self.config {
+            Some(f) => Some(DaemonConfig::from_file(f)?),
+            None => None,
+        };
+        let token_file = self
+            .upload_token_file
+            .clone()
+            .or_else(|| cfg.as_ref().and_then(|c| c.upload_token_file.clone()));
+        let admin = |base: String, token_file: Option<PathBuf>| -> Result<Target> {
+            let token_file = token_file.context("no upload token file (--upload-token-file)")?;
+            let token = DaemonConfig {
+                upload_token_file: Some(token_file),
+                ..DaemonConfig::default()
+            }
+            .upload_token()?
+            .context("no upload token")?;
+            Ok(Target::Daemon(Admin { base, token }))
+        };
+        if let Some(u) = &self.url {
+            return admin(u.trim_end_matches('/').to_string(), token_file);
+        }
+        let dir = self
+            .data_dir
+            .clone()
+            .or_else(|| cfg.as_ref().map(|c| c.data_dir.clone()))
+            .unwrap_or_else(default_data_dir);
+        if !dir.join("index.redb").is_file() {
+            open_existing(&dir)?; // says there is no store
+        }
+        match Store::open(&dir) {
+            Ok(s) => Ok(Target::Store(Box::new(s))),
+            Err(StoreError::Locked(_)) => {
+                let listen = cfg.as_ref().map_or_else(
+                    || nix_p2p_cache::config::DEFAULT_LISTEN.to_string(),
+                    |c| c.listen.to_string(),
+                );
+                let base = format!("http://{listen}");
+                if token_file.is_none() {
+                    bail!(
+                        "the daemon is running on {} (it holds the index): give                          --upload-token-file (or --config) to act through its API at {base}                          (--url for another address), or stop it",
+                        dir.display()
+                    );
+                }
+                tracing::debug!(%base, "store held by the daemon: using its API");
+                admin(base, token_file)
+            }
+            Err(e) => Err(e).with_context(|| format!("opening store {}", dir.display())),
+        }
+    }
+}
+
+impl Admin {
+    /// POSTs `body` to the daemon's `path` with the upload token; its JSON report.
+    fn post<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<T> {
+        let url = format!("{}{path}", self.base);
+        block_on(async {
+            let resp = reqwest::Client::builder()
+                .connect_timeout(std::time::Duration::from_secs(5))
+                .build()
+                .context("building the HTTP client")?
+                .post(&url)
+                .basic_auth("nix-p2p-cache", Some(&self.token))
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(serde_json::to_vec(body)?)
+                .send()
+                .await
+                .with_context(|| format!("{url}: is the daemon running?"))?;
+            let status = resp.status();
+            let body = resp
+                .bytes()
+                .await
+                .with_context(|| format!("{url}: reading"))?;
+            if !status.is_success() {
+                let msg = String::from_utf8_lossy(&body);
+                let hint = match status.as_u16() {
+                    401 => " (is this the daemon's upload token?)",
+                    404 | 405 => " (is the daemon older than this command?)",
+                    _ => "",
+                };
+                bail!("{url}: HTTP {status}: {}{hint}", msg.trim());
+            }
             serde_json::from_slice(&body).with_context(|| format!("{url}: not the daemon's JSON"))
         })
     }
@@ -246,26 +378,36 @@ enum Command {
         #[command(flatten)]
         args: DaemonArgs,
     },
-    /// Import narinfos and NARs from a file:// binary cache.
+    /// Import (mirror) narinfos and NARs from a binary cache: a directory (file://) or an
+    /// HTTP(S) server. Paths whose NAR is stored already are not downloaded again, so a run
+    /// cut short continues where it stopped.
     Import {
         #[command(flatten)]
         data: DataDir,
-        /// Binary cache to read, e.g. file:///var/cache/nix.
+        /// Binary cache to read: file:///var/cache/nix, http://… or https://cache.nixos.org.
         #[arg(long)]
         from: String,
         /// A trusted public key (name:base64); cache.nixos.org-1 is always trusted.
         #[arg(long = "trusted-public-key")]
         trusted_public_keys: Vec<String>,
-        /// Read store paths (or hashes) from this file, one per line.
-        #[arg(long)]
-        paths_file: Option<PathBuf>,
+        /// A store-paths list to import: a file or an http(s) URL, plain or xz (a channel's
+        /// store-paths.xz), one store path (or hash) per line. Repeatable.
+        #[arg(long = "store-paths", alias = "paths-file", value_name = "FILE|URL")]
+        lists: Vec<String>,
         /// Also import everything the given paths reference, transitively.
         #[arg(long)]
         closure: bool,
+        /// Paths downloaded and ingested at once.
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
+        jobs: u16,
         /// zstd level for new chunks.
         #[arg(long, default_value_t = DEFAULT_ZSTD_LEVEL)]
         zstd_level: i32,
-        /// Store paths to import; none (and no --paths-file) imports the whole cache.
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Store paths to import; none (and no --store-paths) imports the whole cache (a
+        /// directory only: an HTTP cache cannot be listed).
         store_paths: Vec<String>,
     },
     /// Print counts and sizes of the store.
@@ -304,30 +446,37 @@ enum Command {
         repair: bool,
     },
     /// Pin store paths: their NARs are never evicted (uploads and imports are pinned already).
-    /// Needs the daemon stopped.
+    /// With the daemon running, goes through its API (needs the upload token).
     Pin {
         #[command(flatten)]
-        data: DataDir,
+        live: LiveArgs,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
         /// Store paths or their hashes.
         #[arg(required = true)]
         store_paths: Vec<String>,
     },
     /// Unpin store paths: they become cache entries, evicted least-recently-used first.
-    /// Needs the daemon stopped.
+    /// With the daemon running, goes through its API (needs the upload token).
     Unpin {
         #[command(flatten)]
-        data: DataDir,
+        live: LiveArgs,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
         /// Store paths or their hashes.
         #[arg(required = true)]
         store_paths: Vec<String>,
     },
     /// Evict least-recently-used unpinned paths down to --max-size (if given), or apply a GC
     /// policy (--policy: hide what it selects for its grace period, collect what was hidden
-    /// longer, keeping tombstones), then compact every pack holding dead records and the
-    /// index. Needs the daemon stopped.
+    /// longer, keeping tombstones), then compact every pack holding dead records (and, on a
+    /// stopped store, the index). With the daemon running, goes through its API (needs the
+    /// upload token).
     Gc {
         #[command(flatten)]
-        data: DataDir,
+        live: LiveArgs,
         /// Keep the data directory (packs + index) within this size, e.g. 10G or 512MiB.
         #[arg(long, conflicts_with = "policy")]
         max_size: Option<ByteSize>,
@@ -338,18 +487,21 @@ enum Command {
         /// monthly storage cost it would save.
         #[arg(long, requires = "policy")]
         dry_run: bool,
-        /// With --policy: print the report as JSON.
-        #[arg(long, requires = "policy")]
+        /// Print the report as JSON.
+        #[arg(long)]
         json: bool,
     },
-    /// Bring back paths a GC policy hid (before their grace period ends). Needs the daemon
-    /// stopped.
+    /// Bring back paths a GC policy hid (before their grace period ends). With the daemon
+    /// running, goes through its API (needs the upload token).
     Undelete {
         #[command(flatten)]
-        data: DataDir,
+        live: LiveArgs,
         /// Every hidden path.
         #[arg(long, conflicts_with = "store_paths")]
         all: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
         /// Store paths or their hashes.
         #[arg(required_unless_present = "all")]
         store_paths: Vec<String>,
@@ -400,31 +552,64 @@ fn open_unshared(dir: &std::path::Path) -> Result<Store> {
     }
 }
 
-/// `pin` / `unpin`.
-fn pin_command(data: &DataDir, store_paths: &[String], pin: bool) -> Result<ExitCode> {
-    let store = open_unshared(&data.data_dir)?;
-    let mut failed = false;
-    for p in store_paths {
-        let hash = parse_hash_or_path(p).with_context(|| format!("bad store path {p:?}"))?;
-        let changed = match (pin, store.pin(hash.as_str())) {
-            (true, Ok(changed)) => changed,
-            (true, Err(StoreError::NotStored(_))) => {
-                eprintln!("{p}: not in the store");
-                failed = true;
+/// `pin` / `unpin`, on the store or through the daemon.
+fn pin_command(live: &LiveArgs, store_paths: &[String], pin: bool, json: bool) -> Result<ExitCode> {
+    let report: PinReport = match live.target()? {
+        Target::Store(store) => maintain::pin(&store, store_paths, pin)?,
+        Target::Daemon(api) => api.post(
+            if pin { "/api/pin" } else { "/api/unpin" },
+            &serde_json::json!({ "paths": store_paths }),
+        )?,
+    };
+    if json {
+        outln!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    for r in &report.paths {
+        let what = match r.outcome {
+            PinOutcome::Pinned => "pinned",
+            PinOutcome::AlreadyPinned => "already pinned",
+            PinOutcome::Unpinned => "unpinned",
+            PinOutcome::WasNotPinned => "was not pinned",
+            PinOutcome::NotStored => {
+                eprintln!("{}: not in the store", r.path);
                 continue;
             }
-            (true, Err(e)) => return Err(e.into()),
-            (false, _) => store.unpin(hash.as_str())?,
         };
-        let what = match (pin, changed) {
-            (true, true) => "pinned",
-            (true, false) => "already pinned",
-            (false, true) => "unpinned",
-            (false, false) => "was not pinned",
-        };
-        outln!("{what}: {p}");
+        if !json {
+            outln!("{what}: {}", r.path);
+        }
     }
-    Ok(if failed {
+    Ok(if report.failed() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `undelete`, on the store or through the daemon.
+fn undelete_command(
+    live: &LiveArgs,
+    store_paths: &[String],
+    all: bool,
+    json: bool,
+) -> Result<ExitCode> {
+    let report: UndeleteReport = match live.target()? {
+        Target::Store(store) => maintain::undelete(&store, store_paths, all)?,
+        Target::Daemon(api) => api.post(
+            "/api/undelete",
+            &serde_json::json!({ "paths": store_paths, "all": all }),
+        )?,
+    };
+    if json {
+        outln!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        outln!("undeleted {} paths", report.undeleted);
+    }
+    Ok(if report.failed() {
+        eprintln!(
+            "{} of the paths were not hidden",
+            report.asked - report.undeleted
+        );
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
@@ -488,172 +673,276 @@ fn compact_command(data: &DataDir, level: i32, min_age_secs: u64, json: bool) ->
 }
 
 /// `gc --policy F [--dry-run] [--json]`: collects the hidden paths whose grace period is over,
-/// hides what the policy selects now, then reclaims the dead bytes.
+/// hides what the policy selects now, then reclaims the dead bytes — on the store or through
+/// the daemon (the policy sent as text, its roots files read here).
 fn policy_gc_command(
-    data: &DataDir,
+    live: &LiveArgs,
     policy_file: &std::path::Path,
     dry_run: bool,
     json: bool,
 ) -> Result<ExitCode> {
-    use nix_p2p_cache::gc_policy::{Policy, PRICES_PER_GB_MONTH};
-    let policy = Policy::from_file(policy_file)?;
-    let roots = policy.roots()?;
-    let mut store = open_unshared(&data.data_dir)?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    // The policy judges every path, hidden ones too: a root's closure is walked through them,
-    // and a hidden path the policy keeps now is brought back instead of collected.
-    let facts = store.path_facts()?;
-    let sel = policy.select(&facts, &roots, now)?;
-    let (hide, hidden_before): (Vec<&PathFacts>, Vec<&PathFacts>) =
-        sel.collect.iter().partition(|f| f.hidden.is_none());
-    let due: Vec<&PathFacts> = hidden_before
-        .into_iter()
-        .filter(|f| f.hidden.is_some_and(|(_, until)| until <= now))
-        .collect();
-    let rescued: Vec<String> = sel
-        .kept
-        .iter()
-        .filter(|f| f.hidden.is_some())
-        .map(|f| f.hash.clone())
-        .collect();
-    let going: std::collections::HashSet<String> =
-        hide.iter().chain(&due).map(|f| f.hash.clone()).collect();
-    let freed = store.freed_by(&going)?;
-    let nar_bytes: u64 = hide.iter().map(|f| f.nar_size).sum();
-    let savings: serde_json::Map<String, serde_json::Value> = PRICES_PER_GB_MONTH
-        .iter()
-        .map(|(name, p)| {
-            (
-                (*name).to_string(),
-                serde_json::json!(freed as f64 / 1e9 * p),
-            )
-        })
-        .collect();
-    let until = policy.hidden_until(now);
+    use nix_p2p_cache::gc_policy::Policy;
+    let r: PolicyGcReport = match live.target()? {
+        Target::Store(mut store) => {
+            let policy = Policy::from_file(policy_file)?;
+            let r = maintain::gc_by_policy(&store, &policy, dry_run, maintain::now_unix())?;
+            if !dry_run {
+                store.compact_index().context("compacting the index")?;
+            }
+            r
+        }
+        Target::Daemon(api) => {
+            let text = maintain::policy_text_for_daemon(policy_file)?;
+            api.post(
+                "/api/gc",
+                &serde_json::json!({ "policy": text, "dry_run": dry_run }),
+            )?
+        }
+    };
+    let skipped = r
+        .applied
+        .as_ref()
+        .map(|a| a.skipped.clone())
+        .unwrap_or_default();
     if json {
-        let v = serde_json::json!({
-            "dry_run": dry_run,
-            "hide": hide.iter().map(|f| serde_json::json!({
-                "store_path": f.store_path, "nar_size": f.nar_size, "added_unix": f.added_unix,
-            })).collect::<Vec<_>>(),
-            "hide_nar_bytes": nar_bytes,
-            "hidden_until_unix": until,
-            "collect": due.iter().map(|f| f.store_path.clone()).collect::<Vec<_>>(),
-            "undelete": rescued.len(),
-            "kept": sel.kept.len(),
-            "freed_bytes": freed,
-            "monthly_savings_usd": savings,
-        });
-        outln!("{v}");
+        outln!("{}", serde_json::to_string(&r)?);
     } else {
-        for f in &hide {
-            outln!("hide    {} ({})", f.store_path, human(f.nar_size));
-        }
-        for f in &due {
-            outln!(
-                "collect {} (hidden since {})",
-                f.store_path,
-                f.hidden.map_or(0, |h| h.0)
-            );
-        }
-        let prices: Vec<String> = PRICES_PER_GB_MONTH
-            .iter()
-            .map(|(name, p)| format!("{name} ${:.4}", freed as f64 / 1e9 * p))
-            .collect();
-        outln!(
-            "{}{} paths to hide ({} of NARs) for {:.1} days, {} hidden paths to collect, {} kept ({} of them hidden before: undeleted); frees about {} of packs, saving per month: {}",
-            if dry_run { "dry run: " } else { "" },
-            hide.len(),
-            human(nar_bytes),
-            policy.grace_days,
-            due.len(),
-            sel.kept.len(),
-            rescued.len(),
-            human(freed),
-            prices.join(", ")
-        );
+        print_policy_gc(&r);
     }
-    if dry_run {
-        return Ok(ExitCode::SUCCESS);
-    }
-    if !rescued.is_empty() {
-        store.undelete(&rescued)?;
-    }
-    // What is still hidden and due is what the policy selected.
-    let collected = store.collect_hidden(now)?;
-    let hide: Vec<String> = hide.iter().map(|f| f.hash.clone()).collect();
-    let hidden = store.hide(&hide, until)?;
-    let g = store.gc_packs(GcPolicy::AllDead)?;
-    store.compact_index().context("compacting the index")?;
-    if !json {
-        outln!(
-            "hid {hidden} paths; collected {} paths ({} NARs, {} of NARs); reclaimed {} of packs",
-            collected.paths,
-            collected.nars,
-            human(collected.nar_bytes),
-            human(g.bytes_reclaimed)
-        );
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-fn gc_command(data: &DataDir, max_size: Option<ByteSize>) -> Result<ExitCode> {
-    let mut store = open_unshared(&data.data_dir)?;
-    let before = store.stats()?;
-    let mut gc = GcReport::default();
-    if let Some(max) = max_size {
-        let r = store.evict_to(max.0)?;
-        outln!(
-            "evicted {} paths ({} NARs, {} of NARs, {} chunks)",
-            r.paths,
-            r.nars,
-            human(r.nar_bytes),
-            r.chunks
-        );
-        gc = r.gc;
-    }
-    let g = store.gc_packs(GcPolicy::AllDead)?;
-    gc.packs += g.packs;
-    gc.records_copied += g.records_copied;
-    gc.bytes_copied += g.bytes_copied;
-    gc.bytes_reclaimed += g.bytes_reclaimed;
-    gc.elapsed += g.elapsed;
-    gc.skipped.extend(g.skipped);
-    store.compact_index().context("compacting the index")?;
-    let after = store.stats()?;
-    outln!(
-        "compacted {} packs: moved {} live records ({}) in {:.2} s ({:.0} MiB/s), packs {} smaller",
-        gc.packs,
-        gc.records_copied,
-        human(gc.bytes_copied),
-        gc.elapsed.as_secs_f64(),
-        gc.bytes_copied as f64 / (1 << 20) as f64 / gc.elapsed.as_secs_f64().max(1e-6),
-        human(gc.bytes_reclaimed)
-    );
-    outln!(
-        "store {} -> {} (freed {})",
-        human(before.stored_bytes),
-        human(after.stored_bytes),
-        human(before.stored_bytes.saturating_sub(after.stored_bytes))
-    );
-    if let Some(max) = max_size.filter(|m| after.stored_bytes > m.0) {
-        outln!(
-            "still above {}: the rest is pinned ({} NARs)",
-            human(max.0),
-            after.pinned_nars
-        );
-    }
-    for s in &gc.skipped {
+    for s in &skipped {
         eprintln!("not compacted: {s}");
     }
-    Ok(if gc.skipped.is_empty() {
+    Ok(if skipped.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn print_policy_gc(r: &PolicyGcReport) {
+    use nix_p2p_cache::gc_policy::PRICES_PER_GB_MONTH;
+    for f in &r.hide {
+        outln!("hide    {} ({})", f.store_path, human(f.nar_size));
+    }
+    for f in &r.collect {
+        outln!(
+            "collect {} (hidden since {})",
+            f.store_path,
+            f.hidden_since_unix
+        );
+    }
+    let prices: Vec<String> = PRICES_PER_GB_MONTH
+        .iter()
+        .map(|(name, _)| {
+            let usd = r.monthly_savings_usd.get(*name).copied().unwrap_or(0.0);
+            format!("{name} ${usd:.4}")
+        })
+        .collect();
+    outln!(
+        "{}{} paths to hide ({} of NARs) for {:.1} days, {} hidden paths to collect, {} kept ({} of them hidden before: undeleted); frees about {} of packs, saving per month: {}",
+        if r.dry_run { "dry run: " } else { "" },
+        r.hide.len(),
+        human(r.hide_nar_bytes),
+        r.grace_days,
+        r.collect.len(),
+        r.kept,
+        r.undelete,
+        human(r.freed_bytes),
+        prices.join(", ")
+    );
+    if let Some(a) = &r.applied {
+        outln!(
+            "hid {} paths; collected {} paths ({} NARs, {} of NARs); reclaimed {} of packs",
+            a.hidden,
+            a.collected_paths,
+            a.collected_nars,
+            human(a.collected_nar_bytes),
+            human(a.reclaimed_bytes)
+        );
+    }
+}
+
+/// `gc [--max-size SIZE]`, on the store or through the daemon.
+fn gc_command(live: &LiveArgs, max_size: Option<ByteSize>, json: bool) -> Result<ExitCode> {
+    let max_size = max_size.map(|m| m.0);
+    let r: SizeGcReport = match live.target()? {
+        Target::Store(mut store) => {
+            let mut r = maintain::gc_to_size(&store, max_size)?;
+            store.compact_index().context("compacting the index")?;
+            let after = store.stats()?;
+            r.stored_bytes_after = after.stored_bytes;
+            r.pinned_nars = after.pinned_nars;
+            r.index_compacted = true;
+            r
+        }
+        Target::Daemon(api) => api.post("/api/gc", &serde_json::json!({ "max_size": max_size }))?,
+    };
+    if json {
+        outln!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        if let Some(e) = &r.evicted {
+            outln!(
+                "evicted {} paths ({} NARs, {} of NARs, {} chunks)",
+                e.paths,
+                e.nars,
+                human(e.nar_bytes),
+                e.chunks
+            );
+        }
+        outln!(
+            "compacted {} packs: moved {} live records ({}) in {:.2} s ({:.0} MiB/s), packs {} smaller",
+            r.packs,
+            r.records_copied,
+            human(r.bytes_copied),
+            r.elapsed_secs,
+            r.bytes_copied as f64 / (1 << 20) as f64 / r.elapsed_secs.max(1e-6),
+            human(r.bytes_reclaimed)
+        );
+        outln!(
+            "store {} -> {} (freed {})",
+            human(r.stored_bytes_before),
+            human(r.stored_bytes_after),
+            human(r.stored_bytes_before.saturating_sub(r.stored_bytes_after))
+        );
+        if let (true, Some(max)) = (r.still_above(), r.max_size) {
+            outln!(
+                "still above {}: the rest is pinned ({} NARs)",
+                human(max),
+                r.pinned_nars
+            );
+        }
+    }
+    for s in &r.skipped {
+        eprintln!("not compacted: {s}");
+    }
+    Ok(if r.skipped.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `import`'s arguments.
+struct ImportArgs {
+    data: DataDir,
+    from: String,
+    trusted_public_keys: Vec<String>,
+    lists: Vec<String>,
+    closure: bool,
+    jobs: usize,
+    zstd_level: i32,
+    json: bool,
+    store_paths: Vec<String>,
+}
+
+/// `import --from URL [--store-paths F] [--closure] [--jobs N] [PATH…]`.
+fn import_command(a: ImportArgs) -> Result<ExitCode> {
+    use std::io::IsTerminal as _;
+    let trusted = trusted_keys(&a.trusted_public_keys)?;
+    let cache = BinaryCache::open(&a.from)?;
+    let mut roots = a
+        .store_paths
+        .iter()
+        .map(|n| parse_hash_or_path(n).with_context(|| format!("bad store path {n:?}")))
+        .collect::<Result<Vec<_>>>()?;
+    for l in &a.lists {
+        roots.extend(import::read_store_paths(l)?);
+    }
+    let selection = if roots.is_empty() {
+        if a.closure {
+            bail!("--closure needs store paths (arguments or --store-paths)");
+        }
+        if !cache.can_list() {
+            bail!(
+                "{}: an HTTP binary cache cannot be listed: give store paths, --store-paths FILE \
+                 (e.g. a channel's store-paths.xz) and/or --closure",
+                a.from
+            );
+        }
+        Selection::All
+    } else {
+        Selection::Paths {
+            roots,
+            closure: a.closure,
+        }
+    };
+    let mut store = Store::open_with(&a.data.data_dir, a.zstd_level)
+        .with_context(|| format!("opening store {}", a.data.data_dir.display()))?;
+    let tty = std::io::stderr().is_terminal();
+    let pb = if tty {
+        let pb = ProgressBar::new(0);
+        pb.set_style(
+            ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len} paths, {msg} (eta {eta})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        pb
+    } else {
+        ProgressBar::hidden()
+    };
+    let tally = std::sync::Mutex::new((0u64, 0u64, std::time::Instant::now())); // done, NAR bytes, last log
+    let report = import::import_with(&store, &cache, selection, &trusted, a.jobs, &|e| match e {
+        import::Event::Total(n) => pb.set_length(n),
+        import::Event::Done { outcome, .. } => {
+            let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
+            t.0 += 1;
+            t.1 += outcome.nar_size;
+            let msg = format!("{} of NARs, {} read", human(t.1), human(cache.read_bytes()));
+            pb.inc(1);
+            pb.set_message(msg.clone());
+            if !tty && t.2.elapsed() >= std::time::Duration::from_secs(10) {
+                t.2 = std::time::Instant::now();
+                eprintln!(
+                    "import: {} of {} paths, {msg}",
+                    t.0,
+                    pb.length().unwrap_or(0)
+                );
+            }
+        }
+        import::Event::Failed(_) => pb.inc(1),
+    })?;
+    pb.finish_and_clear();
+    if report.imported > 0 {
+        store.compact_index().context("compacting the index")?;
+    }
+    if a.json {
+        let v = serde_json::json!({
+            "imported": report.imported,
+            "already_present": report.already_present,
+            "failed": report.failed.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "nar_bytes": report.nar_bytes,
+            "new_chunk_bytes": report.new_chunk_bytes,
+            "new_compressed_bytes": report.new_compressed_bytes,
+            "nars_read": cache.nars_opened(),
+            "read_bytes": cache.read_bytes(),
+        });
+        outln!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        outln!(
+            "imported {} paths ({} already present), {} of NARs ({} NAR files read, {}), {} of new chunks stored as {}",
+            report.imported,
+            report.already_present,
+            human(report.nar_bytes),
+            cache.nars_opened(),
+            human(cache.read_bytes()),
+            human(report.new_chunk_bytes),
+            human(report.new_compressed_bytes),
+        );
+    }
+    if report.failed.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        for e in &report.failed {
+            eprintln!("refused: {e}");
+        }
+        eprintln!(
+            "{} paths refused or not fetched (run again to retry them)",
+            report.failed.len()
+        );
+        Ok(ExitCode::FAILURE)
+    }
 }
 
 /// Opens a store that must already exist (read-side commands never create one).
@@ -706,15 +995,6 @@ fn open_existing(dir: &std::path::Path) -> Result<Store> {
         );
     }
     Store::open(dir).with_context(|| format!("opening store {}", dir.display()))
-}
-
-fn progress_bar() -> ProgressBar {
-    let pb = ProgressBar::new_spinner();
-    pb.set_style(
-        ProgressStyle::with_template("{spinner} {elapsed} {pos} paths, {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
-    pb
 }
 
 fn human(bytes: u64) -> String {
@@ -916,67 +1196,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
             data,
             from,
             trusted_public_keys,
-            paths_file,
+            lists,
             closure,
+            jobs,
             zstd_level,
+            json,
             store_paths,
-        } => {
-            let trusted = trusted_keys(&trusted_public_keys)?;
-            let cache = BinaryCache::open(&from)?;
-            let mut names = store_paths;
-            if let Some(f) = paths_file {
-                let text = std::fs::read_to_string(&f)
-                    .with_context(|| format!("reading {}", f.display()))?;
-                names.extend(
-                    text.lines()
-                        .map(str::trim)
-                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                        .map(String::from),
-                );
-            }
-            let selection = if names.is_empty() {
-                if closure {
-                    bail!("--closure needs store paths");
-                }
-                Selection::All
-            } else {
-                let roots = names
-                    .iter()
-                    .map(|n| parse_hash_or_path(n).with_context(|| format!("bad store path {n:?}")))
-                    .collect::<Result<Vec<_>>>()?;
-                Selection::Paths { roots, closure }
-            };
-            let mut store = Store::open_with(&data.data_dir, zstd_level)
-                .with_context(|| format!("opening store {}", data.data_dir.display()))?;
-            let pb = progress_bar();
-            let mut bytes = 0u64;
-            let report = import::import(&store, &cache, selection, &trusted, |_, o| {
-                bytes += o.nar_size;
-                pb.inc(1);
-                pb.set_message(human(bytes));
-            })?;
-            pb.finish_and_clear();
-            if report.imported > 0 {
-                store.compact_index().context("compacting the index")?;
-            }
-            outln!(
-                "imported {} paths ({} already present), {} of NARs, {} of new chunks stored as {}",
-                report.imported,
-                report.already_present,
-                human(report.nar_bytes),
-                human(report.new_chunk_bytes),
-                human(report.new_compressed_bytes),
-            );
-            if report.failed.is_empty() {
-                Ok(ExitCode::SUCCESS)
-            } else {
-                for e in &report.failed {
-                    eprintln!("refused: {e}");
-                }
-                eprintln!("{} paths refused", report.failed.len());
-                Ok(ExitCode::FAILURE)
-            }
-        }
+        } => import_command(ImportArgs {
+            data,
+            from,
+            trusted_public_keys,
+            lists,
+            closure,
+            jobs: jobs.into(),
+            zstd_level,
+            json,
+            store_paths,
+        }),
         Command::Stats { data, json } => {
             let store = open_existing(&data.data_dir)?;
             let s = store.stats()?;
@@ -1047,43 +1283,35 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Status { api } => api.show("/api/status", print_status),
         Command::Peers { api } => api.show("/api/peers", print_peers),
-        Command::Pin { data, store_paths } => pin_command(&data, &store_paths, true),
-        Command::Unpin { data, store_paths } => pin_command(&data, &store_paths, false),
+        Command::Pin {
+            live,
+            json,
+            store_paths,
+        } => pin_command(&live, &store_paths, true, json),
+        Command::Unpin {
+            live,
+            json,
+            store_paths,
+        } => pin_command(&live, &store_paths, false, json),
         Command::Gc {
-            data,
+            live,
             policy: Some(policy),
             dry_run,
             json,
             ..
-        } => policy_gc_command(&data, &policy, dry_run, json),
-        Command::Gc { data, max_size, .. } => gc_command(&data, max_size),
+        } => policy_gc_command(&live, &policy, dry_run, json),
+        Command::Gc {
+            live,
+            max_size,
+            json,
+            ..
+        } => gc_command(&live, max_size, json),
         Command::Undelete {
-            data,
+            live,
             all,
+            json,
             store_paths,
-        } => {
-            let store = open_unshared(&data.data_dir)?;
-            let hashes = if all {
-                Vec::new()
-            } else {
-                store_paths
-                    .iter()
-                    .map(|p| {
-                        parse_hash_or_path(p)
-                            .map(|h| h.as_str().to_string())
-                            .with_context(|| format!("bad store path {p:?}"))
-                    })
-                    .collect::<Result<Vec<_>>>()?
-            };
-            let n = store.undelete(&hashes)?;
-            outln!("undeleted {n} paths");
-            Ok(if all || n as usize == hashes.len() {
-                ExitCode::SUCCESS
-            } else {
-                eprintln!("{} of the paths were not hidden", hashes.len() - n as usize);
-                ExitCode::FAILURE
-            })
-        }
+        } => undelete_command(&live, &store_paths, all, json),
         Command::Compact {
             data,
             level,

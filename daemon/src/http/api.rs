@@ -1,14 +1,21 @@
-//! The daemon's own JSON API for `nix-p2p-cache status` and `peers`: `GET /api/status` and
-//! `GET /api/peers`. Read-only; served on the substituter's (loopback by default) address.
+//! The daemon's own JSON API, served on the substituter's (loopback by default) address:
+//! `GET /api/status` and `GET /api/peers` (read-only, for `nix-p2p-cache status` and `peers`),
+//! and the state-changing `POST /api/pin`, `/api/unpin`, `/api/gc` and `/api/undelete` (for
+//! those commands while the daemon runs), which need the upload token. Handlers translate:
+//! the work is `crate::maintain`'s.
 
 use std::sync::Arc;
 
+use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{blocking, finish, HttpError, HttpState};
+use crate::maintain::{
+    self, MaintainError, PinReport, PolicyGcReport, SizeGcReport, UndeleteReport,
+};
 use crate::metrics::NetGauges;
 use crate::net::PeerInfo;
 use crate::store::Stats;
@@ -109,4 +116,170 @@ pub async fn peers(State(state): State<Arc<HttpState>>) -> Response {
     }
     .await;
     finish(&state, "api", r)
+}
+
+// ---------------------------------------------------------------------------------------------
+// State-changing calls: `POST /api/pin`, `/api/unpin`, `/api/gc`, `/api/undelete`. Each needs
+// the upload token (HTTP basic password, as uploads), checked before the body is read; the
+// store work is `crate::maintain`'s, on a blocking thread; the answer is its report as JSON.
+
+/// Largest request body of a state-changing call (a policy with a channel's roots inline).
+pub const MAX_ADMIN_BODY: usize = 32 * 1024 * 1024;
+
+/// One GC or undelete at a time: a second waits for the first (their selections would race).
+static GC_TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PathsBody {
+    /// Store paths or their hashes.
+    paths: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GcBody {
+    /// Evict least-recently-used unpinned paths down to this many bytes.
+    #[serde(default)]
+    max_size: Option<u64>,
+    /// A GC policy: the TOML text of a policy file, roots inline (no `keep-roots-files`).
+    #[serde(default)]
+    policy: Option<String>,
+    /// With `policy`: only report.
+    #[serde(default)]
+    dry_run: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UndeleteBody {
+    #[serde(default)]
+    paths: Vec<String>,
+    #[serde(default)]
+    all: bool,
+}
+
+/// Token first (401/403 whatever the body), then the JSON body (400 with serde's reason).
+fn admit<T: serde::de::DeserializeOwned>(
+    state: &HttpState,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<T, HttpError> {
+    super::upload::check_auth(state, headers).map_err(|e| match e {
+        HttpError::Forbidden(_) => HttpError::Forbidden(
+            "state-changing calls need the upload token: start the daemon with \
+             --upload-token-file"
+                .into(),
+        ),
+        e => e,
+    })?;
+    serde_json::from_slice(body).map_err(|e| HttpError::BadRequest(format!("JSON body: {e}")))
+}
+
+fn maintain_err(e: MaintainError) -> HttpError {
+    match e {
+        MaintainError::Store(e) => HttpError::from(*e),
+        e => HttpError::BadRequest(e.to_string()),
+    }
+}
+
+/// `POST /api/pin` `{"paths": [...]}` → [`PinReport`].
+pub async fn pin(State(state): State<Arc<HttpState>>, headers: HeaderMap, body: Bytes) -> Response {
+    pin_or_unpin(state, headers, body, true).await
+}
+
+/// `POST /api/unpin` `{"paths": [...]}` → [`PinReport`].
+pub async fn unpin(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    pin_or_unpin(state, headers, body, false).await
+}
+
+async fn pin_or_unpin(
+    state: Arc<HttpState>,
+    headers: HeaderMap,
+    body: Bytes,
+    on: bool,
+) -> Response {
+    let r = async {
+        let req: PathsBody = admit(&state, &headers, &body)?;
+        let store = state.store.clone();
+        let report: PinReport =
+            blocking(move || maintain::pin(&store, &req.paths, on).map_err(maintain_err)).await?;
+        if !on {
+            // Unpinned paths are cache entries now: the quota may take them.
+            if let Some(q) = &state.quota {
+                q.poke();
+            }
+        }
+        json(&report)
+    }
+    .await;
+    finish(&state, "api-admin", r)
+}
+
+/// `POST /api/gc` `{"max_size": N}` or `{"policy": "<TOML>", "dry_run": bool}` →
+/// [`SizeGcReport`] or [`PolicyGcReport`]. The index is not compacted (the daemon holds it).
+pub async fn gc(State(state): State<Arc<HttpState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let r = async {
+        let req: GcBody = admit(&state, &headers, &body)?;
+        let policy = match (&req.policy, req.max_size, req.dry_run) {
+            (Some(_), Some(_), _) => {
+                return Err(HttpError::BadRequest(
+                    "give max_size or policy, not both".into(),
+                ))
+            }
+            (None, _, true) => return Err(HttpError::BadRequest("dry_run needs a policy".into())),
+            (Some(text), None, _) => Some(maintain::policy_from_text(text).map_err(maintain_err)?),
+            (None, _, false) => None,
+        };
+        let _turn = GC_TURN.lock().await;
+        let store = state.store.clone();
+        let (max_size, dry_run) = (req.max_size, req.dry_run);
+        let resp = match policy {
+            Some(p) => {
+                let r: PolicyGcReport = blocking(move || {
+                    maintain::gc_by_policy(&store, &p, dry_run, maintain::now_unix())
+                        .map_err(maintain_err)
+                })
+                .await?;
+                json(&r)?
+            }
+            None => {
+                let r: SizeGcReport =
+                    blocking(move || maintain::gc_to_size(&store, max_size).map_err(maintain_err))
+                        .await?;
+                json(&r)?
+            }
+        };
+        if !dry_run {
+            // Evicted, hidden or collected paths must not be served from memory.
+            state.narinfo_cache.clear();
+        }
+        Ok(resp)
+    }
+    .await;
+    finish(&state, "api-admin", r)
+}
+
+/// `POST /api/undelete` `{"paths": [...]}` or `{"all": true}` → [`UndeleteReport`].
+pub async fn undelete(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let r = async {
+        let req: UndeleteBody = admit(&state, &headers, &body)?;
+        let _turn = GC_TURN.lock().await;
+        let store = state.store.clone();
+        let report: UndeleteReport =
+            blocking(move || maintain::undelete(&store, &req.paths, req.all).map_err(maintain_err))
+                .await?;
+        state.narinfo_cache.clear();
+        json(&report)
+    }
+    .await;
+    finish(&state, "api-admin", r)
 }

@@ -22,7 +22,7 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use axum::Router;
 
 use crate::core::narinfo::NarInfo;
@@ -127,12 +127,25 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/status", get(api::status))
         .route("/api/peers", get(api::peers))
+        .route("/api/pin", admin(api::pin))
+        .route("/api/unpin", admin(api::unpin))
+        .route("/api/gc", admin(api::gc))
+        .route("/api/undelete", admin(api::undelete))
         .route("/nar/{file}", get(nar::get_nar).put(upload::put_nar))
         .route("/log/{file}", put(upload::put_ignored))
         .route("/realisations/{file}", put(upload::put_ignored))
         .route("/{file}", get(get_narinfo).put(upload::put_narinfo))
         .fallback(fallback)
         .with_state(state)
+}
+
+/// A state-changing API route: `POST` only, bodies up to [`api::MAX_ADMIN_BODY`].
+fn admin<H, T>(handler: H) -> axum::routing::MethodRouter<Arc<HttpState>>
+where
+    H: axum::handler::Handler<T, Arc<HttpState>>,
+    T: 'static,
+{
+    post(handler).layer(axum::extract::DefaultBodyLimit::max(api::MAX_ADMIN_BODY))
 }
 
 /// Records the request in the metrics and turns errors into responses.

@@ -56,7 +56,7 @@ pub fn sweep_staging(dir: &FsPath) -> io::Result<usize> {
     Ok(removed)
 }
 
-fn check_auth(state: &HttpState, headers: &HeaderMap) -> Result<(), HttpError> {
+pub(super) fn check_auth(state: &HttpState, headers: &HeaderMap) -> Result<(), HttpError> {
     let Some(token) = state.upload_token.as_deref() else {
         return Err(HttpError::Forbidden(
             "uploads are disabled (start the daemon with --upload-token-file)".into(),
