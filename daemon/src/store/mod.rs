@@ -25,6 +25,7 @@ pub mod dht;
 mod evict;
 pub(crate) mod meta;
 pub mod pack;
+mod range_cache;
 mod repair;
 mod retire;
 mod staging;

@@ -175,10 +175,27 @@ fn decode_header(h: &[u8; RECORD_HEADER_LEN]) -> Result<RecordHeader, &'static s
     })
 }
 
+/// Where a pack's bytes are read from: a local file, or remote pack storage.
+pub trait ReadAt: Send + Sync {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+}
+
+impl ReadAt for File {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        FileExt::read_exact_at(self, buf, offset)
+    }
+}
+
+impl<T: ReadAt + ?Sized> ReadAt for std::sync::Arc<T> {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_exact_at(buf, offset)
+    }
+}
+
 /// Reads the chunk at `loc` from an open pack, decompresses it and checks it fully (record
 /// header, zstd frame, BLAKE3 of the content against `id`).
 pub fn read_chunk(
-    file: &File,
+    file: &dyn ReadAt,
     path: &Path,
     loc: &Location,
     id: &ChunkId,
@@ -190,7 +207,7 @@ pub fn read_chunk(
 /// Reads the record at `loc` and checks it fully (header, zstd frame, BLAKE3 of the content
 /// against `id`), then returns its zstd frame as stored: what a peer is sent.
 pub fn read_frame(
-    file: &File,
+    file: &dyn ReadAt,
     path: &Path,
     loc: &Location,
     id: &ChunkId,
@@ -204,7 +221,7 @@ pub fn read_frame(
 /// The whole record at `loc` (header + zstd frame) after a full check: what pack GC copies
 /// (a record does not depend on where it sits, so it moves as is, never recompressed).
 pub fn read_checked_record(
-    file: &File,
+    file: &dyn ReadAt,
     path: &Path,
     loc: &Location,
     id: &ChunkId,
@@ -215,7 +232,7 @@ pub fn read_checked_record(
 
 /// The whole record (header + frame) and the decompressed chunk, fully checked.
 fn read_record(
-    file: &File,
+    file: &dyn ReadAt,
     path: &Path,
     loc: &Location,
     id: &ChunkId,
@@ -224,12 +241,28 @@ fn read_record(
     let mut rec = vec![0u8; loc.record_len() as usize];
     file.read_exact_at(&mut rec, loc.offset)
         .map_err(io_err(path))?;
+    let data = check_record(&rec, path, loc, id, dctx)?;
+    Ok((rec, data))
+}
+
+/// Checks a whole record (header + frame) read from `loc` against the index's `id` and
+/// lengths and returns the decompressed payload.
+pub fn check_record(
+    rec: &[u8],
+    path: &Path,
+    loc: &Location,
+    id: &ChunkId,
+    dctx: &mut zstd::bulk::Decompressor<'static>,
+) -> Result<Vec<u8>, PackError> {
     let bad = |reason: String| PackError::BadChunk {
         path: path.to_path_buf(),
         offset: loc.offset,
         id: *id,
         reason,
     };
+    if rec.len() as u64 != loc.record_len() {
+        return Err(bad(format!("{} bytes read, the record is {}", rec.len(), loc.record_len())));
+    }
     let header: &[u8; RECORD_HEADER_LEN] = rec[..RECORD_HEADER_LEN].try_into().expect("48 bytes");
     let h = decode_header(header).map_err(|r| bad(r.to_string()))?;
     if h.id != *id || h.raw_len != loc.raw_len || h.comp_len != loc.comp_len {
@@ -240,7 +273,7 @@ fn read_record(
     if ChunkId::of(&data) != *id {
         return Err(bad("content does not hash to its id".into()));
     }
-    Ok((rec, data))
+    Ok(data)
 }
 
 fn decompress(
