@@ -26,6 +26,7 @@ mod evict;
 pub mod pack;
 mod retire;
 mod staging;
+mod storage;
 pub mod tables;
 
 pub use compact::{CompactOptions, CompactReport};
