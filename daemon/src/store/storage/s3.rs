@@ -8,9 +8,11 @@
 //! runtime never start or enter a runtime themselves (and never panic for it).
 //!
 //! Invariants:
-//! - every request is bounded: a connect timeout, a request timeout, a few retries within a
-//!   retry window, and a guard on the wait itself, so a down or stalled endpoint gives
-//!   [`StorageError::Unavailable`] in tens of seconds rather than a hang;
+//! - every request is bounded: a connect timeout, a request timeout (longer for uploads,
+//!   which go through a client of their own), a few retries within a retry window, and a
+//!   guard on the wait itself, so a down or stalled endpoint gives
+//!   [`StorageError::Unavailable`] in tens of seconds (a few minutes for a stalled upload)
+//!   rather than a hang;
 //! - a pack at or above the multipart threshold is uploaded in parts streamed from disk, one
 //!   part in memory at a time; a failed multipart upload is aborted;
 //! - credentials live only in the client; messages name where they came from, never them.
@@ -45,8 +47,12 @@ pub(crate) struct S3Options {
     pub(crate) part_size: usize,
     /// Time to establish a connection.
     pub(crate) connect_timeout: Duration,
-    /// Time for one request, body included.
+    /// Time for one read, listing or delete request, body included: what a slow server may
+    /// take before the call fails (after retries).
     pub(crate) request_timeout: Duration,
+    /// Time for one upload request (a pack below the multipart threshold, or one part), body
+    /// included: longer, so that a slow uplink still gets a part through.
+    pub(crate) upload_timeout: Duration,
     /// Retries of a failed request (connection errors, timeouts, 5xx, 429).
     pub(crate) max_retries: usize,
     /// No retry starts later than this after the first attempt.
@@ -62,6 +68,8 @@ impl Default for S3Options {
             part_size: 8 * 1024 * 1024,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(60),
+            // 16 MiB (the largest single-request upload) in 5 minutes is ~56 KiB/s.
+            upload_timeout: Duration::from_secs(300),
             max_retries: 3,
             retry_timeout: Duration::from_secs(30),
         }
@@ -69,13 +77,11 @@ impl Default for S3Options {
 }
 
 impl S3Options {
-    /// How long a caller waits for one spawned request (retries included) before giving up:
-    /// a guard above `object_store`'s own bounds.
-    fn wait_guard(&self) -> Duration {
-        self.retry_timeout
-            + 2 * self.request_timeout
-            + self.connect_timeout
-            + Duration::from_secs(10)
+    /// How long a caller waits for one spawned call (retries included) whose requests time
+    /// out after `request_timeout`: a guard above `object_store`'s own bounds (no retry starts
+    /// after `retry_timeout`, and each attempt ends within `request_timeout`).
+    fn wait_guard(&self, request_timeout: Duration) -> Duration {
+        self.retry_timeout + 2 * request_timeout + self.connect_timeout + Duration::from_secs(10)
     }
 }
 
@@ -89,7 +95,10 @@ pub(crate) struct S3Config {
 
 /// Packs in an S3 bucket.
 pub(crate) struct S3Storage {
+    /// Reads, listings, deletes: requests bounded by `request_timeout`.
     store: Arc<AmazonS3>,
+    /// Uploads: requests bounded by `upload_timeout`.
+    upload_store: Arc<AmazonS3>,
     /// `Some` until drop, which shuts it down without blocking (drop may run on any thread).
     runtime: Option<tokio::runtime::Runtime>,
     handle: tokio::runtime::Handle,
@@ -151,9 +160,7 @@ impl S3Storage {
             .map_err(|e| config_err(format!("cannot start the S3 client's runtime: {e}")))?;
         let handle = runtime.handle().clone();
 
-        let mut client = ClientOptions::new()
-            .with_connect_timeout(options.connect_timeout)
-            .with_timeout(options.request_timeout);
+        let mut client = ClientOptions::new().with_connect_timeout(options.connect_timeout);
         let mut builder = AmazonS3Builder::new()
             .with_bucket_name(&target.bucket)
             .with_region(&target.region)
@@ -178,16 +185,24 @@ impl S3Storage {
                 client = client.with_allow_http(true);
             }
         }
-        builder = builder.with_client_options(client);
-        let store = {
+        let (store, upload_store) = {
             // Building the HTTP client may want a runtime context: lend it ours.
             let _enter = runtime.enter();
-            builder
-                .build()
-                .map_err(|e| config_err(format!("cannot build the S3 client: {e}")))?
+            let build = |timeout: Duration| {
+                builder
+                    .clone()
+                    .with_client_options(client.clone().with_timeout(timeout))
+                    .build()
+                    .map_err(|e| config_err(format!("cannot build the S3 client: {e}")))
+            };
+            (
+                build(options.request_timeout)?,
+                build(options.upload_timeout)?,
+            )
         };
         Ok(S3Storage {
             store: Arc::new(store),
+            upload_store: Arc::new(upload_store),
             runtime: Some(runtime),
             handle,
             endpoint,
@@ -220,14 +235,18 @@ impl S3Storage {
     }
 
     /// Runs `fut` on the backend's runtime and waits for it on this thread (which must not be
-    /// running async code). `None` when no answer came within the wait guard.
-    fn block<T: Send + 'static>(&self, fut: impl Future<Output = T> + Send + 'static) -> Option<T> {
+    /// running async code). `None` when no answer came within `guard`.
+    fn block<T: Send + 'static>(
+        &self,
+        guard: Duration,
+        fut: impl Future<Output = T> + Send + 'static,
+    ) -> Option<T> {
         let (tx, rx) = sync_channel(1);
         let task = self.handle.spawn(async move {
             // The receiver may have given up: nothing to do then.
             let _ = tx.send(fut.await);
         });
-        match rx.recv_timeout(self.options.wait_guard()) {
+        match rx.recv_timeout(guard) {
             Ok(v) => Some(v),
             Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
                 task.abort();
@@ -236,7 +255,8 @@ impl S3Storage {
         }
     }
 
-    /// [`S3Storage::block`] for one `object_store` call, its error translated.
+    /// [`S3Storage::block`] for one `object_store` call, its error translated. Uploads
+    /// (`op` is [`Op::Put`], on `upload_store`) may wait longer.
     fn call<T: Send + 'static>(
         &self,
         op: Op,
@@ -244,13 +264,17 @@ impl S3Storage {
         key: &ObjectPath,
         fut: impl Future<Output = object_store::Result<T>> + Send + 'static,
     ) -> Result<T, StorageError> {
-        match self.block(fut) {
+        let guard = self.options.wait_guard(match op {
+            Op::Put => self.options.upload_timeout,
+            Op::Get | Op::List | Op::Delete => self.options.request_timeout,
+        });
+        match self.block(guard, fut) {
             Some(r) => r.map_err(|e| self.translate(op, pack, key, e)),
             None => Err(StorageError::Unavailable {
                 op,
                 location: self.url(key),
                 endpoint: self.endpoint.clone(),
-                detail: format!("no answer within {:?}", self.options.wait_guard()),
+                detail: format!("no answer within {guard:?}"),
             }),
         }
     }
@@ -303,7 +327,7 @@ impl S3Storage {
             let mut data = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
             file.read_to_end(&mut data).map_err(io)?;
             let n = data.len() as u64;
-            let store = Arc::clone(&self.store);
+            let store = Arc::clone(&self.upload_store);
             let k = key.clone();
             self.call(Op::Put, Some(pack), &key, async move {
                 store.put(&k, PutPayload::from(data)).await
@@ -313,7 +337,7 @@ impl S3Storage {
             return Ok(());
         }
 
-        let store = Arc::clone(&self.store);
+        let store = Arc::clone(&self.upload_store);
         let k = key.clone();
         let mut upload = self.call(Op::Put, Some(pack), &key, async move {
             store.put_multipart(&k).await
@@ -471,7 +495,7 @@ impl S3Storage {
     /// plant foreign objects.
     pub(crate) fn put_raw(&self, key: &str, data: &[u8]) -> Result<(), StorageError> {
         let key = ObjectPath::from(key);
-        let store = Arc::clone(&self.store);
+        let store = Arc::clone(&self.upload_store);
         let k = key.clone();
         let payload = PutPayload::from(data.to_vec());
         self.call(

@@ -267,6 +267,7 @@ fn test_options() -> S3Options {
         part_size: 5 * 1024 * 1024,
         connect_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(20),
+        upload_timeout: Duration::from_secs(30),
         max_retries: 2,
         retry_timeout: Duration::from_secs(5),
     }
@@ -405,6 +406,15 @@ fn s3_wrong_secret_is_access_denied_without_the_secret() {
         assert!(text.contains(&server.endpoint()), "no endpoint in {e}");
     }
     assert_eq!(s.counters().errors, 4);
+
+    // An access key id the server does not know.
+    let mut unknown = bad;
+    unknown.credentials.access_key_id = "AKIDUNKNOWN".into();
+    unknown.credentials.secret_access_key = Secret::new(SECRET_KEY);
+    let s = S3Storage::open(unknown).expect("open");
+    let e = s.list_packs().expect_err("list with an unknown key id");
+    assert!(matches!(e, StorageError::AccessDenied { .. }), "{e:?}");
+    assert!(!all_text(&e).contains(SECRET_KEY), "secret in {e}");
 }
 
 #[test]
@@ -478,19 +488,25 @@ fn s3_stalled_server_is_unavailable() {
         credentials,
         options: S3Options {
             request_timeout: Duration::from_secs(2),
+            upload_timeout: Duration::from_secs(2),
             retry_timeout: Duration::from_secs(3),
             max_retries: 1,
             ..test_options()
         },
     })
     .expect("open");
-    let e = s
-        .read_range(1, 0, 10)
-        .expect_err("read from a stalled server");
-    assert!(
-        matches!(e, StorageError::Unavailable { .. }),
-        "not unavailable: {e:?}"
-    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = write(dir.path(), "p", &pattern(1_000, 7));
+    for e in [
+        s.read_range(1, 0, 10)
+            .expect_err("read from a stalled server"),
+        s.put_pack(1, &p).expect_err("upload to a stalled server"),
+    ] {
+        assert!(
+            matches!(e, StorageError::Unavailable { .. }),
+            "not unavailable: {e:?}"
+        );
+    }
     let _ = stop_tx.send(());
     holder.join().expect("holder thread");
 }
