@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests and benchmarks need on a fresh Debian machine, when missing:
 # the real Nix client (Debian's nix-bin, Nix 2.8), patchelf, xz and zstd (corpus building and
-# reference measurements) and nginx-light (substituter benchmark reference).
+# reference measurements), nginx-light (substituter benchmark reference) and s3s-fs (the real
+# S3 server the pack-storage tests start; later versions need a newer Rust than ours).
 set -euo pipefail
 
 need=()
@@ -20,4 +21,12 @@ if ((${#need[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   $sudo apt-get update -qq >/dev/null || true
   $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# s3s-fs: a file-backed S3 server that checks SigV4, for store::storage's tests.
+S3S_FS_VERSION=0.14.1
+cargo_bin="${CARGO_HOME:-$HOME/.cargo}/bin"
+if ! command -v s3s-fs >/dev/null 2>&1 && [ ! -x "$cargo_bin/s3s-fs" ]; then
+  echo "installing: s3s-fs $S3S_FS_VERSION (cargo install, about 1-2 minutes)" >&2
+  cargo install "s3s-fs@$S3S_FS_VERSION" --locked --features binary
 fi

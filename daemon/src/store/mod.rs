@@ -29,6 +29,7 @@ mod range_cache;
 mod repair;
 mod retire;
 mod staging;
+mod storage;
 pub mod tables;
 
 pub use compact::{CompactOptions, CompactReport};
