@@ -157,6 +157,15 @@ pub struct DaemonConfig {
     pub compact_level: Option<u8>,
     /// A pack is cold once unmodified for this many seconds.
     pub compact_min_age_secs: u64,
+    /// Where sealed packs go: `s3://BUCKET[/PREFIX]`; unset: the data dir.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storage: Option<String>,
+    /// S3 endpoint URL (path-style; `http://` for loopback).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub s3_endpoint: Option<String>,
+    /// Local cache of remote pack ranges [default: 1 GiB].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub s3_cache_size: Option<ByteSize>,
 }
 
 /// The background compaction level of a seed unless configured (`docs/chunking.md`).
@@ -183,12 +192,24 @@ impl Default for DaemonConfig {
             upload_rate_limit: None,
             compact_level: None,
             compact_min_age_secs: 3600,
+            storage: None,
+            s3_endpoint: None,
+            s3_cache_size: None,
         }
     }
 }
 
 impl DaemonConfig {
     /// The background compaction level in effect, if compaction is on.
+    /// Where the store keeps its sealed packs.
+    pub fn storage_options(&self) -> crate::store::StorageOptions {
+        crate::store::StorageOptions {
+            storage: self.storage.clone(),
+            s3_endpoint: self.s3_endpoint.clone(),
+            cache_size: self.s3_cache_size.map(u64::from),
+        }
+    }
+
     pub fn effective_compact_level(&self) -> Option<i32> {
         let level = match (self.compact_level, self.role) {
             (Some(l), _) => l,

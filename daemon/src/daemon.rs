@@ -242,10 +242,13 @@ pub async fn run(
     let trusted = trusted_keys(&config.trusted_public_keys)?;
     let upload_token = config.upload_token()?;
     let dir = config.data_dir.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&dir))
-        .await
-        .map_err(|e| DaemonError::Serve(std::io::Error::other(e)))?
-        .map_err(Box::new)?;
+    let opts = config.storage_options();
+    let store = tokio::task::spawn_blocking(move || {
+        Store::open_with_storage(&dir, crate::store::DEFAULT_ZSTD_LEVEL, &opts)
+    })
+    .await
+    .map_err(|e| DaemonError::Serve(std::io::Error::other(e)))?
+    .map_err(Box::new)?;
     let metrics = Arc::new(Metrics::default());
     // One source per upstream, in order: a NAR one of them failed (after exposing bytes) is
     // then fetched from the next.
@@ -276,7 +279,10 @@ pub async fn run(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     if let Some(level) = config.effective_compact_level() {
         let min_age = std::time::Duration::from_secs(config.compact_min_age_secs);
-        crate::compactor::start(store.clone(), level, min_age, stop_rx);
+        crate::compactor::start(store.clone(), level, min_age, stop_rx.clone());
+    }
+    if store.has_remote_storage() {
+        crate::uploader::start(store.clone(), stop_rx);
     }
     let shutdown = async move {
         shutdown.await;
@@ -321,6 +327,7 @@ pub async fn run(
         Ok(Err(e)) => tracing::warn!(error = %e, "sweeping the upload staging dir"),
         Err(e) => tracing::warn!(error = %e, "sweeping the upload staging dir"),
     }
+    let store_for_stop = store.clone();
     let state = Arc::new(HttpState {
         store,
         metrics,
@@ -366,6 +373,21 @@ pub async fn run(
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(DaemonError::Serve)?;
+    if store_for_stop.has_remote_storage() {
+        // The storage alone then holds every acknowledged NAR.
+        let s = store_for_stop.clone();
+        match tokio::task::spawn_blocking(move || s.seal_and_upload()).await {
+            Ok(Ok(r)) => tracing::info!(
+                packs = r.packs,
+                bytes = r.bytes,
+                "open pack sealed and uploaded"
+            ),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "sealing the open pack at stop failed (uploaded at the next start)")
+            }
+            Err(e) => tracing::warn!(error = %e, "sealing the open pack at stop failed"),
+        }
+    }
     tracing::info!("shut down");
     Ok(())
 }

@@ -18,4 +18,5 @@ pub mod pending;
 pub mod quota;
 pub mod resolve;
 pub mod store;
+pub mod uploader;
 pub mod upstream;

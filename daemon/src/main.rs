@@ -43,7 +43,9 @@ use nix_p2p_cache::import::{self, BinaryCache, Selection};
 use nix_p2p_cache::maintain::{
     self, PinOutcome, PinReport, PolicyGcReport, SizeGcReport, UndeleteReport,
 };
-use nix_p2p_cache::store::{CompactOptions, PathState, Store, StoreError, DEFAULT_ZSTD_LEVEL};
+use nix_p2p_cache::store::{
+    CompactOptions, PathState, StorageOptions, Store, StoreError, DEFAULT_ZSTD_LEVEL,
+};
 
 #[derive(Parser)]
 #[command(
@@ -61,6 +63,39 @@ struct DataDir {
     /// Data directory (packs and index).
     #[arg(long, env = "NIX_P2P_CACHE_DATA_DIR", default_value_os_t = default_data_dir())]
     data_dir: PathBuf,
+    #[command(flatten)]
+    storage: StorageArgs,
+}
+
+impl DataDir {
+    fn storage_options(&self) -> StorageOptions {
+        self.storage.options()
+    }
+}
+
+/// Where sealed packs are (the data dir's `packs/` unless `--storage`).
+#[derive(Args, Clone, Default)]
+struct StorageArgs {
+    /// Keep sealed packs in S3-compatible object storage: s3://BUCKET[/PREFIX]. Credentials
+    /// from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (AWS_REGION) or a credentials file.
+    #[arg(long, env = "NIX_P2P_CACHE_STORAGE")]
+    storage: Option<String>,
+    /// The S3 endpoint, e.g. https://s3.example.com or http://127.0.0.1:9000 (path-style).
+    #[arg(long, env = "NIX_P2P_CACHE_S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
+    /// Local cache of remote pack ranges (e.g. 1G) [default: 1GiB].
+    #[arg(long)]
+    s3_cache_size: Option<ByteSize>,
+}
+
+impl StorageArgs {
+    fn options(&self) -> StorageOptions {
+        StorageOptions {
+            storage: self.storage.clone(),
+            s3_endpoint: self.s3_endpoint.clone(),
+            cache_size: self.s3_cache_size.map(u64::from),
+        }
+    }
 }
 
 /// How to reach a running daemon.
@@ -145,6 +180,9 @@ struct LiveArgs {
     /// [default: upload_token_file of --config].
     #[arg(long)]
     upload_token_file: Option<PathBuf>,
+    /// [default: storage of --config]
+    #[command(flatten)]
+    storage: StorageArgs,
 }
 
 /// A running daemon's state-changing API.
@@ -188,10 +226,14 @@ impl LiveArgs {
             .clone()
             .or_else(|| cfg.as_ref().map(|c| c.data_dir.clone()))
             .unwrap_or_else(default_data_dir);
-        if !dir.join("index.redb").is_file() {
-            open_existing(&dir)?; // says there is no store
+        let mut opts = self.storage.options();
+        if let (None, Some(c)) = (&opts.storage, &cfg) {
+            opts = c.storage_options();
         }
-        match Store::open(&dir) {
+        if !dir.join("index.redb").is_file() {
+            open_existing(&dir, &opts)?; // says there is no store
+        }
+        match Store::open_with_storage(&dir, DEFAULT_ZSTD_LEVEL, &opts) {
             Ok(s) => Ok(Target::Store(Box::new(s))),
             Err(StoreError::Locked(_)) => {
                 let listen = cfg.as_ref().map_or_else(
@@ -308,6 +350,8 @@ struct DaemonArgs {
     /// A pack is cold once unmodified for this many seconds [default: 3600].
     #[arg(long)]
     compact_min_age_secs: Option<u64>,
+    #[command(flatten)]
+    storage: StorageArgs,
 }
 
 impl DaemonArgs {
@@ -359,6 +403,15 @@ impl DaemonArgs {
         }
         if let Some(s) = self.compact_min_age_secs {
             cfg.compact_min_age_secs = s;
+        }
+        if self.storage.storage.is_some() {
+            cfg.storage = self.storage.storage;
+        }
+        if self.storage.s3_endpoint.is_some() {
+            cfg.s3_endpoint = self.storage.s3_endpoint;
+        }
+        if self.storage.s3_cache_size.is_some() {
+            cfg.s3_cache_size = self.storage.s3_cache_size;
         }
     }
 }
@@ -539,11 +592,12 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
 }
 
 /// Opens an existing store for a command that changes it; says so if the daemon has it.
-fn open_unshared(dir: &std::path::Path) -> Result<Store> {
+fn open_unshared(data: &DataDir) -> Result<Store> {
+    let dir = &data.data_dir;
     if !dir.join("index.redb").is_file() {
-        return open_existing(dir); // says there is no store
+        return open_existing(dir, &data.storage_options()); // says there is no store
     }
-    match Store::open(dir) {
+    match Store::open_with_storage(dir, DEFAULT_ZSTD_LEVEL, &data.storage_options()) {
         Err(StoreError::Locked(_)) => bail!(
             "the daemon is running on {} (it holds the index): stop it first",
             dir.display()
@@ -618,7 +672,7 @@ fn undelete_command(
 
 /// `gc [--max-size SIZE]`.
 fn compact_command(data: &DataDir, level: i32, min_age_secs: u64, json: bool) -> Result<ExitCode> {
-    let mut store = open_unshared(&data.data_dir)?;
+    let mut store = open_unshared(data)?;
     let before = store.stats()?;
     let opts = CompactOptions {
         level,
@@ -626,6 +680,7 @@ fn compact_command(data: &DataDir, level: i32, min_age_secs: u64, json: bool) ->
         max_packs: None,
     };
     let r = store.compact(opts, &|| false)?;
+    upload_all(&store)?;
     store.compact_index().context("compacting the index")?;
     let after = store.stats()?;
     if json {
@@ -687,6 +742,7 @@ fn policy_gc_command(
             let policy = Policy::from_file(policy_file)?;
             let r = maintain::gc_by_policy(&store, &policy, dry_run, maintain::now_unix())?;
             if !dry_run {
+                upload_all(&store)?;
                 store.compact_index().context("compacting the index")?;
             }
             r
@@ -768,6 +824,7 @@ fn gc_command(live: &LiveArgs, max_size: Option<ByteSize>, json: bool) -> Result
     let r: SizeGcReport = match live.target()? {
         Target::Store(mut store) => {
             let mut r = maintain::gc_to_size(&store, max_size)?;
+            upload_all(&store)?;
             store.compact_index().context("compacting the index")?;
             let after = store.stats()?;
             r.stored_bytes_after = after.stored_bytes;
@@ -866,8 +923,9 @@ fn import_command(a: ImportArgs) -> Result<ExitCode> {
             closure: a.closure,
         }
     };
-    let mut store = Store::open_with(&a.data.data_dir, a.zstd_level)
-        .with_context(|| format!("opening store {}", a.data.data_dir.display()))?;
+    let mut store =
+        Store::open_with_storage(&a.data.data_dir, a.zstd_level, &a.data.storage_options())
+            .with_context(|| format!("opening store {}", a.data.data_dir.display()))?;
     let tty = std::io::stderr().is_terminal();
     let pb = if tty {
         let pb = ProgressBar::new(0);
@@ -904,6 +962,7 @@ fn import_command(a: ImportArgs) -> Result<ExitCode> {
         import::Event::Failed(_) => pb.inc(1),
     })?;
     pb.finish_and_clear();
+    upload_all(&store)?;
     if report.imported > 0 {
         store.compact_index().context("compacting the index")?;
     }
@@ -975,7 +1034,24 @@ fn print_repair(r: &nix_p2p_cache::store::RepairReport) {
     }
 }
 
-fn open_existing(dir: &std::path::Path) -> Result<Store> {
+/// With remote storage: seals the open pack and uploads every sealed one, so the bucket
+/// alone holds what this command stored (and deletes what it collected).
+fn upload_all(store: &Store) -> Result<()> {
+    let r = store
+        .seal_and_upload()
+        .context("uploading sealed packs to the storage")?;
+    if r.packs > 0 || r.deleted > 0 {
+        eprintln!(
+            "storage: uploaded {} packs ({}), deleted {}",
+            r.packs,
+            human(r.bytes),
+            r.deleted
+        );
+    }
+    Ok(())
+}
+
+fn open_existing(dir: &std::path::Path, opts: &StorageOptions) -> Result<Store> {
     if !dir.join("index.redb").is_file() {
         if dir
             .join("packs")
@@ -994,7 +1070,8 @@ fn open_existing(dir: &std::path::Path) -> Result<Store> {
             dir.display()
         );
     }
-    Store::open(dir).with_context(|| format!("opening store {}", dir.display()))
+    Store::open_with_storage(dir, DEFAULT_ZSTD_LEVEL, opts)
+        .with_context(|| format!("opening store {}", dir.display()))
 }
 
 fn human(bytes: u64) -> String {
@@ -1214,7 +1291,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             store_paths,
         }),
         Command::Stats { data, json } => {
-            let store = open_existing(&data.data_dir)?;
+            let store = open_existing(&data.data_dir, &data.storage_options())?;
             let s = store.stats()?;
             if json {
                 outln!("{}", serde_json::to_string_pretty(&s)?);
@@ -1261,7 +1338,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Nar { data, store_path } => {
             let hash = parse_hash_or_path(&store_path)
                 .with_context(|| format!("bad store path {store_path:?}"))?;
-            let store = open_existing(&data.data_dir)?;
+            let store = open_existing(&data.data_dir, &data.storage_options())?;
             let Some(rec) = store.narinfo(hash.as_str())? else {
                 let why = match store.path_state(hash.as_str())? {
                     PathState::Hidden { until, .. } => format!(
@@ -1320,11 +1397,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => compact_command(&data, level, min_age_secs, json),
         Command::Verify { data, repair } => {
             if repair {
-                let r = nix_p2p_cache::store::repair(&data.data_dir)
+                let r = nix_p2p_cache::store::repair(&data.data_dir, &data.storage_options())
                     .with_context(|| format!("repairing {}", data.data_dir.display()))?;
                 print_repair(&r);
             }
-            let store = open_existing(&data.data_dir)?;
+            let store = open_existing(&data.data_dir, &data.storage_options())?;
             let pb = ProgressBar::new(store.stats()?.chunk_compressed_bytes);
             pb.set_style(
                 ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} chunks read")

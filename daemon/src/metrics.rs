@@ -298,6 +298,50 @@ impl Metrics {
                 let _ = writeln!(out, "# TYPE nix_p2p_cache_{name} gauge");
                 let _ = writeln!(out, "nix_p2p_cache_{name} {v}");
             }
+            if let Some(st) = &s.storage {
+                let b = st.backend;
+                let c = &st.requests;
+                let _ = writeln!(
+                    out,
+                    "# HELP nix_p2p_cache_storage_requests_total Requests to the pack storage \
+                     (a multipart upload is one put; its parts are counted apart).\n\
+                     # TYPE nix_p2p_cache_storage_requests_total counter"
+                );
+                for (op, v) in [
+                    ("put", c.puts),
+                    ("get", c.gets),
+                    ("delete", c.deletes),
+                    ("list", c.lists),
+                    ("multipart_part", c.multipart_parts),
+                ] {
+                    let _ = writeln!(
+                        out,
+                        "nix_p2p_cache_storage_requests_total{{backend=\"{b}\",op=\"{op}\"}} {v}"
+                    );
+                }
+                let _ = writeln!(
+                    out,
+                    "# HELP nix_p2p_cache_storage_errors_total Failed pack storage requests.\n\
+                     # TYPE nix_p2p_cache_storage_errors_total counter\n\
+                     nix_p2p_cache_storage_errors_total{{backend=\"{b}\"}} {}",
+                    c.errors
+                );
+                let _ = writeln!(
+                    out,
+                    "# HELP nix_p2p_cache_storage_bytes_total Pack bytes downloaded (in) and \
+                     uploaded (out).\n# TYPE nix_p2p_cache_storage_bytes_total counter\n\
+                     nix_p2p_cache_storage_bytes_total{{backend=\"{b}\",direction=\"in\"}} {}\n\
+                     nix_p2p_cache_storage_bytes_total{{backend=\"{b}\",direction=\"out\"}} {}",
+                    c.bytes_in, c.bytes_out
+                );
+                let _ = writeln!(
+                    out,
+                    "# HELP nix_p2p_cache_storage_cache_bytes Bytes of remote pack ranges cached \
+                     locally.\n# TYPE nix_p2p_cache_storage_cache_bytes gauge\n\
+                     nix_p2p_cache_storage_cache_bytes{{backend=\"{b}\"}} {}",
+                    st.cache_bytes
+                );
+            }
         }
         out
     }

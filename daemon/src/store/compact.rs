@@ -154,10 +154,15 @@ impl Store {
                 continue;
             }
             let path = pack::pack_path(&self.packs.dir, pack);
-            let modified = std::fs::metadata(&path)
-                .and_then(|m| m.modified())
-                .map_err(io_err(&path))?;
-            if now.duration_since(modified).unwrap_or_default() < opts.min_age {
+            let modified = match std::fs::metadata(&path).and_then(|m| m.modified()) {
+                Ok(m) => Some(m),
+                // Uploaded to the remote storage: sealed, so cold.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.has_remote_storage() => {
+                    None
+                }
+                Err(e) => return Err(io_err(&path)(e)),
+            };
+            if modified.is_some_and(|m| now.duration_since(m).unwrap_or_default() < opts.min_age) {
                 continue;
             }
             if wanted.len() < limit {
@@ -321,18 +326,19 @@ impl Store {
         dctx: &mut zstd::bulk::Decompressor<'static>,
         stop: &dyn Fn() -> bool,
     ) -> Result<Option<u64>, StoreError> {
-        let (file, path) = self.packs.get(input.pack)?;
+        let h = self.packs.get(input.pack)?;
+        let path = h.path.clone();
         let mut kept = 0;
         for (id, loc) in &input.records {
             if stop() {
                 return Ok(None);
             }
-            let data = pack::read_chunk(&file, &path, loc, id, dctx)?;
+            let data = h.read_chunk(&self.packs, loc, id, dctx)?;
             let frame = compressor.compress(&data).map_err(io_err(&path))?;
             if frame.len() < loc.comp_len as usize {
                 staging.append_frame(id, loc.raw_len, &frame)?;
             } else {
-                let old = pack::read_frame(&file, &path, loc, id, dctx)?;
+                let old = h.read_frame(&self.packs, loc, id, dctx)?;
                 staging.append_frame(id, loc.raw_len, &old)?;
                 kept += 1;
             }

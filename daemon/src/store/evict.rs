@@ -819,12 +819,12 @@ impl Store {
         if writer.pack() == p.pack {
             writer.rotate()?; // never copy a pack into itself
         }
-        let (file, path) = self.packs.get(p.pack)?;
+        let h = self.packs.get(p.pack)?;
         let mut dctx = new_dctx(&self.dir)?;
         let mut moved = Vec::with_capacity(records.len());
         let mut copied = 0;
         for (id, old) in records {
-            let rec = pack::read_checked_record(&file, &path, old, id, &mut dctx)?;
+            let rec = pack::read_checked_record(&*h.src, &h.path, old, id, &mut dctx)?;
             let new = writer.append_record(&rec)?;
             copied += new.record_len();
             moved.push((*id, *old, new));
@@ -860,8 +860,14 @@ impl Store {
     /// Deletes a pack the index no longer points into; readers holding it open keep reading.
     pub(super) fn delete_pack(&self, pack: u32) -> Result<(), StoreError> {
         let path = pack::pack_path(&self.packs.dir, pack);
+        if let Some(r) = &self.packs.remote {
+            // Readers that resolved it before the commit may still be reading it.
+            if lock(&r.lens).remove(&pack).is_some() {
+                lock(&r.doomed).push((pack, Instant::now()));
+            }
+        }
         {
-            let _exclusive = self.packs.gate.write().unwrap_or_else(|e| e.into_inner());
+            let _exclusive = self.packs.exclusive();
             self.packs.forget(pack);
             match fs::remove_file(&path) {
                 Ok(()) => {}
@@ -1166,13 +1172,14 @@ mod tests {
             w.mark();
             w.rotate().unwrap();
             let m = store.manifest(&b.nar_hash).unwrap().unwrap();
-            let (f, path) = store.packs.get(1).unwrap();
+            let h = store.packs.get(1).unwrap();
             let mut dctx = new_dctx(dir.path()).unwrap();
             let txn = store.db.begin_read().unwrap();
             let chunks = txn.open_table(CHUNKS).unwrap();
             for c in &m.chunks {
                 let (loc, _) = loc_of(chunks.get(c.id.0).unwrap().unwrap().value());
-                let rec = pack::read_checked_record(&f, &path, &loc, &c.id, &mut dctx).unwrap();
+                let rec =
+                    pack::read_checked_record(&*h.src, &h.path, &loc, &c.id, &mut dctx).unwrap();
                 w.append_record(&rec).unwrap();
             }
             w.sync().unwrap();

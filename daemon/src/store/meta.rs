@@ -242,8 +242,8 @@ pub(super) fn copy_live(
     live.sort_by_key(|(_, m)| (m.loc.pack, m.loc.offset));
     let mut moved = Vec::with_capacity(live.len());
     for (hash, old) in live {
-        let (file, path) = packs_files.get(old.loc.pack)?;
-        let rec = super::pack::read_checked_record(&file, &path, &old.loc, &old.id, dctx)?;
+        let h = packs_files.get(old.loc.pack)?;
+        let rec = super::pack::read_checked_record(&*h.src, &h.path, &old.loc, &old.id, dctx)?;
         let loc = writer.append_record(&rec)?;
         moved.push((hash, old, MetaLoc { loc, ..old }));
     }

@@ -25,24 +25,27 @@ pub mod dht;
 mod evict;
 pub(crate) mod meta;
 pub mod pack;
+mod packs;
 mod range_cache;
 mod repair;
 mod retire;
 mod staging;
-mod storage;
+pub mod storage;
 pub mod tables;
+mod upload;
 
 pub use compact::{CompactOptions, CompactReport};
 pub use evict::{EvictReport, GcPolicy, GcReport, RemovedPath, Retention};
 pub use repair::{repair, RepairReport};
 pub use retire::{CollectReport, PathFacts, PathState};
 pub use staging::Staging;
+pub use upload::UploadReport;
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{self, File};
+use std::fs;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use nix_p2p_cache_proto::v1 as pb;
@@ -59,13 +62,14 @@ use crate::core::signing::Trust;
 use crate::core::{ChunkId, NarHash};
 use meta::{MetaLoc, NarMeta};
 use pack::{Location, PackError, PackWriter};
+use packs::{PackFiles, PackHandle};
 use tables::*;
-
-/// Pack files kept open for reading (beyond it, idle handles are closed).
-const OPEN_PACKS: usize = 256;
 
 /// Chunks waiting for the compressor thread during an ingest.
 const COMPRESS_QUEUE: usize = 16;
+
+/// Most bytes of adjacent records a NAR reader fetches from a remote pack in one request.
+const REMOTE_RUN_MAX: u64 = 8 << 20;
 
 /// Default zstd level for chunk records.
 pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
@@ -126,6 +130,18 @@ pub enum StoreError {
     Locked(PathBuf),
     #[error("{0} is not in the store")]
     NotStored(String),
+    #[error(transparent)]
+    Storage(Box<storage::StorageError>),
+    #[error(
+        "{dir} keeps its sealed packs in {recorded}, but it was opened with {given}: give \
+         --storage {recorded} (and its --s3-endpoint)",
+        dir = dir.display()
+    )]
+    StorageMismatch {
+        dir: PathBuf,
+        recorded: String,
+        given: String,
+    },
     #[error(
         "{dir}: the index does not match the packs ({reason}); nothing was changed. Rebuild the \
          index from the packs with `nix-p2p-cache verify --repair --data-dir {dir}`",
@@ -159,6 +175,7 @@ fn create_tables(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
     txn.open_table(TOMBSTONES)?;
     txn.open_table(SERVED_REMOTE)?;
     txn.open_table(NAR_META)?;
+    txn.open_table(SETTINGS)?;
     txn.open_table(PACKS)?;
     Ok(())
 }
@@ -212,6 +229,12 @@ macro_rules! db_errors {
         }
     )*};
 }
+impl From<storage::StorageError> for StoreError {
+    fn from(e: storage::StorageError) -> Self {
+        StoreError::Storage(Box::new(e))
+    }
+}
+
 impl From<PackError> for StoreError {
     fn from(e: PackError) -> Self {
         StoreError::Pack(Box::new(e))
@@ -358,65 +381,24 @@ pub struct Stats {
     pub hidden_paths: u64,
     /// Tombstones: collected paths whose narinfo is kept.
     pub collected_paths: u64,
+    /// Remote pack storage, if the sealed packs are there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storage: Option<StorageStats>,
 }
 
-/// Open pack files for reading, shared by readers.
-#[derive(Debug, Default)]
-struct PackFiles {
-    dir: PathBuf,
-    open: Mutex<HashMap<u32, Arc<File>>>,
-    /// Readers hold it (shared) from their index snapshot until they have opened the packs it
-    /// names; pack GC holds it (exclusive) to delete a pack. So a reader either sees the index
-    /// from after the GC commit, or holds the old pack open (unlinked files stay readable).
-    gate: RwLock<()>,
-}
-
-impl PackFiles {
-    fn shared(&self) -> std::sync::RwLockReadGuard<'_, ()> {
-        self.gate.read().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Closes a pack (it is about to be deleted); readers holding it keep their handle.
-    fn forget(&self, pack: u32) {
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        open.remove(&pack);
-    }
-
-    fn get(&self, pack: u32) -> Result<(Arc<File>, PathBuf), StoreError> {
-        let path = pack::pack_path(&self.dir, pack);
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(f) = open.get(&pack) {
-            return Ok((f.clone(), path));
-        }
-        let f = Arc::new(File::open(&path).map_err(io_err(&path))?);
-        if open.len() >= OPEN_PACKS {
-            // Bounded: a seed has thousands of packs, a process a limited number of file
-            // descriptors. Readers keep the handles they hold; idle ones close first.
-            let idle: Vec<u32> = open
-                .iter()
-                .filter(|(_, f)| Arc::strong_count(f) == 1)
-                .map(|(p, _)| *p)
-                .take(OPEN_PACKS / 4)
-                .collect();
-            for p in idle {
-                open.remove(&p);
-            }
-        }
-        if open.len() < OPEN_PACKS {
-            open.insert(pack, f.clone());
-        }
-        Ok((f, path))
-    }
-
-    fn read(
-        &self,
-        id: &ChunkId,
-        loc: &Location,
-        dctx: &mut zstd::bulk::Decompressor<'static>,
-    ) -> Result<Vec<u8>, StoreError> {
-        let (f, path) = self.get(loc.pack)?;
-        Ok(pack::read_chunk(&f, &path, loc, id, dctx)?)
-    }
+/// Remote pack storage: where, and what was asked of it since the store was opened.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StorageStats {
+    /// `s3`.
+    pub backend: &'static str,
+    /// Bucket, prefix and endpoint (never credentials).
+    pub location: String,
+    /// Sealed packs in the storage.
+    pub remote_packs: u64,
+    /// Bytes of remote pack ranges in the local cache.
+    pub cache_bytes: u64,
+    #[serde(flatten)]
+    pub requests: storage::StorageCounters,
 }
 
 /// Rows of `served-remote-v1` kept (about 100 bytes each).
@@ -466,6 +448,40 @@ fn add_counter(t: &mut redb::Table<&str, u64>, name: &str, delta: i64) -> Result
     Ok(())
 }
 
+/// Where a store keeps its sealed packs, as the command line and config give it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct StorageOptions {
+    /// `s3://BUCKET[/PREFIX]` (credentials from the `AWS_*` variables or a credentials file);
+    /// `None` or `local`: the data dir's `packs/`.
+    pub storage: Option<String>,
+    /// The S3 endpoint (`http://` allowed), path-style addressing.
+    pub s3_endpoint: Option<String>,
+    /// Bytes of remote pack ranges kept in `<data-dir>/pack-cache/` (default 1 GiB).
+    pub cache_size: Option<u64>,
+}
+
+/// Default size of the local cache of remote pack ranges.
+pub const DEFAULT_PACK_CACHE_SIZE: u64 = 1 << 30;
+
+impl StorageOptions {
+    fn spec(&self) -> Result<storage::StorageSpec, StoreError> {
+        Ok(storage::StorageSpec::parse(
+            self.storage.as_deref().unwrap_or("local"),
+            self.s3_endpoint.as_deref(),
+        )?)
+    }
+}
+
+/// How the settings table names a storage (never the endpoint or credentials).
+fn storage_name(spec: &storage::StorageSpec) -> String {
+    match spec {
+        storage::StorageSpec::Local => "local".into(),
+        storage::StorageSpec::S3(t) if t.prefix.is_empty() => format!("s3://{}", t.bucket),
+        storage::StorageSpec::S3(t) => format!("s3://{}/{}", t.bucket, t.prefix),
+    }
+}
+
 impl Store {
     /// Opens (creating if needed) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
@@ -473,6 +489,33 @@ impl Store {
     }
 
     pub fn open_with(dir: &Path, zstd_level: i32) -> Result<Self, StoreError> {
+        Self::open_with_storage(dir, zstd_level, &StorageOptions::default())
+    }
+
+    /// Opens the store in `dir` with its sealed packs where `opts` says; a data dir keeps
+    /// the storage it was first opened with (a local one may move to S3: its sealed packs
+    /// are uploaded), and another is refused.
+    pub fn open_with_storage(
+        dir: &Path,
+        zstd_level: i32,
+        opts: &StorageOptions,
+    ) -> Result<Self, StoreError> {
+        let spec = opts.spec()?;
+        let remote = match &spec {
+            storage::StorageSpec::Local => None,
+            storage::StorageSpec::S3(_) => Some(storage::open_storage(&spec, &dir.join("packs"))?),
+        };
+        Self::open_inner(dir, zstd_level, &spec, remote, opts.cache_size)
+    }
+
+    /// [`Store::open_with_storage`] with the remote storage (for `spec`) already open.
+    fn open_inner(
+        dir: &Path,
+        zstd_level: i32,
+        spec: &storage::StorageSpec,
+        remote: Option<Arc<dyn storage::PackStorage>>,
+        cache_size: Option<u64>,
+    ) -> Result<Self, StoreError> {
         create_private_dir(dir)?;
         let pack_dir = dir.join("packs");
         let index = dir.join("index.redb");
@@ -488,9 +531,26 @@ impl Store {
             fs::set_permissions(&index, fs::Permissions::from_mode(0o600))
                 .map_err(io_err(&index))?;
         }
+        let given = storage_name(spec);
         let txn = db.begin_write()?;
         let (known, meta_seq) = {
             create_tables(&txn)?;
+            let mut settings = txn.open_table(SETTINGS)?;
+            let recorded = settings.get(S_STORAGE)?.map(|v| v.value().to_string());
+            match recorded {
+                Some(r) if r != given && r != "local" => {
+                    return Err(StoreError::StorageMismatch {
+                        dir: dir.to_path_buf(),
+                        recorded: r,
+                        given,
+                    })
+                }
+                Some(r) if r == given => {}
+                _ => {
+                    settings.insert(S_STORAGE, given.as_str())?;
+                }
+            }
+            drop(settings);
             let known = txn
                 .open_table(PACKS)?
                 .iter()?
@@ -504,14 +564,55 @@ impl Store {
             (known, seq)
         };
         txn.commit()?;
+        let remote = match remote {
+            None => None,
+            Some(storage) => {
+                let lens: HashMap<u32, u64> = storage.list_packs()?.into_iter().collect();
+                let cache_dir = dir.join("pack-cache");
+                let cache = range_cache::RangeCache::open(
+                    &cache_dir,
+                    cache_size.unwrap_or(DEFAULT_PACK_CACHE_SIZE),
+                )
+                .map_err(io_err(&cache_dir))?;
+                Some(Arc::new(packs::RemotePacks {
+                    storage,
+                    cache,
+                    lens: Mutex::new(lens),
+                    doomed: Mutex::default(),
+                }))
+            }
+        };
         // Nothing is cut below unless the packs are proven to hold nothing the index lacks.
-        repair::check_agreement(dir, &pack_dir, &known, meta_seq)?;
+        let remote_lens = remote
+            .as_ref()
+            .map(|r| r.lens.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .unwrap_or_default();
+        repair::check_agreement(dir, &pack_dir, &known, meta_seq, &remote_lens)?;
         let known_ids: HashSet<u32> = known.keys().copied().collect();
         evict::sweep_orphan_packs(&pack_dir, &known_ids)?;
+        if let Some(r) = &remote {
+            // Remote packs the index no longer knows (below its last): a pack GC's, whose
+            // delayed delete a stop cut short.
+            let last = known.keys().next_back().copied().unwrap_or(0);
+            for &p in remote_lens.keys() {
+                if !known.contains_key(&p) && p < last {
+                    tracing::info!(pack = p, "deleting a remote pack the index does not know");
+                    r.storage.delete_pack(p)?;
+                    r.lens.lock().unwrap_or_else(|e| e.into_inner()).remove(&p);
+                }
+            }
+        }
         let (pack, committed) = match known.last_key_value() {
+            // The last pack was sealed and uploaded: appends start a new one.
+            Some((&p, _))
+                if !pack::pack_path(&pack_dir, p).exists() && remote_lens.contains_key(&p) =>
+            {
+                (p + 1, None)
+            }
             Some((&p, &len)) => (p, Some(len)),
             None => (1, None),
         };
+        let packs = Arc::new(PackFiles::new(pack_dir.clone(), remote));
         let writer = PackWriter::open(&pack_dir, pack, committed)?;
         let store = Self {
             dir: dir.to_path_buf(),
@@ -519,11 +620,7 @@ impl Store {
             dht: std::sync::OnceLock::new(),
             dht_init: Mutex::new(()),
             writer: Mutex::new(writer),
-            packs: Arc::new(PackFiles {
-                dir: pack_dir,
-                open: Mutex::default(),
-                gate: RwLock::default(),
-            }),
+            packs,
             params: ChunkingParams::CURRENT,
             zstd_level,
             touches: Mutex::default(),
@@ -659,19 +756,16 @@ impl Store {
     /// (record header, frame, BLAKE3 of the content against `id`): what a peer is sent.
     /// `None` if the chunk is not stored.
     pub fn chunk_frame(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, StoreError> {
-        let Some((f, path, loc)) = self.chunk_record(id)? else {
+        let Some((h, loc)) = self.chunk_record(id)? else {
             return Ok(None);
         };
         with_thread_dctx(&self.dir, |dctx| {
-            Ok(Some(pack::read_frame(&f, &path, &loc, id, dctx)?))
+            Ok(Some(h.read_frame(&self.packs, &loc, id, dctx)?))
         })
     }
 
     /// Where a chunk's record is, with its pack open (held open: a pack GC may unlink it).
-    fn chunk_record(
-        &self,
-        id: &ChunkId,
-    ) -> Result<Option<(Arc<File>, PathBuf, Location)>, StoreError> {
+    fn chunk_record(&self, id: &ChunkId) -> Result<Option<(PackHandle, Location)>, StoreError> {
         let _gate = self.packs.shared();
         let loc = {
             let txn = self.db.begin_read()?;
@@ -681,18 +775,17 @@ impl Store {
             };
             loc_of(v.value()).0
         };
-        let (f, path) = self.packs.get(loc.pack)?;
-        Ok(Some((f, path, loc)))
+        Ok(Some((self.packs.get(loc.pack)?, loc)))
     }
 
     /// The content of a stored chunk after a full check (record header, zstd frame, BLAKE3
     /// against `id`): what a fetch reuses of a chunk it already holds. `None` if not stored.
     pub fn chunk_data(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, StoreError> {
-        let Some((f, path, loc)) = self.chunk_record(id)? else {
+        let Some((h, loc)) = self.chunk_record(id)? else {
             return Ok(None);
         };
         with_thread_dctx(&self.dir, |dctx| {
-            Ok(Some(pack::read_chunk(&f, &path, &loc, id, dctx)?))
+            Ok(Some(h.read_chunk(&self.packs, &loc, id, dctx)?))
         })
     }
 
@@ -1331,7 +1424,13 @@ impl Store {
                 e.insert(self.packs.get(loc.pack)?);
             }
         }
-        Ok(NarReader::new(files, m, locs, new_dctx(&self.dir)?))
+        Ok(NarReader::new(
+            self.packs.clone(),
+            files,
+            m,
+            locs,
+            new_dctx(&self.dir)?,
+        ))
     }
 
     /// Compacts the index file (reclaims free pages after a large import). Needs exclusive use.
@@ -1384,6 +1483,13 @@ impl Store {
         }
         s.pinned_nars = pinned.len() as u64;
         (s.hidden_paths, s.collected_paths) = self.retired_counts()?;
+        s.storage = self.packs.remote.as_ref().map(|r| StorageStats {
+            backend: r.storage.kind(),
+            location: r.storage.describe(),
+            remote_packs: r.lens.lock().unwrap_or_else(|e| e.into_inner()).len() as u64,
+            cache_bytes: r.cache.bytes(),
+            requests: r.storage.counters(),
+        });
         Ok(s)
     }
 
@@ -1406,11 +1512,17 @@ impl Store {
         // 1. Every chunk record: header, zstd frame, content hash.
         let mut bad_chunks = std::collections::HashSet::new();
         let mut chunk_refs: HashMap<ChunkId, u32> = HashMap::new();
+        let mut by_place = Vec::new();
         for r in chunks_t.iter()? {
             let (k, v) = r?;
             let id = ChunkId(k.value());
             let (loc, rc) = loc_of(v.value());
             chunk_refs.insert(id, rc);
+            by_place.push((id, loc));
+        }
+        // In pack order: a remote pack is then read in few, large requests.
+        by_place.sort_by_key(|(_, l)| (l.pack, l.offset));
+        for (id, loc) in by_place {
             if let Err(e) = self.packs.read(&id, &loc, &mut dctx) {
                 problems.push(format!("chunk {id}: {e}"));
                 bad_chunks.insert(id);
@@ -1718,7 +1830,10 @@ impl<R: Read> Read for CheckingReader<R> {
 /// reassemble to its NarHash (a damaged manifest) never yields its complete length: the reader
 /// errors instead.
 pub struct NarReader {
-    files: HashMap<u32, (Arc<File>, PathBuf)>,
+    packs: Arc<PackFiles>,
+    files: HashMap<u32, PackHandle>,
+    /// Records read at once from a remote pack: (pack, offset of the first, their bytes).
+    run: Option<(u32, u64, Vec<u8>)>,
     manifest: Manifest,
     locs: Vec<(ChunkId, Location)>,
     /// NAR offset of each chunk once restored.
@@ -1739,7 +1854,8 @@ pub struct NarReader {
 
 impl NarReader {
     fn new(
-        files: HashMap<u32, (Arc<File>, PathBuf)>,
+        packs: Arc<PackFiles>,
+        files: HashMap<u32, PackHandle>,
         manifest: Manifest,
         locs: Vec<(ChunkId, Location)>,
         dctx: zstd::bulk::Decompressor<'static>,
@@ -1749,7 +1865,9 @@ impl NarReader {
         Self {
             norm_offsets,
             dctx,
+            packs,
             files,
+            run: None,
             remaining: manifest.nar_size,
             manifest,
             locs,
@@ -1795,12 +1913,17 @@ impl NarReader {
         // chunk never reaches a client, even as the prefix of an aborted body); a whole-NAR
         // read is also checked against NarHash before its last chunk goes out.
         let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidData, e);
-        let (f, path) = self
+        let h = self
             .files
             .get(&loc.pack)
-            .ok_or_else(|| invalid(format!("pack {} was not opened", loc.pack)))?;
-        let data = pack::read_chunk(f, path, &loc, &id, &mut self.dctx)
-            .map_err(|e| invalid(e.to_string()))?;
+            .ok_or_else(|| invalid(format!("pack {} was not opened", loc.pack)))?
+            .clone();
+        let data = if h.remote {
+            self.read_from_run(&h, &loc, &id)
+        } else {
+            h.read_chunk(&self.packs, &loc, &id, &mut self.dctx)
+        }
+        .map_err(|e| invalid(e.to_string()))?;
         let data = self.manifest.restore(self.norm_offsets[self.next], data);
         self.next += 1;
         if let Some(sha) = self.sha.as_mut() {
@@ -1825,6 +1948,57 @@ impl NarReader {
 }
 
 impl NarReader {
+    /// Reads a chunk of a remote pack from the current run of records, first fetching the run
+    /// that starts with it if needed: the following chunks of the NAR whose records sit next
+    /// to each other in the same pack, up to [`REMOTE_RUN_MAX`] — one request for them all.
+    fn read_from_run(
+        &mut self,
+        h: &PackHandle,
+        loc: &Location,
+        id: &ChunkId,
+    ) -> Result<Vec<u8>, StoreError> {
+        let covered = |run: &Option<(u32, u64, Vec<u8>)>| match run {
+            Some((p, start, bytes)) => {
+                *p == loc.pack
+                    && loc.offset >= *start
+                    && loc.offset + loc.record_len() <= start + bytes.len() as u64
+            }
+            None => false,
+        };
+        if !covered(&self.run) {
+            let mut end = loc.offset + loc.record_len();
+            for (_, next) in &self.locs[self.next + 1..] {
+                if next.pack != loc.pack
+                    || next.offset != end
+                    || end + next.record_len() - loc.offset > REMOTE_RUN_MAX
+                {
+                    break;
+                }
+                end += next.record_len();
+            }
+            let mut bytes = vec![0u8; (end - loc.offset) as usize];
+            h.src
+                .read_exact_at(&mut bytes, loc.offset)
+                .map_err(io_err(&h.path))?;
+            self.run = Some((loc.pack, loc.offset, bytes));
+        }
+        let Some((_, start, bytes)) = &self.run else {
+            unreachable!("the run was just read");
+        };
+        let from = (loc.offset - start) as usize;
+        let rec = &bytes[from..from + loc.record_len() as usize];
+        match pack::check_record(rec, &h.path, loc, id, &mut self.dctx) {
+            Ok(data) => Ok(data),
+            Err(_) => {
+                // A damaged cached block: dropped, and this chunk read again on its own.
+                self.run = None;
+                self.packs
+                    .invalidate(loc.pack, loc.offset, loc.record_len());
+                h.read_chunk(&self.packs, loc, id, &mut self.dctx)
+            }
+        }
+    }
+
     /// Makes sure `buf[pos..]` holds bytes (the caller has checked `remaining > 0`).
     fn fill(&mut self) -> io::Result<()> {
         while self.pos >= self.buf.len() {
@@ -2087,16 +2261,16 @@ mod tests {
     #[test]
     fn open_pack_handles_are_bounded() {
         let dir = tempfile::tempdir().unwrap();
-        let files = PackFiles {
-            dir: dir.path().to_path_buf(),
-            open: Mutex::default(),
-            gate: RwLock::default(),
-        };
+        let files = PackFiles::new(dir.path().to_path_buf(), None);
+        use packs::OPEN_PACKS;
         for p in 1..=(OPEN_PACKS as u32 * 3) {
             std::fs::write(pack::pack_path(dir.path(), p), pack::FILE_HEADER).unwrap();
         }
         // One handle held by a reader the whole time: never closed under it.
-        let (held, _) = files.get(1).unwrap();
+        let held = files.open.lock().unwrap().get(&1).cloned();
+        assert!(held.is_none());
+        files.get(1).unwrap();
+        let held = files.open.lock().unwrap().get(&1).cloned().unwrap();
         for p in 2..=(OPEN_PACKS as u32 * 3) {
             files.get(p).unwrap();
             assert!(files.open.lock().unwrap().len() <= OPEN_PACKS);

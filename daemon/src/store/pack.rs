@@ -261,7 +261,11 @@ pub fn check_record(
         reason,
     };
     if rec.len() as u64 != loc.record_len() {
-        return Err(bad(format!("{} bytes read, the record is {}", rec.len(), loc.record_len())));
+        return Err(bad(format!(
+            "{} bytes read, the record is {}",
+            rec.len(),
+            loc.record_len()
+        )));
     }
     let header: &[u8; RECORD_HEADER_LEN] = rec[..RECORD_HEADER_LEN].try_into().expect("48 bytes");
     let h = decode_header(header).map_err(|r| bad(r.to_string()))?;

@@ -12,16 +12,18 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use redb::ReadableTable;
 use serde::Serialize;
 
 use super::meta::{MetaLoc, NarMeta};
 use super::pack::{self, Location, RecordKind, FILE_HEADER};
+use super::storage::{open_storage, PackStorage, StorageSpec};
 use super::tables::*;
 use super::{
-    add_counter, create_tables, io_err, new_dctx, now_unix, open_database, StoreError,
-    StoredNarInfo,
+    add_counter, create_tables, io_err, new_dctx, now_unix, open_database, storage_name,
+    StorageOptions, StoreError, StoredNarInfo,
 };
 use crate::core::manifest::Manifest;
 use crate::core::ChunkId;
@@ -63,14 +65,16 @@ pub(super) fn check_agreement(
     pack_dir: &Path,
     known: &BTreeMap<u32, u64>,
     meta_seq: u64,
+    remote: &HashMap<u32, u64>,
 ) -> Result<(), StoreError> {
     let files = pack_files(pack_dir)?;
+    let last = known.keys().next_back().copied();
     for (&p, &len) in known {
-        match files.get(&p) {
+        match files.get(&p).or_else(|| remote.get(&p)) {
             None => {
                 return Err(mismatch(
                     data_dir,
-                    format!("pack {p} is in the index but not on disk"),
+                    format!("pack {p} is in the index but neither on disk nor in the storage"),
                 ))
             }
             Some(&on_disk) if on_disk < len => {
@@ -82,7 +86,17 @@ pub(super) fn check_agreement(
             _ => {}
         }
     }
-    let last = known.keys().next_back().copied();
+    // Sealed packs are uploaded only once committed: one the index does not know past its
+    // last was committed by a newer index.
+    if let Some(p) = remote
+        .keys()
+        .find(|&&p| !known.contains_key(&p) && last.is_none_or(|l| p > l))
+    {
+        return Err(mismatch(
+            data_dir,
+            format!("the storage holds pack {p}, past the index's last pack"),
+        ));
+    }
     let mut dctx = new_dctx(data_dir)?;
     for (&p, &len) in &files {
         let start = match known.get(&p) {
@@ -134,6 +148,8 @@ pub struct RepairReport {
     pub packs: u64,
     pub pack_bytes: u64,
     pub chunk_records: u64,
+    /// Bytes of remote packs downloaded to be read.
+    pub downloaded_bytes: u64,
     /// Chunk records whose chunk is stored again elsewhere (dead).
     pub duplicate_chunk_records: u64,
     pub metadata_records: u64,
@@ -153,6 +169,24 @@ pub struct RepairReport {
     pub dead_bytes: u64,
 }
 
+/// Most bytes of a remote pack read in one request while downloading it.
+const DOWNLOAD_PIECE: u64 = 16 << 20;
+
+/// Downloads remote pack `pack` (`len` bytes) to `dir` as a pack file.
+fn download(storage: &dyn PackStorage, pack: u32, len: u64, dir: &Path) -> Result<(), StoreError> {
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let path = pack::pack_path(dir, pack);
+    let mut f = fs::File::create(&path).map_err(io_err(&path))?;
+    let mut at = 0;
+    while at < len {
+        let n = DOWNLOAD_PIECE.min(len - at);
+        let bytes = storage.read_range(pack, at, n)?;
+        io::Write::write_all(&mut f, &bytes).map_err(io_err(&path))?;
+        at += n;
+    }
+    Ok(())
+}
+
 struct Found {
     meta: NarMeta,
     loc: MetaLoc,
@@ -162,7 +196,21 @@ struct Found {
 /// any) is moved aside, never deleted; the DHT database is left as it is. Not restored:
 /// hidden marks and tombstones of a GC policy, compaction levels, and last-access times
 /// (set to now).
-pub fn repair(dir: &Path) -> Result<RepairReport, StoreError> {
+pub fn repair(dir: &Path, opts: &StorageOptions) -> Result<RepairReport, StoreError> {
+    let spec = opts.spec()?;
+    let remote = match &spec {
+        StorageSpec::Local => None,
+        StorageSpec::S3(_) => Some(open_storage(&spec, &dir.join("packs"))?),
+    };
+    repair_inner(dir, &spec, remote)
+}
+
+/// [`repair`] with the remote storage (for `spec`) already open.
+pub(super) fn repair_inner(
+    dir: &Path,
+    spec: &StorageSpec,
+    remote: Option<Arc<dyn PackStorage>>,
+) -> Result<RepairReport, StoreError> {
     let pack_dir = dir.join("packs");
     let index = dir.join("index.redb");
     let mut report = RepairReport::default();
@@ -175,17 +223,43 @@ pub fn repair(dir: &Path) -> Result<RepairReport, StoreError> {
         fs::rename(&index, &aside).map_err(io_err(&index))?;
         report.old_index = Some(aside);
     }
-    let files = pack_files(&pack_dir)?;
+    // Every pack: local ones, then those only the remote storage holds (downloaded one at a
+    // time to be read).
+    let mut files: BTreeMap<u32, (u64, bool)> = pack_files(&pack_dir)?
+        .into_iter()
+        .map(|(p, len)| (p, (len, false)))
+        .collect();
+    if let Some(r) = &remote {
+        for (p, len) in r.list_packs()? {
+            files.entry(p).or_insert((len, true));
+        }
+    }
+    let download_dir = dir.join("repair-download");
     let mut dctx = new_dctx(dir)?;
     let mut chunks: HashMap<ChunkId, Location> = HashMap::new();
     let mut found: HashMap<String, Found> = HashMap::new();
     // Per pack: (file length, bytes of records kept live).
     let mut sizes: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
     let mut last_torn = false;
-    for (&p, &len) in &files {
-        let path = pack::pack_path(&pack_dir, p);
-        let scan = match pack::scan(&pack_dir, p) {
+    for (&p, &(len, is_remote)) in &files {
+        let scan_dir = match (&remote, is_remote) {
+            (Some(r), true) => {
+                download(r.as_ref(), p, len, &download_dir)?;
+                report.downloaded_bytes += len;
+                &download_dir
+            }
+            _ => &pack_dir,
+        };
+        let path = pack::pack_path(scan_dir, p);
+        let scan = match pack::scan(scan_dir, p) {
             Ok(s) => s,
+            Err(e) if is_remote => {
+                report
+                    .unreadable_packs
+                    .push(format!("remote pack {p}: {e}"));
+                let _ = fs::remove_file(&path);
+                continue;
+            }
             Err(e) => {
                 // Not a pack any more (its file header is gone): kept aside, never deleted.
                 let aside = path.with_extension("pack.damaged");
@@ -236,7 +310,11 @@ pub fn repair(dir: &Path) -> Result<RepairReport, StoreError> {
                 }
             }
         }
+        if is_remote {
+            fs::remove_file(&path).map_err(io_err(&path))?;
+        }
     }
+    let _ = fs::remove_dir(&download_dir);
 
     let db = open_database(&index, dir, "move it aside and run verify --repair again")?;
     {
@@ -245,6 +323,8 @@ pub fn repair(dir: &Path) -> Result<RepairReport, StoreError> {
     }
     let txn = db.begin_write()?;
     create_tables(&txn)?;
+    txn.open_table(SETTINGS)?
+        .insert(S_STORAGE, storage_name(spec).as_str())?;
     {
         let mut narinfos = txn.open_table(NARINFOS)?;
         let mut manifests = txn.open_table(MANIFESTS)?;
@@ -322,7 +402,8 @@ pub fn repair(dir: &Path) -> Result<RepairReport, StoreError> {
                 report.dead_bytes += d;
             }
         }
-        // Appends never go after a torn record: then they start a fresh pack.
+        // Appends never go after a torn record: then they start a fresh pack. (The last pack
+        // being remote, open starts one anyway.)
         if let (Some(&last), true) = (sizes.keys().next_back(), last_torn) {
             let writer = pack::PackWriter::open(&pack_dir, last + 1, None)?;
             drop(writer);
@@ -395,7 +476,7 @@ mod tests {
         fs::remove_file(dir.path().join("index.redb")).unwrap();
         assert_mismatch(dir.path());
         // The refused open left the packs as they were.
-        let report = repair(dir.path()).unwrap();
+        let report = repair(dir.path(), &StorageOptions::default()).unwrap();
         assert_eq!(report.paths_incomplete, Vec::<String>::new());
         assert_eq!(report.pinned_restored, 1);
         let store = Store::open(dir.path()).unwrap();
@@ -444,7 +525,7 @@ mod tests {
             packs_before,
             "open cut nothing"
         );
-        let report = repair(dir.path()).unwrap();
+        let report = repair(dir.path(), &StorageOptions::default()).unwrap();
         assert!(report.old_index.is_some());
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.verify(|_| {}).unwrap(), Vec::<String>::new());
@@ -511,7 +592,7 @@ mod tests {
         assert_eq!(store.verify(|_| {}).unwrap(), Vec::<String>::new());
         drop(store);
         fs::remove_file(dir.path().join("index.redb")).unwrap();
-        repair(dir.path()).unwrap();
+        repair(dir.path(), &StorageOptions::default()).unwrap();
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(read_nar(&store, &NarHash::digest(&nar)), nar);
         assert_eq!(store.pins().unwrap(), vec![H[0].to_string()]);
@@ -532,7 +613,7 @@ mod tests {
         std::io::Write::write_all(&mut f, &[0u8; 30]).unwrap();
         drop(f);
         fs::remove_file(dir.path().join("index.redb")).unwrap();
-        let report = repair(dir.path()).unwrap();
+        let report = repair(dir.path(), &StorageOptions::default()).unwrap();
         assert_eq!((report.torn_bytes, report.paths_restored), (34, 1));
         assert_eq!(report.dead_bytes, 34);
         let store = Store::open(dir.path()).unwrap();
@@ -558,7 +639,7 @@ mod tests {
             assert_eq!(store.verify(|_| {}).unwrap(), Vec::<String>::new());
         }
         fs::remove_file(dir.path().join("index.redb")).unwrap();
-        let report = repair(dir.path()).unwrap();
+        let report = repair(dir.path(), &StorageOptions::default()).unwrap();
         assert_eq!(report.paths_restored, 1);
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.verify(|_| {}).unwrap(), Vec::<String>::new());

@@ -85,3 +85,8 @@ pub const NAR_META: TableDefinition<&str, crate::store::meta::MetaRow> =
 
 /// Number of the last metadata record committed (`store::meta`).
 pub const C_META_SEQ: &str = "meta_seq";
+
+/// Settings the data directory was set up with: `storage` → where its sealed packs are
+/// (`local` or `s3://BUCKET[/PREFIX]`).
+pub const SETTINGS: TableDefinition<&str, &str> = TableDefinition::new("settings-v1");
+pub const S_STORAGE: &str = "storage";
