@@ -11,6 +11,7 @@ let
 
   # LoadCredential=upload-token:<file>; the daemon reads it from $CREDENTIALS_DIRECTORY (%d).
   tokenCredential = "upload-token";
+  s3Credential = "s3-credentials";
 
   optional = cond: x: if cond then [ x ] else [ ];
   optionalAttrs = cond: as: if cond then as else { };
@@ -64,6 +65,10 @@ rec {
     maxCacheSize = null;
     uploadRateLimit = null;
     uploadTokenFile = null;
+    storage = null;
+    s3Endpoint = null;
+    s3CacheSize = null;
+    s3CredentialsFile = null;
     settings = { };
     # Not an option of the module: it follows networking.enableIPv6.
     ipv6 = true;
@@ -97,7 +102,11 @@ rec {
         bootstrap = cfg.bootstrapPeers;
       }
       // optionalAttrs (cfg.maxCacheSize != null) { max-cache-size = cfg.maxCacheSize; }
-      // optionalAttrs (cfg.uploadRateLimit != null) { upload-rate-limit = cfg.uploadRateLimit; };
+      // optionalAttrs (cfg.uploadRateLimit != null) { upload-rate-limit = cfg.uploadRateLimit; }
+      // optionalAttrs (cfg.storage != null) { storage = cfg.storage; }
+      // optionalAttrs (cfg.s3Endpoint != null) { s3-endpoint = cfg.s3Endpoint; }
+      // optionalAttrs (cfg.s3CacheSize != null) { s3-cache-size = cfg.s3CacheSize; };
+      s3Creds = cfg.s3CredentialsFile != null;
       settings = base // cfg.settings;
       mdns = p2p && !(settings.no-mdns or false);
       portOf = listen: builtins.fromJSON (builtins.elemAt (splitHostPort listen) 1);
@@ -117,7 +126,16 @@ rec {
 
       # LoadCredential= entries (systemd copies the file into the unit's credentials dir,
       # readable by the dynamic user only).
-      credentials = optional (cfg.uploadTokenFile != null) "${tokenCredential}:${toString cfg.uploadTokenFile}";
+      credentials =
+        optional (cfg.uploadTokenFile != null) "${tokenCredential}:${toString cfg.uploadTokenFile}"
+        ++ optional s3Creds "${s3Credential}:${toString cfg.s3CredentialsFile}";
+
+      # The unit's environment: the S3 credentials file (an AWS-style INI file, handed in as a
+      # credential like the token; systemd expands %d), never the keys themselves.
+      environment = optionalAttrs s3Creds { AWS_SHARED_CREDENTIALS_FILE = "%d/${s3Credential}"; };
+
+      # A clean stop seals the open pack and uploads it: give it time on a slow uplink.
+      stopTimeoutSec = if (settings.storage or null) != null then 600 else 90;
 
       substituter = substituterUrl settings.listen;
 
@@ -146,6 +164,16 @@ rec {
         {
           assertion = settings.data-dir == stateDir;
           message = "the data directory is the unit's StateDirectory, ${stateDir}; do not set settings.data-dir (bind-mount another disk onto /var/lib/private/nix-p2p-cache instead).";
+        }
+        {
+          assertion = cfg.s3CredentialsFile == null || !(inStore cfg.s3CredentialsFile);
+          message = "s3CredentialsFile must not lie in the Nix store (it is world-readable); give the path of a file outside it as a string.";
+        }
+        {
+          assertion =
+            (settings.storage or null) != null
+            || (cfg.s3Endpoint == null && cfg.s3CacheSize == null && cfg.s3CredentialsFile == null);
+          message = "s3Endpoint, s3CacheSize and s3CredentialsFile only apply with storage = \"s3://BUCKET[/PREFIX]\".";
         }
         {
           assertion = p2p || cfg.bootstrapPeers == [ ];

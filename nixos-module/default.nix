@@ -39,6 +39,10 @@ let
       maxCacheSize
       uploadRateLimit
       uploadTokenFile
+      storage
+      s3Endpoint
+      s3CacheSize
+      s3CredentialsFile
       settings
       ;
     ipv6 = config.networking.enableIPv6;
@@ -171,6 +175,42 @@ in
       '';
     };
 
+    storage = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "s3://nix-cache/seed";
+      description = ''
+        Keep sealed packs in S3-compatible object storage (`s3://BUCKET[/PREFIX]`); null keeps
+        them in the state directory. The index and the open pack stay local; the local
+        directory may then be lost and rebuilt from the bucket (`verify --repair`).
+      '';
+    };
+
+    s3Endpoint = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "https://s3.eu-central-003.backblazeb2.com";
+      description = "The S3 endpoint (path-style addressing); null: AWS's endpoint for AWS_REGION.";
+    };
+
+    s3CacheSize = mkOption {
+      type = sizeType;
+      default = null;
+      example = "10G";
+      description = "Local cache of pack ranges read from the bucket (default 1 GiB).";
+    };
+
+    s3CredentialsFile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      example = "/run/keys/nix-p2p-cache-s3";
+      description = ''
+        An AWS-style credentials file (`[default]` with `aws_access_key_id` and
+        `aws_secret_access_key`), handed to the service through LoadCredential, never copied
+        into the Nix store.
+      '';
+    };
+
     openFirewall = mkOption {
       type = types.bool;
       default = false;
@@ -211,7 +251,9 @@ in
       description = "nix-p2p-cache, peer-to-peer binary cache for Nix";
       wantedBy = [ "multi-user.target" ];
       after = [ "network.target" ];
-      environment.RUST_LOG = mkDefault "info";
+      environment = generated.environment // {
+        RUST_LOG = mkDefault "info";
+      };
       serviceConfig =
         let
           caps = if generated.privilegedPorts then "CAP_NET_BIND_SERVICE" else "";
@@ -228,6 +270,7 @@ in
           );
           Restart = "on-failure";
           RestartSec = 5;
+          TimeoutStopSec = generated.stopTimeoutSec;
           # Every HTTP client and every peer is a file descriptor: 1024 is reached by a busy node.
           LimitNOFILE = 65536;
 

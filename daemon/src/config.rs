@@ -280,6 +280,12 @@ impl DaemonConfig {
         if self.compact_level.is_some_and(|l| l > 22) {
             problems.push("compact-level: zstd levels go up to 22 (0 turns compaction off)".into());
         }
+        if let Err(e) = self.storage_options().check() {
+            problems.push(format!("storage: {e}"));
+        }
+        if self.storage.is_none() && self.s3_endpoint.is_some() {
+            problems.push("s3-endpoint: only with storage = \"s3://BUCKET[/PREFIX]\"".into());
+        }
         if self.upload_rate_limit == Some(ByteSize(0)) {
             problems.push("upload-rate-limit: 0 would serve nothing; use share = \"none\"".into());
         }

@@ -122,7 +122,7 @@ impl Metrics {
             ),
             (
                 "nar_aborted_total",
-                "NAR streams aborted because of damage.",
+                "NAR streams aborted, or refused before their status, because of damage or an unreachable pack storage.",
                 &self.nar_aborted,
             ),
             ("uploads_total", "narinfo uploads committed.", &self.uploads),

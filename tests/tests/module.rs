@@ -196,6 +196,30 @@ fn seed_with_upload_token_is_accepted() {
 }
 
 #[test]
+fn a_seed_on_s3_is_accepted_with_its_credentials_file_as_a_credential() {
+    let (g, eff) = accepted(
+        r#"{ role = "seed"; storage = "s3://nix-cache/seed"; s3Endpoint = "http://127.0.0.1:9000";
+             s3CacheSize = "10G"; s3CredentialsFile = "/run/keys/s3"; }"#,
+    );
+    assert_eq!(eff["storage"].as_str(), Some("s3://nix-cache/seed"));
+    assert_eq!(eff["s3-endpoint"].as_str(), Some("http://127.0.0.1:9000"));
+    assert_eq!(eff["s3-cache-size"].as_integer(), Some(10_000_000_000));
+    assert_eq!(g["credentials"], json!(["s3-credentials:/run/keys/s3"]));
+    assert_eq!(
+        g["environment"],
+        json!({ "AWS_SHARED_CREDENTIALS_FILE": "%d/s3-credentials" })
+    );
+    assert_eq!(g["stopTimeoutSec"], json!(600));
+    // S3 options without storage are refused.
+    let g = generate(r#"{ s3Endpoint = "http://127.0.0.1:9000"; }"#);
+    let failed = failed_assertions(&g);
+    assert!(
+        failed.iter().any(|f| f.contains("s3Endpoint")),
+        "{failed:?}"
+    );
+}
+
+#[test]
 fn lan_share_quota_and_rate_limit_are_accepted() {
     let (g, eff) = accepted(
         r#"{ share = "lan"; maxCacheSize = "50G"; uploadRateLimit = "10M";

@@ -21,6 +21,9 @@ pub enum HttpError {
     RangeNotSatisfiable { size: u64 },
     #[error("bad gateway: {0}")]
     BadGateway(String),
+    /// The pack storage (S3) did not answer: try again later.
+    #[error("service unavailable: {0}")]
+    Unavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -32,6 +35,7 @@ impl From<StoreError> for HttpError {
             e @ (StoreError::BadNar { .. }
             | StoreError::NarHashMismatch { .. }
             | StoreError::NarSizeMismatch { .. }) => HttpError::BadRequest(e.to_string()),
+            e @ StoreError::Storage(_) => HttpError::Unavailable(e.to_string()),
             other => HttpError::Internal(other.to_string()),
         }
     }
@@ -47,6 +51,7 @@ impl IntoResponse for HttpError {
             HttpError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             HttpError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             HttpError::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            HttpError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             HttpError::Internal(msg) => {
                 tracing::error!(error = %msg, "internal error");
                 return (StatusCode::INTERNAL_SERVER_ERROR, "internal error\n").into_response();

@@ -185,7 +185,21 @@ async fn serve(
         return Ok((status, resp_headers, Body::empty()).into_response());
     }
 
-    let body = stream_body(state, nar_hash, Source::Nar(Box::new(reader)));
+    // The first block is read (and checked) before the status goes out: a store that cannot
+    // read the NAR at all (its pack storage down, a damaged first chunk) is an error status,
+    // not a 200 cut short.
+    let (reader, first) = tokio::task::spawn_blocking(move || {
+        let first = reader.next_block();
+        (reader, first)
+    })
+    .await
+    .map_err(|e| HttpError::Internal(format!("NAR read task failed: {e}")))?;
+    let first = first.map_err(|e| {
+        tracing::warn!(nar = %nar_hash, error = %e, "NAR unreadable");
+        Metrics::inc(&state.metrics.nar_aborted, 1);
+        HttpError::Unavailable(format!("NAR {nar_hash} cannot be read now: {e}"))
+    })?;
+    let body = stream_body(state, nar_hash, Source::Nar(Box::new(reader), first));
     Ok((status, resp_headers, body).into_response())
 }
 
@@ -274,8 +288,9 @@ fn flight_body(state: &HttpState, flight: &Arc<Flight>, start: u64, end: u64) ->
 
 /// Where a response body's bytes come from.
 enum Source {
-    /// A stored NAR, handed out a whole chunk at a time (no copies).
-    Nar(Box<crate::store::NarReader>),
+    /// A stored NAR, handed out a whole chunk at a time (no copies), after its first block
+    /// (read before the response status).
+    Nar(Box<crate::store::NarReader>, Option<Vec<u8>>),
     /// Anything else (a recompressed NAR), read into full buffers.
     Reader(Box<dyn Read + Send>),
 }
@@ -283,7 +298,10 @@ enum Source {
 impl Source {
     fn next(&mut self) -> std::io::Result<Option<Vec<u8>>> {
         match self {
-            Source::Nar(r) => r.next_block(),
+            Source::Nar(r, first) => match first.take() {
+                Some(b) => Ok(Some(b)),
+                None => r.next_block(),
+            },
             Source::Reader(r) => {
                 let mut buf = vec![0u8; BUF];
                 let mut n = 0;

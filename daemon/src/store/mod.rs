@@ -465,6 +465,11 @@ pub struct StorageOptions {
 pub const DEFAULT_PACK_CACHE_SIZE: u64 = 1 << 30;
 
 impl StorageOptions {
+    /// Whether the storage and endpoint parse (without connecting).
+    pub fn check(&self) -> Result<(), StoreError> {
+        self.spec().map(|_| ())
+    }
+
     fn spec(&self) -> Result<storage::StorageSpec, StoreError> {
         Ok(storage::StorageSpec::parse(
             self.storage.as_deref().unwrap_or("local"),

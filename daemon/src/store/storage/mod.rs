@@ -18,8 +18,7 @@
 
 mod local;
 mod s3;
-#[cfg(test)]
-pub(crate) mod testing;
+pub mod testing;
 #[cfg(test)]
 mod tests;
 

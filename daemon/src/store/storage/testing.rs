@@ -1,4 +1,4 @@
-//! Test kit: a real S3 server (`s3s-fs`, file-backed, checks SigV4) started on a free loopback
+//! Test kit (the unit tests' and the end-to-end tests'): a real S3 server (`s3s-fs`, file-backed, checks SigV4) started on a free loopback
 //! port over a temp directory, for any test that needs one.
 //!
 //! `s3s-fs` is installed by `scripts/install-deps.sh`; when it is missing, [`S3Server::start`]
@@ -9,22 +9,23 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[cfg(test)]
 use super::{S3Config, S3Credentials, S3Options, S3Target};
 
 /// The access key id every [`S3Server`] accepts.
-pub(crate) const ACCESS_KEY: &str = "nix-p2p-cache-test";
+pub const ACCESS_KEY: &str = "nix-p2p-cache-test";
 /// Its secret.
-pub(crate) const SECRET_KEY: &str = "s3s-fs-secret-5c1e9b7a";
+pub const SECRET_KEY: &str = "s3s-fs-secret-5c1e9b7a";
 
 /// A running `s3s-fs`, killed on drop.
-pub(crate) struct S3Server {
+pub struct S3Server {
     child: Option<Child>,
     addr: SocketAddr,
     dir: tempfile::TempDir,
 }
 
 /// Where `s3s-fs` is: on `PATH`, else in `$CARGO_HOME/bin` or `~/.cargo/bin`.
-pub(crate) fn find_s3s_fs() -> Option<PathBuf> {
+pub fn find_s3s_fs() -> Option<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect())
         .unwrap_or_default();
@@ -44,7 +45,7 @@ impl S3Server {
     ///
     /// # Panics
     /// When `s3s-fs` is not installed (run `scripts/install-deps.sh`) or does not come up.
-    pub(crate) fn start() -> S3Server {
+    pub fn start() -> S3Server {
         let bin = find_s3s_fs().unwrap_or_else(|| {
             panic!(
                 "s3s-fs is not installed (looked on PATH, in $CARGO_HOME/bin and ~/.cargo/bin): \
@@ -104,23 +105,33 @@ impl S3Server {
     }
 
     /// `http://127.0.0.1:PORT`.
-    pub(crate) fn endpoint(&self) -> String {
+    pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
     }
 
     /// The directory the server keeps its buckets in (a bucket is a subdirectory, an object
     /// a file under it).
-    pub(crate) fn data_dir(&self) -> PathBuf {
+    pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
 
     /// Creates bucket `bucket` (if missing).
-    pub(crate) fn create_bucket(&self, bucket: &str) {
+    pub fn create_bucket(&self, bucket: &str) {
         std::fs::create_dir_all(self.data_dir().join(bucket)).expect("bucket directory");
+    }
+
+    /// The environment a process needs to reach this server with its credentials.
+    pub fn env(&self) -> [(&'static str, &'static str); 3] {
+        [
+            ("AWS_ACCESS_KEY_ID", ACCESS_KEY),
+            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
+            ("AWS_REGION", super::DEFAULT_REGION),
+        ]
     }
 
     /// A config for `s3://bucket/prefix` on this server with the right credentials (as if from
     /// the environment) and default options; creates the bucket.
+    #[cfg(test)]
     pub(crate) fn spec(&self, bucket: &str, prefix: &str) -> S3Config {
         self.create_bucket(bucket);
         let credentials = S3Credentials::from_lookup(&|name| match name {
@@ -142,7 +153,7 @@ impl S3Server {
     }
 
     /// Kills the server (as a crash would) and waits for it to exit.
-    pub(crate) fn stop(&mut self) {
+    pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
