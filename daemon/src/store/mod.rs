@@ -592,7 +592,40 @@ impl Store {
             .as_ref()
             .map(|r| r.lens.lock().unwrap_or_else(|e| e.into_inner()).clone())
             .unwrap_or_default();
-        repair::check_agreement(dir, &pack_dir, &known, meta_seq, &remote_lens)?;
+        let adopted = repair::check_agreement(dir, &pack_dir, &known, meta_seq, &remote_lens, &db)?;
+        let known = match adopted {
+            None => known,
+            Some(a) => {
+                let record = StoredNarInfo::decode(&a.meta.hash, &a.meta.narinfo)?;
+                let retention = if a.meta.pinned {
+                    Retention::Pinned
+                } else {
+                    Retention::Cache
+                };
+                Self::commit_ingest(
+                    &db,
+                    &a.meta.hash,
+                    a.meta.nar_file.as_deref(),
+                    &record,
+                    a.manifest.as_ref(),
+                    &a.chunks,
+                    &a.lengths,
+                    &a.loc,
+                    retention,
+                    &mut IngestOutcome::default(),
+                )?;
+                tracing::warn!(
+                    path = a.meta.hash,
+                    "committed a NAR whose commit a crash interrupted after its records were written"
+                );
+                let txn = db.begin_read()?;
+                let packs = txn.open_table(PACKS)?;
+                packs
+                    .iter()?
+                    .map(|r| r.map(|(k, v)| (k.value(), v.value())))
+                    .collect::<Result<std::collections::BTreeMap<u32, u64>, _>>()?
+            }
+        };
         let known_ids: HashSet<u32> = known.keys().copied().collect();
         evict::sweep_orphan_packs(&pack_dir, &known_ids)?;
         if let Some(r) = &remote {
@@ -1051,7 +1084,8 @@ impl Store {
             }
         };
         let packs = writer.touched_lengths();
-        let commit = self.commit_ingest(
+        let commit = Self::commit_ingest(
+            &self.db,
             &hash,
             nar_file,
             &record,
@@ -1288,8 +1322,8 @@ impl Store {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn commit_ingest(
-        &self,
+    pub(super) fn commit_ingest(
+        db: &Database,
         hash: &str,
         nar_file: Option<&str>,
         record: &StoredNarInfo,
@@ -1300,7 +1334,7 @@ impl Store {
         retention: Retention,
         outcome: &mut IngestOutcome,
     ) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = db.begin_write()?;
         {
             let mut dead = txn.open_table(PACK_DEAD)?;
             let mut chunks_t = txn.open_table(CHUNKS)?;

@@ -59,14 +59,17 @@ fn mismatch(dir: &Path, reason: String) -> StoreError {
 }
 
 /// Checks, before open cuts anything, that the packs hold nothing the index does not know
-/// of (see the module comment). `known`: the index's packs and committed lengths.
+/// of (see the module comment), but the one commit a crash may have interrupted after its
+/// fsync: that one is returned, to be adopted. `known`: the index's packs and committed
+/// lengths.
 pub(super) fn check_agreement(
     data_dir: &Path,
     pack_dir: &Path,
     known: &BTreeMap<u32, u64>,
     meta_seq: u64,
     remote: &HashMap<u32, u64>,
-) -> Result<(), StoreError> {
+    db: &redb::Database,
+) -> Result<Option<Adoption>, StoreError> {
     let files = pack_files(pack_dir)?;
     let last = known.keys().next_back().copied();
     for (&p, &len) in known {
@@ -98,6 +101,10 @@ pub(super) fn check_agreement(
         ));
     }
     let mut dctx = new_dctx(data_dir)?;
+    // The tail: the open pack past its committed length, then packs past the last known.
+    let mut tail_chunks: HashMap<ChunkId, Location> = HashMap::new();
+    let mut ends: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut next: Option<(NarMeta, MetaLoc)> = None;
     for (&p, &len) in &files {
         let start = match known.get(&p) {
             Some(&committed) => committed,
@@ -112,10 +119,12 @@ pub(super) fn check_agreement(
             Err(pack::PackError::BadHeader { .. }) => continue, // a pack created, never written
             Err(e) => return Err(e.into()),
         };
+        ends.insert(p, scan.end);
         let path = pack::pack_path(pack_dir, p);
         let file = fs::File::open(&path).map_err(io_err(&path))?;
         for (h, loc) in &scan.records {
-            if h.kind != RecordKind::Meta {
+            if h.kind == RecordKind::Chunk {
+                tail_chunks.entry(h.id).or_insert(*loc);
                 continue;
             }
             // A record that does not read is a torn write's: no commit can depend on it.
@@ -125,7 +134,10 @@ pub(super) fn check_agreement(
             let Ok(meta) = NarMeta::decode(&data) else {
                 continue;
             };
-            if meta.seq > meta_seq {
+            if meta.seq <= meta_seq {
+                continue; // a copy an interrupted pack GC made
+            }
+            if meta.seq > meta_seq + 1 || next.is_some() {
                 return Err(mismatch(
                     data_dir,
                     format!(
@@ -135,9 +147,87 @@ pub(super) fn check_agreement(
                     ),
                 ));
             }
+            let m = MetaLoc {
+                loc: *loc,
+                id: h.id,
+                seq: meta.seq,
+            };
+            next = Some((meta, m));
         }
     }
-    Ok(())
+    let Some((meta, loc)) = next else {
+        return Ok(None);
+    };
+    adoption(db, pack_dir, meta, loc, tail_chunks, &ends, &mut dctx)
+}
+
+/// The commit right after the index's last, whose records are all in the tail (a crash came
+/// between their fsync and the commit): adopted when every chunk its manifest names is in
+/// the index or, checked, in the tail; else (a crash before the fsync) `None`, and the tail
+/// is cut as a crashed unit's.
+fn adoption(
+    db: &redb::Database,
+    pack_dir: &Path,
+    meta: NarMeta,
+    loc: MetaLoc,
+    tail_chunks: HashMap<ChunkId, Location>,
+    ends: &BTreeMap<u32, u64>,
+    dctx: &mut zstd::bulk::Decompressor<'static>,
+) -> Result<Option<Adoption>, StoreError> {
+    let Ok(manifest) = Manifest::decode(&meta.manifest) else {
+        return Ok(None);
+    };
+    let txn = db.begin_read()?;
+    let chunks_t = txn.open_table(CHUNKS)?;
+    let mut chunks = HashMap::new();
+    for c in &manifest.chunks {
+        if chunks.contains_key(&c.id) || chunks_t.get(c.id.0)?.is_some() {
+            continue;
+        }
+        let Some(l) = tail_chunks.get(&c.id) else {
+            return Ok(None);
+        };
+        let path = pack::pack_path(pack_dir, l.pack);
+        let file = fs::File::open(&path).map_err(io_err(&path))?;
+        if pack::read_chunk(&file, &path, l, &c.id, dctx).is_err() {
+            return Ok(None);
+        }
+        chunks.insert(c.id, *l);
+    }
+    let has_nar = txn
+        .open_table(MANIFESTS)?
+        .get(manifest.nar_hash.0)?
+        .is_some();
+    // The packs written up to the record: whole ones, then the record's, to its end.
+    let lengths = ends
+        .range(..=loc.loc.pack)
+        .map(|(&p, &end)| {
+            if p == loc.loc.pack {
+                (p, loc.loc.offset + loc.loc.record_len())
+            } else {
+                (p, end)
+            }
+        })
+        .collect();
+    Ok(Some(Adoption {
+        meta,
+        loc,
+        manifest: (!has_nar).then_some(manifest),
+        chunks,
+        lengths,
+    }))
+}
+
+/// A commit a crash interrupted after its records were fsynced, to be committed at open.
+pub(super) struct Adoption {
+    pub(super) meta: NarMeta,
+    pub(super) loc: MetaLoc,
+    /// The NAR's manifest, if the index does not hold it yet.
+    pub(super) manifest: Option<Manifest>,
+    /// Its chunks the index lacks, in the tail.
+    pub(super) chunks: HashMap<ChunkId, Location>,
+    /// Committed lengths of the packs it wrote.
+    pub(super) lengths: Vec<(u32, u64)>,
 }
 
 /// What `verify --repair` found and restored.
@@ -530,6 +620,32 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.verify(|_| {}).unwrap(), Vec::<String>::new());
         assert_eq!(contents(&store), before);
+    }
+
+    #[test]
+    fn a_commit_cut_short_after_its_fsync_is_adopted_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = dir.path().join("index.redb");
+        let before_commit = dir.path().join("before.redb");
+        {
+            let store = Store::open(dir.path()).unwrap();
+            ingest(&store, H[0], &sample_nar(1), None, &[]);
+        }
+        fs::copy(&index, &before_commit).unwrap();
+        let want = {
+            let store = Store::open(dir.path()).unwrap();
+            ingest_as(&store, H[1], &sample_nar(2), None, &[], Retention::Pinned);
+            contents(&store)
+        };
+        // The pack holds H[1]'s records, fsynced; the index is as before its commit.
+        fs::copy(&before_commit, &index).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(contents(&store), want);
+        assert_eq!(store.verify(|_| {}).unwrap(), Vec::<String>::new());
+        ingest(&store, H[2], &sample_nar(3), None, &[]);
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.verify(|_| {}).unwrap(), Vec::<String>::new());
     }
 
     #[test]
