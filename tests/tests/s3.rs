@@ -8,7 +8,7 @@ use std::fs;
 use std::path::Path;
 
 use nix_p2p_cache::store::storage::testing::S3Server;
-use nix_p2p_cache_tests::harness::{get, http, small_closure, text, Daemon, Env};
+use nix_p2p_cache_tests::harness::{dump, get, http, small_closure, text, Daemon, Env};
 use nix_p2p_cache_tests::{cmd, run_ok, Corpus};
 
 const BUCKET: &str = "seed";
@@ -33,22 +33,12 @@ fn local_packs_with_records(data: &Path) -> usize {
         .unwrap_or(0)
 }
 
-/// Objects the bucket holds (s3s-fs keeps each as a file).
+/// Names of the pack objects the bucket holds.
 fn objects(s3: &S3Server) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut dirs = vec![s3.data_dir().join(BUCKET)];
-    while let Some(d) = dirs.pop() {
-        for e in fs::read_dir(&d).unwrap().filter_map(Result::ok) {
-            if e.file_type().unwrap().is_dir() {
-                dirs.push(e.path());
-            } else {
-                out.push(e.file_name().to_string_lossy().into_owned());
-            }
-        }
-    }
-    out.retain(|n| n.ends_with(".pack"));
-    out.sort();
-    out
+    object_paths(s3)
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect()
 }
 
 fn with_s3(c: &mut std::process::Command, s3: &S3Server) {
@@ -120,9 +110,124 @@ fn a_seed_on_s3_takes_uploads_serves_them_and_is_rebuilt_from_the_bucket() {
         said.contains(&format!("restored {} paths", closure.len())),
         "{said}"
     );
-    let d = Daemon::start_with_env(&data, &args, &s3.env());
+    // Repaired, and answering a peer: A (empty, no upstream) fetches the closure from the
+    // seed's chunks, which the seed reads from the bucket.
+    fs::remove_dir_all(data.join("pack-cache")).ok();
+    let mut p2p_args = args.clone();
+    p2p_args.extend(["--p2p-listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"]);
+    let d = Daemon::start_with_env(&data, &p2p_args, &s3.env());
     env.copy_closure_ok("after-repair", &d, Some(&pk), &out, &closure, &[]);
+    let seed_addr = d.p2p.clone().unwrap();
+    let a = Daemon::start(
+        &env.path("peer-a"),
+        &[
+            "--trusted-public-key",
+            &pk,
+            "--p2p-listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--no-mdns",
+            "--bootstrap",
+            &seed_addr,
+        ],
+    );
+    env.copy_closure_ok("from-peer", &a, Some(&pk), &out, &closure, &[&d]);
+    assert!(
+        d.metric("p2p_requests_in_total") > 0,
+        "the S3 seed answered the peer"
+    );
+    a.stop();
     d.stop();
+}
+
+/// A pack object damaged or gone from the bucket: the NARs in it are refused (never a wrong
+/// 200), the others still served, and `verify` names the damage.
+#[test]
+fn a_damaged_or_missing_pack_object_is_refused_and_found_by_verify() {
+    let s3 = S3Server::start();
+    s3.create_bucket(BUCKET);
+    let corpus = Corpus::small();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut import = cmd();
+    import
+        .args(["import", "--data-dir"])
+        .arg(&data)
+        .args(["--from", &corpus.xz_url()]);
+    with_s3(&mut import, &s3);
+    run_ok(&mut import);
+    let packs = object_paths(&s3);
+    assert!(!packs.is_empty());
+    // Flip bytes all through the first pack object.
+    let mut bytes = fs::read(&packs[0]).unwrap();
+    let len = bytes.len();
+    for f in [20, 40, 60, 80] {
+        bytes[len * f / 100] ^= 0x5a;
+    }
+    fs::write(&packs[0], &bytes).unwrap();
+    let mut verify = cmd();
+    verify.args(["verify", "--data-dir"]).arg(&data);
+    with_s3(&mut verify, &s3);
+    let v = verify.output().unwrap();
+    assert!(!v.status.success(), "verify must find the damage");
+    assert!(String::from_utf8_lossy(&v.stdout).contains("DAMAGED"));
+
+    let mut args = storage_args(&s3);
+    args.extend(["--s3-cache-size".into(), "0".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let d = Daemon::start_with_env(&data, &args, &s3.env());
+    let mut served = 0;
+    for p in corpus.paths(1) {
+        let want = dump(&p);
+        let url = nar_url(&d, &p);
+        let r = http(d.port, &get(&format!("/{url}")));
+        if r.status == 200 && r.complete && r.body == want {
+            served += 1;
+        } else {
+            assert!(
+                !(r.status == 200 && r.complete),
+                "{p}: a damaged NAR served whole"
+            );
+        }
+    }
+    assert!(served > 0, "NARs in intact packs are still served");
+    // The object gone: refused the same way.
+    fs::remove_file(&packs[0]).unwrap();
+    for p in corpus.paths(1) {
+        let url = nar_url(&d, &p);
+        let r = http(d.port, &get(&format!("/{url}")));
+        assert!(r.status != 200 || r.body == dump(&p), "{p}: a wrong 200");
+    }
+    d.assert_alive();
+    d.stop();
+}
+
+fn nar_url(d: &Daemon, p: &str) -> String {
+    let hash = &p["/nix/store/".len().."/nix/store/".len() + 32];
+    let info = http(d.port, &get(&format!("/{hash}.narinfo")));
+    assert_eq!(info.status, 200, "{p}");
+    String::from_utf8(info.body)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .unwrap()
+        .to_string()
+}
+
+/// Paths of the pack objects in the bucket (files of s3s-fs).
+fn object_paths(s3: &S3Server) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![s3.data_dir().join(BUCKET)];
+    while let Some(d) = dirs.pop() {
+        for e in fs::read_dir(&d).unwrap().filter_map(Result::ok) {
+            if e.file_type().unwrap().is_dir() {
+                dirs.push(e.path());
+            } else if e.file_name().to_string_lossy().ends_with(".pack") {
+                out.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
 }
 
 #[test]
@@ -181,14 +286,7 @@ fn a_down_server_or_wrong_credentials_are_clear_errors_never_a_wrong_200() {
     let d = Daemon::start_with_env(&data, &args, &s3.env());
     let p = &corpus.paths(1)[0];
     let hash = &p["/nix/store/".len().."/nix/store/".len() + 32];
-    let info = http(d.port, &get(&format!("/{hash}.narinfo")));
-    assert_eq!(info.status, 200);
-    let text = String::from_utf8(info.body).unwrap();
-    let url = text
-        .lines()
-        .find_map(|l| l.strip_prefix("URL: "))
-        .unwrap()
-        .to_string();
+    let url = nar_url(&d, p);
     assert_eq!(http(d.port, &get(&format!("/{url}"))).status, 200);
     s3.stop();
     let r = http(d.port, &get(&format!("/{url}")));
