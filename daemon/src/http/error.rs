@@ -24,12 +24,52 @@ pub enum HttpError {
     /// The pack storage (S3) did not answer: try again later.
     #[error("service unavailable: {0}")]
     Unavailable(String),
+    /// The disk (data dir or upload staging) is full: nothing was stored, nothing lost.
+    #[error("insufficient storage: {0}")]
+    InsufficientStorage(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
 
+/// Whether `e` (or an error it wraps) is a full disk or an exhausted quota.
+pub fn is_disk_full(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            // ENOSPC, EDQUOT
+            if io.kind() == std::io::ErrorKind::StorageFull
+                || matches!(io.raw_os_error(), Some(28 | 122))
+            {
+                return true;
+            }
+        }
+        // redb reports its I/O errors as text.
+        if err.to_string().contains("No space left on device") {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+impl HttpError {
+    /// A failed write of the upload staging dir or the store: 507 on a full disk, else 500.
+    pub fn write_failed(what: &str, e: &(dyn std::error::Error + 'static)) -> HttpError {
+        if is_disk_full(e) {
+            HttpError::InsufficientStorage(format!(
+                "{what}: {e}: no space left; nothing was stored (free space and retry)"
+            ))
+        } else {
+            HttpError::Internal(format!("{what}: {e}"))
+        }
+    }
+}
+
 impl From<StoreError> for HttpError {
     fn from(e: StoreError) -> Self {
+        if is_disk_full(&e) {
+            return HttpError::write_failed("store", &e);
+        }
         match e {
             StoreError::NoSuchNar(_) => HttpError::NotFound,
             e @ (StoreError::BadNar { .. }
@@ -52,6 +92,7 @@ impl IntoResponse for HttpError {
             HttpError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             HttpError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             HttpError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            HttpError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             HttpError::Internal(msg) => {
                 tracing::error!(error = %msg, "internal error");
                 return (StatusCode::INTERNAL_SERVER_ERROR, "internal error\n").into_response();

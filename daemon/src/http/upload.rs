@@ -136,7 +136,7 @@ pub async fn put_nar(
         }
         tokio::fs::create_dir_all(&state.staging)
             .await
-            .map_err(|e| HttpError::Internal(format!("staging dir: {e}")))?;
+            .map_err(|e| HttpError::write_failed("staging dir", &e))?;
         let dest = state.staging.join(name);
         // Each upload writes its own part file, renamed over the staged name once complete:
         // two uploads of one NAR never write into the same file, and a narinfo PUT that has
@@ -153,7 +153,7 @@ pub async fn put_nar(
         }
         tokio::fs::rename(&part, &dest)
             .await
-            .map_err(|e| HttpError::Internal(format!("staging: {e}")))?;
+            .map_err(|e| HttpError::write_failed("staging", &e))?;
         Ok(StatusCode::OK.into_response())
     }
     .await;
@@ -163,7 +163,7 @@ pub async fn put_nar(
 async fn receive(state: &HttpState, body: Body, part: &FsPath) -> Result<(), HttpError> {
     let mut f = tokio::fs::File::create(part)
         .await
-        .map_err(|e| HttpError::Internal(format!("staging: {e}")))?;
+        .map_err(|e| HttpError::write_failed("staging", &e))?;
     let mut stream = body.into_data_stream();
     let mut total = 0u64;
     while let Some(chunk) = stream.next().await {
@@ -178,11 +178,11 @@ async fn receive(state: &HttpState, body: Body, part: &FsPath) -> Result<(), Htt
         }
         f.write_all(&chunk)
             .await
-            .map_err(|e| HttpError::Internal(format!("staging: {e}")))?;
+            .map_err(|e| HttpError::write_failed("staging", &e))?;
     }
     f.flush()
         .await
-        .map_err(|e| HttpError::Internal(format!("staging: {e}")))?;
+        .map_err(|e| HttpError::write_failed("staging", &e))?;
     add(&state.metrics.upload_bytes, total);
     Ok(())
 }
