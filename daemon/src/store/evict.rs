@@ -355,7 +355,12 @@ pub(super) fn sweep_orphan_packs(dir: &Path, known: &HashSet<u32>) -> Result<(),
         };
         if !known.contains(&pack) {
             let path = e.path();
-            tracing::warn!(pack, path = %path.display(), "deleting a pack the index does not know");
+            // A pack holding only its header is one a seal started (nothing to say).
+            if e.metadata()
+                .is_ok_and(|m| m.len() > FILE_HEADER.len() as u64)
+            {
+                tracing::warn!(pack, path = %path.display(), "deleting a pack the index does not know");
+            }
             fs::remove_file(&path).map_err(io_err(&path))?;
             removed = true;
         }

@@ -62,14 +62,15 @@ pub(crate) struct S3Options {
 impl Default for S3Options {
     fn default() -> Self {
         S3Options {
-            // A 64 MiB pack goes up in 8 parts: a failed part is retried alone, and no more
-            // than one part is held in memory.
-            multipart_threshold: 16 * 1024 * 1024,
-            part_size: 8 * 1024 * 1024,
+            // A pack (64 MiB, a little more when its last NAR ran over) goes up in one PUT: one
+            // billed write request per pack. Larger ones (a single huge NAR) go up in 32 MiB
+            // parts, one part in memory at a time.
+            multipart_threshold: 96 * 1024 * 1024,
+            part_size: 32 * 1024 * 1024,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(60),
-            // 16 MiB (the largest single-request upload) in 5 minutes is ~56 KiB/s.
-            upload_timeout: Duration::from_secs(300),
+            // 96 MiB (the largest single-request upload) in 20 minutes is ~82 KiB/s.
+            upload_timeout: Duration::from_secs(1200),
             max_retries: 3,
             retry_timeout: Duration::from_secs(30),
         }
