@@ -967,6 +967,9 @@ fn import_command(a: ImportArgs) -> Result<ExitCode> {
         store.compact_index().context("compacting the index")?;
     }
     if a.json {
+        // Storage requests of this process (the import and its uploads): a later `stats`
+        // opens the store afresh and counts from zero.
+        let storage = store.stats()?.storage;
         let v = serde_json::json!({
             "imported": report.imported,
             "already_present": report.already_present,
@@ -976,6 +979,7 @@ fn import_command(a: ImportArgs) -> Result<ExitCode> {
             "new_compressed_bytes": report.new_compressed_bytes,
             "nars_read": cache.nars_opened(),
             "read_bytes": cache.read_bytes(),
+            "storage": storage,
         });
         outln!("{}", serde_json::to_string_pretty(&v)?);
     } else {

@@ -12,10 +12,14 @@ use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Cache block size: the unit of a fetch's alignment and of eviction.
 pub(crate) const BLOCK: u64 = 1 << 20;
+
+/// Numbers the temporary files of block writes (unique within the process).
+static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Debug, Clone, Copy)]
 struct Entry {
@@ -198,7 +202,11 @@ impl RangeCache {
         for (i, block) in bytes.chunks(BLOCK as usize).enumerate() {
             let b = first + i as u64;
             let path = self.dir.join(block_name(pack, b));
-            let tmp = self.dir.join(format!("{}.tmp", block_name(pack, b)));
+            // A temporary name of this write's own: readers of neighbouring ranges miss the
+            // same block at once and each stores it; with a shared name one renamed the other's
+            // file away (ENOENT) or renamed it half-written (a short block).
+            let seq = TMP_SEQ.fetch_add(1, Ordering::Relaxed);
+            let tmp = self.dir.join(format!("{}.{seq}.tmp", block_name(pack, b)));
             let io_err = |source| CacheError::Io {
                 path: path.clone(),
                 source,
@@ -358,5 +366,40 @@ mod tests {
             })
             .unwrap();
         assert_eq!(got, &pack[5..15]);
+    }
+
+    /// Readers of neighbouring NARs miss the same block at once (a cold daemon serving
+    /// concurrent requests): each fetches and stores it, and none may fail for the other's
+    /// write.
+    #[test]
+    fn concurrent_misses_of_one_block_all_succeed() {
+        let pack = pack_bytes((2 * BLOCK + 100) as usize);
+        let len = pack.len() as u64;
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let cache = RangeCache::open(dir.path(), 8 * BLOCK).unwrap();
+            let start = std::sync::Barrier::new(8);
+            std::thread::scope(|s| {
+                for t in 0..8u64 {
+                    let (cache, pack, start) = (&cache, &pack, &start);
+                    s.spawn(move || {
+                        start.wait();
+                        let offset = t * 1000;
+                        let got = cache
+                            .read(3, offset, BLOCK + 50, len, |o, l| {
+                                Ok::<_, Nope>(pack[o as usize..(o + l) as usize].to_vec())
+                            })
+                            .unwrap();
+                        assert_eq!(got, &pack[offset as usize..(offset + BLOCK + 50) as usize]);
+                    });
+                }
+            });
+            assert_eq!(cache.bytes(), 2 * BLOCK);
+            let names: Vec<String> = fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            assert_eq!(names.len(), 2, "{names:?}");
+        }
     }
 }
