@@ -577,7 +577,23 @@ impl Store {
         let remote = match remote {
             None => None,
             Some(storage) => {
-                let lens: HashMap<u32, u64> = storage.list_packs()?.into_iter().collect();
+                let lens: HashMap<u32, u64> = match storage.list_packs() {
+                    Ok(l) => l.into_iter().collect(),
+                    // Down: what the index knows and the disk lacks is in the storage; the
+                    // daemon serves what it can (narinfos, local packs) until it answers.
+                    Err(e @ storage::StorageError::Unavailable { .. }) => {
+                        tracing::warn!(
+                            error = %e,
+                            "pack storage unreachable: opening with the packs the index knows"
+                        );
+                        known
+                            .iter()
+                            .filter(|(p, _)| !pack::pack_path(&pack_dir, **p).exists())
+                            .map(|(p, l)| (*p, *l))
+                            .collect()
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 let cache_dir = dir.join("pack-cache");
                 let cache = range_cache::RangeCache::open(
                     &cache_dir,

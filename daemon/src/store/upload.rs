@@ -255,6 +255,43 @@ mod tests {
     }
 
     #[test]
+    fn a_storage_down_at_open_leaves_the_store_serving_what_it_can() {
+        let mut server = S3Server::start();
+        let dir = tempfile::tempdir().unwrap();
+        let nar = sample_nar(1);
+        {
+            let store = open(dir.path(), &server);
+            ingest(&store, H[0], &nar, None, &[]);
+            store.seal_and_upload().unwrap();
+        }
+        let (spec, _) = s3(&server);
+        let mut cfg = server.spec("seed", "packs/v1");
+        server.stop();
+        cfg.options.max_retries = 0;
+        cfg.options.retry_timeout = std::time::Duration::from_secs(1);
+        cfg.options.connect_timeout = std::time::Duration::from_secs(1);
+        let storage: Arc<dyn PackStorage> = Arc::new(S3Storage::open(cfg).unwrap());
+        let store = Store::open_inner(dir.path(), 3, &spec, Some(storage), Some(1 << 20)).unwrap();
+        assert!(
+            store.narinfo(H[0]).unwrap().is_some(),
+            "narinfos still answer"
+        );
+        match store.nar_reader(&NarHash::digest(&nar)).and_then(|mut r| {
+            std::io::copy(&mut r, &mut std::io::sink()).map_err(|source| StoreError::NarRead {
+                store_path: H[0].into(),
+                source,
+            })
+        }) {
+            Err(e) => assert!(e.to_string().contains("unavailable"), "{e}"),
+            Ok(_) => panic!("read a NAR from a storage that is down"),
+        }
+        // Ingest goes on locally; the upload waits for the storage.
+        ingest(&store, H[1], &sample_nar(2), None, &[]);
+        assert!(store.seal_and_upload().is_err());
+        assert!(store.narinfo(H[1]).unwrap().is_some());
+    }
+
+    #[test]
     fn a_store_on_s3_is_not_opened_as_a_local_one() {
         let server = S3Server::start();
         let dir = tempfile::tempdir().unwrap();
