@@ -255,9 +255,9 @@ objs = [l.split(" ", 1) for l in open(f"{tmp}/bucket.txt").read().splitlines()]
 packs = [(int(s), p) for s, p in objs if p.endswith(".pack") and "/packs/pack-" in "/" + p]
 other = [(int(s), p) for s, p in objs if (int(s), p) not in packs]
 obj_bytes = sum(s for s, _ in packs)
-# store::storage::s3 uploads a pack of 16 MiB or more in 8 MiB parts (initiate + parts +
-# complete, each a billed write request), a smaller one with one PUT.
-THRESHOLD, PART = 16 << 20, 8 << 20
+# store::storage::s3 uploads a pack with one PUT, and only one of 96 MiB or more (a single
+# huge NAR ran it over) in 32 MiB parts (initiate + parts + complete, each a billed write).
+THRESHOLD, PART = 96 << 20, 32 << 20
 mp = [s for s, _ in packs if s >= THRESHOLD]
 parts_expected = sum(math.ceil(s / PART) for s in mp)
 billed_writes = req["puts"] + len(mp) + req["multipart_parts"]  # put_pack calls count the initiate
@@ -289,9 +289,9 @@ want = math.ceil(pack_bytes / (64 * MiB))
 ok = "✓" if req["puts"] <= want else "✗"
 print(f"| pack uploads (`puts`: one per pack) | {req['puts']} {ok} | {req['puts'] / pg:.1f} | "
       f"{req['puts'] / ng:.1f} | ≤ 1 per started 64 MiB packed: {want} (16 per GiB) |")
-print(f"| multipart uploads (packs ≥ 16 MiB) | {len(mp)} | | | |")
+print(f"| multipart uploads (packs ≥ 96 MiB) | {len(mp)} | | | |")
 pm = "" if parts_expected == req["multipart_parts"] else f" (objects say {parts_expected})"
-print(f"| multipart parts (8 MiB) | {req['multipart_parts']}{pm} | {req['multipart_parts'] / pg:.1f} | "
+print(f"| multipart parts (32 MiB) | {req['multipart_parts']}{pm} | {req['multipart_parts'] / pg:.1f} | "
       f"{req['multipart_parts'] / ng:.1f} | |")
 print(f"| billed write requests (PUT, or initiate + parts + complete) | {billed_writes} | "
       f"{billed_writes / pg:.1f} | {billed_writes / ng:.1f} | |")
