@@ -1,6 +1,7 @@
 //! A full disk (issue 14): the data dir on a small tmpfs the test mounts. Uploads that do not
-//! fit get 507 Insufficient Storage with a reason — never a bare 500 — nothing acknowledged is
-//! lost, the store verifies, and once there is room again the same `nix copy` completes.
+//! fit get 507 Insufficient Storage with a reason — never a bare 500 — an import says why it
+//! stored nothing more, nothing acknowledged is lost, the store verifies, and once there is
+//! room again the same `nix copy` completes.
 //!
 //! Needs root (to mount the tmpfs); elsewhere it says so and passes without testing anything.
 
@@ -95,6 +96,21 @@ fn a_full_disk_is_a_507_loses_nothing_and_uploads_resume_once_there_is_room() {
     d.stop();
     // Everything acknowledged is whole.
     run_ok(cmd().args(["verify", "--data-dir"]).arg(&data));
+    // An import onto the full disk (a second data dir on it): it says why, and panics not.
+    let imp = cmd()
+        .args(["import", "--data-dir"])
+        .arg(disk.0.join("imported"))
+        .args(["--from", &corpus.xz_url()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&imp.stderr);
+    assert_eq!(imp.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("No space left on device") && !err.contains("panicked"),
+        "{err}"
+    );
+    run_ok(cmd().args(["verify", "--data-dir"]).arg(&data));
+    let _ = fs::remove_dir_all(disk.0.join("imported"));
 
     // Room again: the same copy completes, and Nix gets the closure back byte-identical.
     disk.resize("400m");
