@@ -259,6 +259,9 @@ in
           caps = if generated.privilegedPorts then "CAP_NET_BIND_SERVICE" else "";
         in
         {
+          # The daemon says READY=1 once it listens, STOPPING=1 at shutdown.
+          Type = "notify";
+          NotifyAccess = "main";
           ExecStart = lib.escapeShellArgs (
             [
               exe

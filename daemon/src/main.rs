@@ -33,7 +33,7 @@ fn stdout_failed(e: std::io::Error) -> ! {
 }
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory as _, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use nix_p2p_cache::config::{default_data_dir, Announce, ByteSize, DaemonConfig, Role, Share};
@@ -54,8 +54,17 @@ use nix_p2p_cache::store::{
     about = "Peer-to-peer, content-addressed binary cache for Nix"
 )]
 struct Cli {
+    /// Log lines as text or as one JSON object per line (level from RUST_LOG, default warn).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Args)]
@@ -418,6 +427,14 @@ impl DaemonArgs {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Print a shell completion script (e.g. `nix-p2p-cache completions bash >
+    /// /usr/share/bash-completion/completions/nix-p2p-cache`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), generated from the command line definition.
+    Man,
     /// Run the daemon: the localhost substituter Nix uses and, with --p2p-listen, the P2P node.
     Daemon {
         #[command(flatten)]
@@ -1217,15 +1234,43 @@ fn print_peers(v: &serde_json::Value) {
     }
 }
 
+/// Tells systemd (`Type=notify`) about the daemon's state through `$NOTIFY_SOCKET`, if set
+/// (a datagram to a path or an abstract socket); nothing otherwise.
+fn notify_systemd(state: &str) {
+    use std::os::linux::net::SocketAddrExt as _;
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = (|| {
+        let sock = std::os::unix::net::UnixDatagram::unbound()?;
+        let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+        let addr = match bytes.strip_prefix(b"@") {
+            Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name)?,
+            None => std::os::unix::net::SocketAddr::from_pathname(&path)?,
+        };
+        sock.send_to_addr(state.as_bytes(), &addr)
+    })();
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "telling systemd the daemon's state failed");
+    }
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
+    }
+    match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -1244,7 +1289,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .build()
                 .context("starting the async runtime")?;
             rt.block_on(async {
-                let shutdown = shutdown_signal()?;
+                let signal = shutdown_signal()?;
+                let shutdown = async move {
+                    signal.await;
+                    notify_systemd("STOPPING=1");
+                };
                 nix_p2p_cache::daemon::run(cfg, shutdown, |addr, p2p| {
                     use std::io::Write as _;
                     let mut out = std::io::stdout().lock();
@@ -1253,10 +1302,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         let _ = writeln!(out, "listening {a}");
                     }
                     let _ = out.flush();
+                    notify_systemd("READY=1\nSTATUS=serving");
                 })
                 .await
                 .map_err(anyhow::Error::from)
             })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Completions { shell } => {
+            let mut cmd = Cli::command();
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "nix-p2p-cache", &mut out);
+            out!("{}", String::from_utf8_lossy(&out));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut out)
+                .context("rendering the man page")?;
+            out!("{}", String::from_utf8_lossy(&out));
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig { file, mut args } => {

@@ -349,6 +349,7 @@ fn contrib_unit_and_sample_config_are_accepted() {
         "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK",
         "Restart=on-failure",
         "LimitNOFILE=65536",
+        "Type=notify",
     ] {
         assert!(unit.lines().any(|l| l == directive), "{directive} missing");
     }

@@ -1,0 +1,67 @@
+//! Conventions of a well-kept daemon (issue 15): completions and a man page generated from the
+//! CLI definition, JSON logs, and systemd's readiness notification (`Type=notify`).
+
+use std::os::unix::net::UnixDatagram;
+use std::time::Duration;
+
+use nix_p2p_cache_tests::harness::Daemon;
+use nix_p2p_cache_tests::{cmd, run_ok};
+
+#[test]
+fn completions_and_the_man_page_come_from_the_cli_definition() {
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let out = run_ok(cmd().args(["completions", shell]));
+        let text = String::from_utf8(out.stdout).unwrap();
+        for word in ["nix-p2p-cache", "import", "verify", "storage"] {
+            assert!(text.contains(word), "{shell}: no {word}");
+        }
+    }
+    let bad = cmd().args(["completions", "tcsh"]).output().unwrap();
+    assert_eq!(
+        bad.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
+    let man = String::from_utf8(run_ok(cmd().arg("man")).stdout).unwrap();
+    assert!(
+        man.starts_with(".ie") || man.contains(".TH"),
+        "roff: {}",
+        &man[..80]
+    );
+    for word in ["nix-p2p-cache", "daemon", "verify", "completions"] {
+        assert!(man.contains(word), "man page: no {word}");
+    }
+}
+
+#[test]
+fn json_logs_and_the_readiness_notification() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sock_path = tmp.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    let d = Daemon::start_with_env(
+        &tmp.path().join("data"),
+        &["--log-format", "json"],
+        &[
+            ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+            ("RUST_LOG", "info"),
+        ],
+    );
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).expect("READY=1 from the daemon");
+    let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(msg.lines().any(|l| l == "READY=1"), "{msg:?}");
+    let stderr = d.stderr.clone();
+    d.stop();
+    let logs = std::fs::read_to_string(stderr).unwrap();
+    let n = sock.recv(&mut buf).expect("STOPPING=1 from the daemon");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    let lines: Vec<&str> = logs.lines().filter(|l| !l.is_empty()).collect();
+    assert!(!lines.is_empty(), "info logs expected");
+    for l in lines {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(v["level"].is_string() && v["timestamp"].is_string(), "{l}");
+    }
+}
