@@ -130,7 +130,7 @@ pub struct DaemonConfig {
     /// File holding the upload token (HTTP basic password). No file: uploads are refused.
     pub upload_token_file: Option<PathBuf>,
     /// Largest NAR upload accepted, in bytes.
-    pub max_upload_size: u64,
+    pub max_upload_size: ByteSize,
     /// Upstream HTTP binary caches asked, in order, for what the store does not have.
     pub upstream: Vec<String>,
     /// libp2p listen multiaddrs; none turns the P2P layer off.
@@ -180,7 +180,7 @@ impl Default for DaemonConfig {
             listen: DEFAULT_LISTEN.parse().expect("valid default address"),
             trusted_public_keys: Vec::new(),
             upload_token_file: None,
-            max_upload_size: 64 << 30,
+            max_upload_size: ByteSize(64 << 30),
             upstream: Vec::new(),
             p2p_listen: Vec::new(),
             bootstrap: Vec::new(),

@@ -334,7 +334,7 @@ pub async fn run(
         upload_token,
         trusted,
         staging,
-        max_upload: config.max_upload_size,
+        max_upload: config.max_upload_size.into(),
         narinfo_cache,
         node: http::NodeInfo {
             version: env!("CARGO_PKG_VERSION"),

@@ -136,7 +136,7 @@ impl ApiArgs {
     /// GETs `path` from the daemon's API and parses the JSON.
     fn get(&self, path: &str) -> Result<serde_json::Value> {
         let base = match (&self.url, &self.config) {
-            (Some(u), _) => u.trim_end_matches('/').to_string(),
+            (Some(u), _) => base_url(u),
             (None, Some(f)) => format!("http://{}", DaemonConfig::from_file(f)?.listen),
             (None, None) => format!("http://{}", nix_p2p_cache::config::DEFAULT_LISTEN),
         };
@@ -228,7 +228,7 @@ impl LiveArgs {
             Ok(Target::Daemon(Admin { base, token }))
         };
         if let Some(u) = &self.url {
-            return admin(u.trim_end_matches('/').to_string(), token_file);
+            return admin(base_url(u), token_file);
         }
         let dir = self
             .data_dir
@@ -321,9 +321,9 @@ struct DaemonArgs {
     /// File holding the upload token (the HTTP basic password Nix sends from its netrc).
     #[arg(long)]
     upload_token_file: Option<PathBuf>,
-    /// Largest NAR upload accepted, in bytes.
+    /// Largest NAR upload accepted (e.g. 64GiB, 500M).
     #[arg(long)]
-    max_upload_size: Option<u64>,
+    max_upload_size: Option<ByteSize>,
     /// An upstream HTTP binary cache asked for what the store lacks (repeatable; tried in
     /// order), e.g. https://cache.nixos.org.
     #[arg(long = "upstream")]
@@ -1234,6 +1234,17 @@ fn print_peers(v: &serde_json::Value) {
     }
 }
 
+/// A daemon address as given to `--url`: `http://` is assumed when no scheme is given
+/// (`127.0.0.1:7420`), a trailing `/` dropped.
+fn base_url(u: &str) -> String {
+    let u = u.trim_end_matches('/');
+    if u.contains("://") {
+        u.to_string()
+    } else {
+        format!("http://{u}")
+    }
+}
+
 /// Tells systemd (`Type=notify`) about the daemon's state through `$NOTIFY_SOCKET`, if set
 /// (a datagram to a path or an abstract socket); nothing otherwise.
 fn notify_systemd(state: &str) {
@@ -1259,8 +1270,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // No colour codes into journald or files: only on a terminal.
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => logs.init(),
@@ -1280,10 +1293,12 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
+    let json_logs = cli.log_format == LogFormat::Json;
     match cli.command {
         Command::Daemon { args } => {
             let cfg = args.into_config()?;
             cfg.validate()?;
+            let data_dir = cfg.data_dir.clone();
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -1302,6 +1317,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         let _ = writeln!(out, "listening {a}");
                     }
                     let _ = out.flush();
+                    // Where the data goes and how Nix reaches it, once, on stderr (the journal);
+                    // with JSON logs as a log event, so that stderr stays JSON.
+                    if json_logs {
+                        tracing::info!(
+                            url = %format!("http://{addr}"),
+                            data_dir = %data_dir.display(),
+                            "serving; in nix.conf: substituters = http://{addr} https://cache.nixos.org"
+                        );
+                    } else {
+                        eprintln!(
+                            "nix-p2p-cache: serving http://{addr} (data in {}); in nix.conf: \
+                             substituters = http://{addr} https://cache.nixos.org",
+                            data_dir.display()
+                        );
+                    }
                     notify_systemd("READY=1\nSTATUS=serving");
                 })
                 .await

@@ -65,3 +65,57 @@ fn json_logs_and_the_readiness_notification() {
         assert!(v["level"].is_string() && v["timestamp"].is_string(), "{l}");
     }
 }
+
+/// Frictions a new user met (issue 15): `--url` without a scheme, colour codes in logs that go
+/// to a file or the journal, nothing said at start about where data goes and how Nix reaches
+/// the daemon, sizes without units for `max-upload-size`.
+#[test]
+fn first_start_says_where_and_how_and_logs_carry_no_colour() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let d = Daemon::start_with_env(&data, &[], &[("RUST_LOG", "info")]);
+    let status = run_ok(cmd().args([
+        "status",
+        "--json",
+        "--url",
+        &format!("127.0.0.1:{}", d.port),
+    ]));
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert!(v["version"].is_string(), "{v}");
+    let stderr = d.stderr.clone();
+    d.stop();
+    let logs = std::fs::read_to_string(stderr).unwrap();
+    assert!(
+        !logs.contains('\u{1b}'),
+        "colour codes in a log file:\n{logs}"
+    );
+    assert!(
+        logs.contains(&format!(
+            "substituters = http://127.0.0.1:{}",
+            d_port(&logs)
+        )) && logs.contains(&data.display().to_string()),
+        "{logs}"
+    );
+
+    let cfg = tmp.path().join("c.toml");
+    std::fs::write(&cfg, "max-upload-size = \"1.5GiB\"\n").unwrap();
+    let out = run_ok(
+        cmd()
+            .arg("check-config")
+            .arg(&cfg)
+            .args(["--max-upload-size", "2G"]),
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("max-upload-size = 2000000000"), "{text}");
+}
+
+/// The port in the daemon's "serving http://127.0.0.1:PORT" line.
+fn d_port(logs: &str) -> String {
+    let at = logs
+        .find("serving http://127.0.0.1:")
+        .expect("serving line");
+    logs[at + "serving http://127.0.0.1:".len()..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect()
+}
