@@ -139,6 +139,10 @@ rec {
 
       substituter = substituterUrl settings.listen;
 
+      # What goes into nix.settings.trusted-public-keys: NixOS lists cache.nixos.org's key
+      # already (the daemon trusts it always), so it is not added a second time.
+      nixTrustedKeys = builtins.filter (k: k != cacheNixosOrgKey) cfg.trustedPublicKeys;
+
       # What openFirewall opens: the P2P port, and mDNS when it is on. Never the substituter.
       firewall = {
         tcp = optional p2p cfg.p2pPort;

@@ -327,7 +327,7 @@ in
 
     nix.settings = mkIf cfg.addToNixSubstituters {
       substituters = mkBefore [ generated.substituter ];
-      trusted-public-keys = cfg.trustedPublicKeys;
+      trusted-public-keys = generated.nixTrustedKeys;
     };
   };
 }

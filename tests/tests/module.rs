@@ -164,6 +164,8 @@ fn peer_defaults_are_accepted() {
     assert_eq!(g["substituter"], json!("http://127.0.0.1:7420"));
     assert_eq!(g["firewall"], json!({ "tcp": [7421], "udp": [5353] }));
     assert_eq!(g["privilegedPorts"], json!(false));
+    // NixOS trusts cache.nixos.org's key already: not listed twice in nix.conf.
+    assert_eq!(g["nixTrustedKeys"], json!([]));
 }
 
 #[test]
@@ -177,6 +179,7 @@ fn seed_with_upload_token_is_accepted() {
     // A seed falls back on nothing.
     assert!(strs(&eff["upstream"]).is_empty());
     assert_eq!(strs(&eff["trusted-public-keys"]), [CACHE_KEY, TEST_KEY]);
+    assert_eq!(g["nixTrustedKeys"], json!([TEST_KEY]));
     assert_eq!(strs(&eff["bootstrap"]), [PEER]);
     // The token's path is the credential systemd hands in, given as a flag (%d is expanded
     // by systemd; check-config does not read the file).
