@@ -487,6 +487,10 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Ask the running daemon at this address instead of opening the store (also done when
+        /// the daemon holds the store: then at the default address).
+        #[arg(long)]
+        url: Option<String>,
     },
     /// Write the NAR of a stored path to stdout (reassembled and verified against NarHash).
     Nar {
@@ -1234,6 +1238,17 @@ fn print_peers(v: &serde_json::Value) {
     }
 }
 
+/// The store numbers of the daemon at `url` (`/api/status`'s `store`).
+fn daemon_stats(url: &str) -> Result<serde_json::Value> {
+    let api = ApiArgs {
+        url: Some(url.to_string()),
+        config: None,
+        json: true,
+    };
+    let v = api.get("/api/status")?;
+    Ok(v["store"].clone())
+}
+
 /// A daemon address as given to `--url`: `http://` is assumed when no scheme is given
 /// (`127.0.0.1:7420`), a trailing `/` dropped.
 fn base_url(u: &str) -> String {
@@ -1389,46 +1404,63 @@ fn run(cli: Cli) -> Result<ExitCode> {
             json,
             store_paths,
         }),
-        Command::Stats { data, json } => {
-            let store = open_existing(&data.data_dir, &data.storage_options())?;
-            let s = store.stats()?;
+        Command::Stats { data, json, url } => {
+            // The store itself, or — while the daemon holds it — the daemon's own numbers.
+            let s: serde_json::Value = match url {
+                Some(u) => daemon_stats(&u)?,
+                None => match open_existing(&data.data_dir, &data.storage_options()) {
+                    Ok(store) => serde_json::to_value(store.stats()?)?,
+                    Err(e)
+                        if matches!(
+                            e.downcast_ref::<StoreError>(),
+                            Some(StoreError::Locked(_))
+                        ) =>
+                    {
+                        daemon_stats(nix_p2p_cache::config::DEFAULT_LISTEN).with_context(|| {
+                            format!("{e:#}; and asking the daemon at the default address failed (give --url)")
+                        })?
+                    }
+                    Err(e) => return Err(e),
+                },
+            };
             if json {
                 outln!("{}", serde_json::to_string_pretty(&s)?);
             } else {
-                outln!("narinfos            {}", s.narinfos);
-                outln!("nars                {}", s.nars);
+                let g = |k: &str| u(&s, k);
+                outln!("narinfos            {}", g("narinfos"));
+                outln!("nars                {}", g("nars"));
                 outln!(
                     "nar_bytes           {} ({})",
-                    s.nar_bytes,
-                    human(s.nar_bytes)
+                    g("nar_bytes"),
+                    human(g("nar_bytes"))
                 );
-                outln!("chunks              {}", s.chunks);
+                outln!("chunks              {}", g("chunks"));
                 outln!(
                     "unique_chunk_bytes  {} ({})",
-                    s.unique_chunk_bytes,
-                    human(s.unique_chunk_bytes)
+                    g("unique_chunk_bytes"),
+                    human(g("unique_chunk_bytes"))
                 );
                 outln!(
                     "stored_bytes        {} ({})",
-                    s.stored_bytes,
-                    human(s.stored_bytes)
+                    g("stored_bytes"),
+                    human(g("stored_bytes"))
                 );
                 outln!(
                     "  packs             {} in {} files",
-                    human(s.pack_bytes),
-                    s.packs
+                    human(g("pack_bytes")),
+                    g("packs")
                 );
                 outln!(
                     "  index             {} ({} of manifests)",
-                    human(s.index_bytes),
-                    human(s.manifest_bytes)
+                    human(g("index_bytes")),
+                    human(g("manifest_bytes"))
                 );
-                if s.unique_chunk_bytes > 0 {
+                if g("unique_chunk_bytes") > 0 {
                     outln!(
                         "dedup {:.2}x, compression {:.2}x, overall {:.2}x",
-                        s.nar_bytes as f64 / s.unique_chunk_bytes as f64,
-                        s.unique_chunk_bytes as f64 / s.chunk_compressed_bytes.max(1) as f64,
-                        s.nar_bytes as f64 / s.stored_bytes.max(1) as f64
+                        g("nar_bytes") as f64 / g("unique_chunk_bytes") as f64,
+                        g("unique_chunk_bytes") as f64 / g("chunk_compressed_bytes").max(1) as f64,
+                        g("nar_bytes") as f64 / g("stored_bytes").max(1) as f64
                     );
                 }
             }

@@ -82,6 +82,25 @@ fn first_start_says_where_and_how_and_logs_carry_no_colour() {
     ]));
     let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert!(v["version"].is_string(), "{v}");
+    // `stats` while the daemon holds the store: from the daemon (--url), or it says to give one.
+    let url = format!("127.0.0.1:{}", d.port);
+    let st = run_ok(
+        cmd()
+            .args(["stats", "--json", "--url", &url, "--data-dir"])
+            .arg(&data),
+    );
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(st["narinfos"], 0, "{st}");
+    let locked = cmd()
+        .args(["stats", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&locked.stderr);
+    assert!(
+        locked.status.success() || err.contains("give --url"),
+        "{err}"
+    );
     let stderr = d.stderr.clone();
     d.stop();
     let logs = std::fs::read_to_string(stderr).unwrap();
