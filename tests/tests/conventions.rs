@@ -138,3 +138,46 @@ fn d_port(logs: &str) -> String {
         .take_while(char::is_ascii_digit)
         .collect()
 }
+
+/// Error texts say their cause once, and say it (issue 15): a port in use (HTTP and P2P), a
+/// data dir that is a file.
+#[test]
+fn errors_say_their_cause_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let run = |args: &[&str]| {
+        let out = cmd().args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let d = |n: &str| tmp.path().join(n).display().to_string();
+    let http = run(&[
+        "daemon",
+        "--data-dir",
+        &d("a"),
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    assert_eq!(http.matches("Address already in use").count(), 1, "{http}");
+    let p2p = run(&[
+        "daemon",
+        "--data-dir",
+        &d("b"),
+        "--listen",
+        "127.0.0.1:0",
+        "--no-mdns",
+        "--p2p-listen",
+        &format!("/ip4/127.0.0.1/tcp/{port}"),
+    ]);
+    assert_eq!(p2p.matches("Address already in use").count(), 1, "{p2p}");
+    std::fs::write(tmp.path().join("file"), "x").unwrap();
+    let file = run(&[
+        "daemon",
+        "--data-dir",
+        &d("file"),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(file.matches("not a directory").count(), 1, "{file}");
+}

@@ -937,6 +937,12 @@ fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
     if dir.is_dir() {
         return Ok(());
     }
+    if dir.exists() {
+        return Err(io_err(dir)(io::Error::new(
+            io::ErrorKind::NotADirectory,
+            "the data directory is not a directory",
+        )));
+    }
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
