@@ -249,6 +249,25 @@ pub async fn run(
     .await
     .map_err(|e| DaemonError::Serve(std::io::Error::other(e)))?
     .map_err(Box::new)?;
+    // Trust follows the keys this daemon runs with (a path imported before its key was
+    // configured is announced and shared now).
+    let store = {
+        let keys = trusted.clone();
+        tokio::task::spawn_blocking(move || store.retrust(&keys).map(|r| (store, r)))
+            .await
+            .map_err(|e| DaemonError::Serve(std::io::Error::other(e)))?
+            .map(|(store, r)| {
+                if r.now_trusted + r.now_untrusted > 0 {
+                    tracing::info!(
+                        now_trusted = r.now_trusted,
+                        now_untrusted = r.now_untrusted,
+                        "trusted keys changed: trust of stored paths checked again"
+                    );
+                }
+                store
+            })
+            .map_err(Box::new)?
+    };
     let metrics = Arc::new(Metrics::default());
     // One source per upstream, in order: a NAR one of them failed (after exposing bytes) is
     // then fetched from the next.

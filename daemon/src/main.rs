@@ -987,6 +987,10 @@ fn import_command(a: ImportArgs) -> Result<ExitCode> {
     if report.imported > 0 {
         store.compact_index().context("compacting the index")?;
     }
+    // Paths no configured key vouches for are stored but never announced nor shared: say so.
+    let untrusted = store
+        .narinfo_count()?
+        .saturating_sub(store.shareable_paths()?.len() as u64);
     if a.json {
         // Storage requests of this process (the import and its uploads): a later `stats`
         // opens the store afresh and counts from zero.
@@ -1000,6 +1004,7 @@ fn import_command(a: ImportArgs) -> Result<ExitCode> {
             "new_compressed_bytes": report.new_compressed_bytes,
             "nars_read": cache.nars_opened(),
             "read_bytes": cache.read_bytes(),
+            "untrusted_paths_in_store": untrusted,
             "storage": storage,
         });
         outln!("{}", serde_json::to_string_pretty(&v)?);
@@ -1014,6 +1019,13 @@ fn import_command(a: ImportArgs) -> Result<ExitCode> {
             human(report.new_chunk_bytes),
             human(report.new_compressed_bytes),
         );
+        if untrusted > 0 {
+            outln!(
+                "{untrusted} stored paths are untrusted (no signature by a trusted key): kept, but \
+                 never announced nor shared with peers; a daemon started with their \
+                 --trusted-public-key trusts them"
+            );
+        }
     }
     if report.failed.is_empty() {
         Ok(ExitCode::SUCCESS)

@@ -558,3 +558,97 @@ impl<R: Read> Read for CheckingReader<R> {
         Ok(n)
     }
 }
+
+/// What [`Store::retrust`] changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct RetrustReport {
+    /// Narinfos whose signatures were checked again (0: the keys had not changed).
+    pub checked: u64,
+    /// Paths trusted now that were not.
+    pub now_trusted: u64,
+    /// Paths no longer trusted.
+    pub now_untrusted: u64,
+}
+
+impl Store {
+    /// Makes every stored narinfo's trust follow `keys`: when they differ from the keys of
+    /// the last check (or there was none), every narinfo's signatures are checked again and
+    /// its trust class rewritten. A path imported before its key was configured is then
+    /// announced and shared; one whose key was removed no longer is.
+    pub fn retrust(
+        &self,
+        keys: &[crate::core::signing::PublicKey],
+    ) -> Result<RetrustReport, StoreError> {
+        let mut names: Vec<String> = keys.iter().map(ToString::to_string).collect();
+        names.sort();
+        names.dedup();
+        let id = names.join(" ");
+        let mut report = RetrustReport::default();
+        let txn = self.db.begin_write()?;
+        {
+            let mut settings = txn.open_table(SETTINGS)?;
+            if settings
+                .get(S_TRUSTED_KEYS)?
+                .is_some_and(|v| v.value() == id)
+            {
+                return Ok(report);
+            }
+            let mut narinfos = txn.open_table(NARINFOS)?;
+            let rows: Vec<(String, Vec<u8>)> = narinfos
+                .iter()?
+                .map(|r| r.map(|(k, v)| (k.value().to_string(), v.value().to_vec())))
+                .collect::<Result<_, _>>()?;
+            for (hash, bytes) in rows {
+                let mut rec = StoredNarInfo::decode(&hash, &bytes)?;
+                report.checked += 1;
+                let trust = NarInfo::parse(&rec.text)
+                    .ok()
+                    .and_then(|info| crate::core::signing::verify_narinfo(&info, keys).ok())
+                    .unwrap_or(Trust::Untrusted);
+                let class = TrustClass::from(&trust);
+                if class == rec.trust {
+                    continue;
+                }
+                match class {
+                    TrustClass::Trusted(_) => report.now_trusted += 1,
+                    TrustClass::Untrusted => report.now_untrusted += 1,
+                }
+                rec.trust = class;
+                narinfos.insert(hash.as_str(), rec.encode().as_slice())?;
+            }
+            settings.insert(S_TRUSTED_KEYS, id.as_str())?;
+        }
+        txn.commit()?;
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+    use crate::core::signing::SecretKey;
+
+    #[test]
+    fn trust_follows_the_configured_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let sk = SecretKey::generate("retrust-1", [7; 32]);
+        let hash = "0123456789abcdfghijklmnpqrsvwxyz";
+        // Imported before its key was configured: untrusted, not shareable.
+        ingest(&store, hash, &sample_nar(1), Some(&sk), &[]);
+        assert!(store.shareable_paths().unwrap().is_empty());
+        let keys = [sk.public_key()];
+        let r = store.retrust(&keys).unwrap();
+        assert_eq!((r.checked, r.now_trusted, r.now_untrusted), (1, 1, 0));
+        assert_eq!(store.shareable_paths().unwrap().len(), 1);
+        assert_eq!(store.verify(|_| {}).unwrap(), Vec::<String>::new());
+        // The same keys again: nothing to do.
+        assert_eq!(store.retrust(&keys).unwrap(), RetrustReport::default());
+        // The key removed: untrusted again.
+        let r = store.retrust(&[]).unwrap();
+        assert_eq!((r.now_trusted, r.now_untrusted), (0, 1));
+        assert!(store.shareable_paths().unwrap().is_empty());
+        assert_eq!(store.verify(|_| {}).unwrap(), Vec::<String>::new());
+    }
+}

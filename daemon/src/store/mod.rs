@@ -46,6 +46,7 @@ mod verify;
 
 pub use compact::{CompactOptions, CompactReport};
 pub use evict::{EvictReport, GcPolicy, GcReport, RemovedPath, Retention};
+pub use ingest::RetrustReport;
 pub use read::NarReader;
 pub use repair::{repair, RepairReport};
 pub use retire::{CollectReport, PathFacts, PathState};

@@ -90,3 +90,6 @@ pub const C_META_SEQ: &str = "meta_seq";
 /// (`local` or `s3://BUCKET[/PREFIX]`).
 pub const SETTINGS: TableDefinition<&str, &str> = TableDefinition::new("settings-v1");
 pub const S_STORAGE: &str = "storage";
+/// `trusted-keys` → the keys (sorted `name:base64`, space-separated) every narinfo's trust
+/// class was last checked against (`Store::retrust`).
+pub const S_TRUSTED_KEYS: &str = "trusted-keys";

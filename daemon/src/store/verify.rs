@@ -204,8 +204,19 @@ impl Store {
                     continue;
                 }
             };
+            // The trust class is not compared: it follows the configured keys (`retrust`).
+            let same = |a: &[u8]| match (
+                StoredNarInfo::decode(hash, a),
+                StoredNarInfo::decode(hash, &meta.narinfo),
+            ) {
+                (Ok(a), Ok(b)) => {
+                    (a.text, a.nar_hash, a.source, a.added_unix)
+                        == (b.text, b.nar_hash, b.source, b.added_unix)
+                }
+                _ => false,
+            };
             let record = narinfos.get(hash)?.map(|v| v.value().to_vec());
-            if meta.hash != hash || meta.seq != m.seq || record.as_ref() != Some(&meta.narinfo) {
+            if meta.hash != hash || meta.seq != m.seq || !record.as_deref().is_some_and(same) {
                 problems.push(format!(
                     "metadata record of {hash}: differs from the index (verify --repair would \
                      restore something else)"
