@@ -101,6 +101,14 @@ fn first_start_says_where_and_how_and_logs_carry_no_colour() {
         locked.status.success() || err.contains("give --url"),
         "{err}"
     );
+    // `GET /` says what this is and how to point Nix at it (it was a 404).
+    let home = nix_p2p_cache_tests::harness::http(d.port, &nix_p2p_cache_tests::harness::get("/"));
+    assert_eq!(home.status, 200);
+    let home = String::from_utf8(home.body).unwrap();
+    assert!(
+        home.contains("substituters = http://") && home.contains("/api/status"),
+        "{home}"
+    );
     let stderr = d.stderr.clone();
     d.stop();
     let logs = std::fs::read_to_string(stderr).unwrap();

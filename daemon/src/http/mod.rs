@@ -123,6 +123,7 @@ pub const CACHE_INFO: &str = "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 
 /// Builds the router.
 pub fn router(state: Arc<HttpState>) -> Router {
     Router::new()
+        .route("/", get(index))
         .route("/nix-cache-info", get(cache_info).put(upload::put_ignored))
         .route("/metrics", get(metrics))
         .route("/api/status", get(api::status))
@@ -157,6 +158,30 @@ fn finish(state: &HttpState, route: &'static str, r: Result<Response, HttpError>
 
 async fn fallback(State(state): State<Arc<HttpState>>) -> Response {
     finish(&state, "other", Err(HttpError::NotFound))
+}
+
+/// `GET /`: what this address is and how to use it (a person opening it in a browser), with
+/// the node's JSON and metrics linked.
+async fn index(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| h.bytes().all(|b| b.is_ascii_graphic()) && !h.contains(['<', '>', '&', '"']))
+        .unwrap_or("127.0.0.1:7420");
+    let body = format!(
+        "<!doctype html><meta charset=utf-8><title>nix-p2p-cache</title>\n\
+         <h1>nix-p2p-cache {version}</h1>\n\
+         <p>A Nix binary cache (substituter) backed by a peer-to-peer network. Point Nix at it \
+         in <code>nix.conf</code>:</p>\n\
+         <pre>substituters = http://{host} https://cache.nixos.org</pre>\n\
+         <ul><li><a href=\"/nix-cache-info\">nix-cache-info</a></li>\n\
+         <li><a href=\"/api/status\">/api/status</a> (JSON: role, store, peers, traffic)</li>\n\
+         <li><a href=\"/api/peers\">/api/peers</a></li>\n\
+         <li><a href=\"/metrics\">/metrics</a> (Prometheus)</li></ul>\n",
+        version = state.node.version,
+    );
+    let resp = ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], body).into_response();
+    finish(&state, "index", Ok(resp))
 }
 
 async fn cache_info(State(state): State<Arc<HttpState>>) -> Response {
