@@ -1293,23 +1293,6 @@ fn notify_systemd(state: &str) {
     }
 }
 
-/// An error with its context and causes on one line, each text once (many errors already
-/// say their cause, which `{:#}` would print again).
-fn error_text(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let t = cause.to_string();
-        if t.is_empty() || out.contains(&t) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&t);
-    }
-    out
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -1330,7 +1313,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", error_text(&e));
+            eprintln!("error: {}", nix_p2p_cache::core::error_text(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -41,6 +41,17 @@ fn objects(s3: &S3Server) -> Vec<String> {
         .collect()
 }
 
+/// Imports the corpus into a data dir whose packs live on `s3`.
+fn import_on_s3(corpus: &Corpus, data: &Path, s3: &S3Server) {
+    let mut import = cmd();
+    import
+        .args(["import", "--data-dir"])
+        .arg(data)
+        .args(["--from", &corpus.xz_url()]);
+    with_s3(&mut import, s3);
+    run_ok(&mut import);
+}
+
 fn with_s3(c: &mut std::process::Command, s3: &S3Server) {
     c.envs(s3.env()).args(storage_args(s3));
 }
@@ -148,13 +159,7 @@ fn a_damaged_or_missing_pack_object_is_refused_and_found_by_verify() {
     let corpus = Corpus::small();
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let mut import = cmd();
-    import
-        .args(["import", "--data-dir"])
-        .arg(&data)
-        .args(["--from", &corpus.xz_url()]);
-    with_s3(&mut import, &s3);
-    run_ok(&mut import);
+    import_on_s3(corpus, &data, &s3);
     let packs = object_paths(&s3);
     assert!(!packs.is_empty());
     // Flip bytes all through the first pack object.
@@ -237,13 +242,7 @@ fn a_down_server_or_wrong_credentials_are_clear_errors_never_a_wrong_200() {
     let corpus = Corpus::small();
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let mut import = cmd();
-    import
-        .args(["import", "--data-dir"])
-        .arg(&data)
-        .args(["--from", &corpus.xz_url()]);
-    with_s3(&mut import, &s3);
-    run_ok(&mut import);
+    import_on_s3(corpus, &data, &s3);
     assert_eq!(
         local_packs_with_records(&data),
         0,

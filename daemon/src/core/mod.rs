@@ -15,3 +15,25 @@ pub mod store_path;
 pub mod summary;
 
 pub use hash::{ChunkId, NarHash, NarKey};
+
+/// An error and its causes as one line, each text once: some errors print nothing of their
+/// own (libp2p's transport errors: the reason is in their source), many repeat their source's
+/// text (which `{:#}` would print again).
+pub fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = String::new();
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let t = err.to_string();
+        if !t.is_empty() && !out.contains(&t) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&t);
+        }
+        cur = err.source();
+    }
+    if out.is_empty() {
+        out.push_str("unknown error");
+    }
+    out
+}

@@ -470,7 +470,7 @@ impl EventLoop {
                 Err(e) => {
                     let _ = reply.send(Err(NetError::Listen {
                         addr,
-                        reason: error_text(&e),
+                        reason: crate::core::error_text(&e),
                     }));
                 }
             },
@@ -503,7 +503,7 @@ impl EventLoop {
                     Err(e) => {
                         let _ = reply.send(Err(NetError::Dial {
                             peer,
-                            reason: error_text(&e),
+                            reason: crate::core::error_text(&e),
                         }));
                     }
                 }
@@ -653,7 +653,7 @@ impl EventLoop {
                 if let Some((addr, reply)) = self.pending_listen.remove(&listener_id) {
                     let reason = match reason {
                         Ok(()) => "closed".to_string(),
-                        Err(e) => error_text(&e),
+                        Err(e) => crate::core::error_text(&e),
                     };
                     let _ = reply.send(Err(NetError::Listen { addr, reason }));
                 }
@@ -700,7 +700,7 @@ impl EventLoop {
                 for reply in self.pending_dial.remove(&peer).unwrap_or_default() {
                     let _ = reply.send(Err(NetError::Dial {
                         peer,
-                        reason: error_text(&error),
+                        reason: crate::core::error_text(&error),
                     }));
                 }
             }
@@ -867,7 +867,7 @@ impl EventLoop {
                     self.peers.entry(peer).or_default().failures += 1;
                     let _ = reply.send(Err(NetError::Request {
                         peer,
-                        reason: error_text(&error),
+                        reason: crate::core::error_text(&error),
                     }));
                 }
             }
@@ -877,27 +877,6 @@ impl EventLoop {
             Event::ResponseSent { .. } => {}
         }
     }
-}
-
-/// An error and its causes as one line, each text once: libp2p's transport errors print
-/// nothing of their own (the reason is in their source), others repeat their source's text.
-fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = String::new();
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        let t = err.to_string();
-        if !t.is_empty() && !out.contains(&t) {
-            if !out.is_empty() {
-                out.push_str(": ");
-            }
-            out.push_str(&t);
-        }
-        cur = err.source();
-    }
-    if out.is_empty() {
-        out.push_str("unknown error");
-    }
-    out
 }
 
 #[cfg(test)]

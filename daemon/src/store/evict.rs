@@ -342,23 +342,12 @@ pub(super) fn sweep_orphan_packs(dir: &Path, known: &HashSet<u32>) -> Result<(),
     if known.is_empty() {
         return Ok(());
     }
-    let entries = match fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(io_err(dir)(e)),
-    };
     let mut removed = false;
-    for e in entries {
-        let e = e.map_err(io_err(dir))?;
-        let Some(pack) = e.file_name().to_str().and_then(parse_pack_name) else {
-            continue;
-        };
+    for (pack, len) in super::repair::pack_files(dir)? {
         if !known.contains(&pack) {
-            let path = e.path();
+            let path = pack::pack_path(dir, pack);
             // A pack holding only its header is one a seal started (nothing to say).
-            if e.metadata()
-                .is_ok_and(|m| m.len() > FILE_HEADER.len() as u64)
-            {
+            if len > FILE_HEADER.len() as u64 {
                 tracing::warn!(pack, path = %path.display(), "deleting a pack the index does not know");
             }
             fs::remove_file(&path).map_err(io_err(&path))?;

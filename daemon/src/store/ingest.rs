@@ -196,8 +196,13 @@ impl Store {
         let missing: Vec<(String, StoredNarInfo)> = {
             let txn = self.db.begin_read()?;
             let metas = txn.open_table(NAR_META)?;
+            let narinfos = txn.open_table(NARINFOS)?;
+            // Every narinfo has its record (rows go in and out together): no scan at each open.
+            if metas.len()? == narinfos.len()? {
+                return Ok(0);
+            }
             let mut v = Vec::new();
-            for r in txn.open_table(NARINFOS)?.iter()? {
+            for r in narinfos.iter()? {
                 let (k, rec) = r?;
                 if metas.get(k.value())?.is_none() {
                     v.push((
