@@ -15,7 +15,7 @@ use crate::core::signing::{PublicKey, SigningError, CACHE_NIXOS_ORG_KEY};
 use crate::fetch::Peers;
 use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
-use crate::net::{self, BehaviourConfig, NetConfig, StoreResponder, Transport};
+use crate::net::{self, BehaviourConfig, NetConfig, StoreResponder};
 use crate::quota::Quota;
 use crate::resolve::{Resolver, Source};
 use crate::store::{Store, StoreError};
@@ -125,9 +125,10 @@ async fn start_p2p(
         .await
         .map_err(|e| p2p(&e))??;
     let net_config = NetConfig {
-        transport: Transport::Tcp,
+        transport: config.p2p_transport,
         behaviour: BehaviourConfig {
             mdns: !config.no_mdns,
+            timers: config.timers,
         },
         share: config.share,
         upload_rate_limit: config.upload_rate_limit.map(u64::from),
@@ -159,11 +160,12 @@ async fn start_p2p(
     }
     // Only a node that serves everyone says so in the DHT; LAN peers find a `lan` node by mDNS.
     let announcer = (config.share == Share::All).then(|| {
-        Arc::new(Announcer::new(
-            client.clone(),
-            store.clone(),
-            config.announce,
-        ))
+        Arc::new(
+            Announcer::new(client.clone(), store.clone(), config.announce).with_intervals(
+                config.timers.reprovide_interval(),
+                config.timers.dht_purge_interval(),
+            ),
+        )
     });
     let peers = Arc::new(Peers::new(client, trusted, metrics));
     // Connected peers' path summaries, so narinfos are asked only of peers that may hold them.

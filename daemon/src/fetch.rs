@@ -262,6 +262,7 @@ impl Peers {
             requests_in: s.requests_in.load(Relaxed),
             requests_refused: s.requests_refused.load(Relaxed),
             peers_banned: s.peers_banned.load(Relaxed),
+            dht_calls: s.dht.snapshot(),
         }
     }
 

@@ -64,6 +64,8 @@ pub struct NetGauges {
     pub requests_in: u64,
     pub requests_refused: u64,
     pub peers_banned: u64,
+    /// DHT calls made and answered, by type.
+    pub dht_calls: crate::net::DhtCallCounts,
 }
 
 impl Metrics {
@@ -261,6 +263,17 @@ impl Metrics {
                 let _ = writeln!(out, "# TYPE nix_p2p_cache_{name} {kind}");
                 let _ = writeln!(out, "nix_p2p_cache_{name} {v}");
             }
+            let _ = writeln!(
+                out,
+                "# HELP nix_p2p_cache_p2p_dht_calls_total DHT queries started (out) and requests answered (in), by type."
+            );
+            let _ = writeln!(out, "# TYPE nix_p2p_cache_p2p_dht_calls_total counter");
+            for (direction, kind, v) in n.dht_calls.labelled() {
+                let _ = writeln!(
+                    out,
+                    "nix_p2p_cache_p2p_dht_calls_total{{direction=\"{direction}\",type=\"{kind}\"}} {v}"
+                );
+            }
         }
         if let Some(s) = stats {
             let gauges = [
@@ -366,10 +379,17 @@ mod tests {
             Some(&s),
             Some(&NetGauges {
                 peers_banned: 3,
+                dht_calls: crate::net::DhtCallCounts {
+                    in_add_provider: 5,
+                    ..Default::default()
+                },
                 ..Default::default()
             }),
         );
         assert!(text.contains("nix_p2p_cache_p2p_peers_banned_total 3\n"));
+        assert!(text.contains(
+            "nix_p2p_cache_p2p_dht_calls_total{direction=\"in\",type=\"add_provider\"} 5\n"
+        ));
         assert!(text
             .contains("nix_p2p_cache_http_requests_total{route=\"narinfo\",status=\"200\"} 2\n"));
         assert!(

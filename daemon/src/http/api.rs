@@ -56,6 +56,8 @@ struct P2pStatus {
     bad_manifests: u64,
     chunks_reused_locally: u64,
     announce: Option<crate::announce::AnnounceStats>,
+    /// Rows of the DHT database: keys provided, other nodes' provider records held.
+    dht_records: crate::store::dht::DhtCounts,
 }
 
 fn json(body: &impl Serialize) -> Result<Response, HttpError> {
@@ -70,6 +72,8 @@ pub async fn status(State(state): State<Arc<HttpState>>) -> Response {
         let stats = blocking(move || Ok(store.stats()?)).await?;
         let p2p = match &state.peers {
             Some(p) => {
+                let store = state.store.clone();
+                let dht_records = blocking(move || Ok(store.dht()?.dht_counts()?)).await?;
                 let m = &state.metrics;
                 let get =
                     |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
@@ -84,6 +88,7 @@ pub async fn status(State(state): State<Arc<HttpState>>) -> Response {
                     bad_manifests: get(&m.p2p_bad_manifests),
                     chunks_reused_locally: get(&m.p2p_chunks_local),
                     announce: state.announcer.as_ref().map(|a| a.stats()),
+                    dht_records,
                 })
             }
             None => None,
