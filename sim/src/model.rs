@@ -160,6 +160,8 @@ pub struct ClassStats {
 /// Everything a run produces, before it is written out.
 #[derive(Clone, Debug)]
 pub struct Outcome {
+    /// "model" or "real".
+    pub mode: &'static str,
     /// Scenario name.
     pub name: String,
     /// Non-seed nodes.
@@ -223,6 +225,32 @@ pub struct Outcome {
     pub events: u64,
     /// Fetches still in progress (or stuck) at the end: not in the percentiles.
     pub unfinished_fetches: u64,
+}
+
+/// Nodes per class: seeds by `count`, the others by `share` of `nodes` (the last takes the
+/// rest).
+pub fn class_counts(sc: &Scenario) -> Result<Vec<u32>, Error> {
+    let classes = &sc.classes;
+    let mut counts = vec![0u32; classes.len()];
+    let non_seed: Vec<usize> = (0..classes.len())
+        .filter(|&i| classes[i].kind != Kind::Seed)
+        .collect();
+    let mut assigned = 0u32;
+    for (j, &i) in non_seed.iter().enumerate() {
+        let c = if j + 1 == non_seed.len() {
+            sc.nodes - assigned
+        } else {
+            ((classes[i].share * f64::from(sc.nodes)).round() as u32).min(sc.nodes - assigned)
+        };
+        counts[i] = c;
+        assigned += c;
+    }
+    for (i, cl) in classes.iter().enumerate() {
+        if cl.kind == Kind::Seed {
+            counts[i] = cl.count;
+        }
+    }
+    Ok(counts)
 }
 
 /// The simulation state.
@@ -346,27 +374,7 @@ impl Model {
         let n_classes = classes.len();
         let mut r_init = Rng::stream(seed, "init");
 
-        // Node counts per class: seeds by count, the others by share (the last takes the rest).
-        let mut counts = vec![0u32; classes.len()];
-        let non_seed: Vec<usize> = (0..classes.len())
-            .filter(|&i| classes[i].rc.cfg.kind != Kind::Seed)
-            .collect();
-        let mut assigned = 0u32;
-        for (j, &i) in non_seed.iter().enumerate() {
-            let c = if j + 1 == non_seed.len() {
-                sc.nodes - assigned
-            } else {
-                ((classes[i].rc.cfg.share * f64::from(sc.nodes)).round() as u32)
-                    .min(sc.nodes - assigned)
-            };
-            counts[i] = c;
-            assigned += c;
-        }
-        for (i, cl) in classes.iter().enumerate() {
-            if cl.rc.cfg.kind == Kind::Seed {
-                counts[i] = cl.rc.cfg.count;
-            }
-        }
+        let counts = class_counts(&sc)?;
         let total: usize = counts.iter().map(|&c| c as usize).sum();
         if total >= NONE as usize {
             return Err(Error::Scenario {
@@ -495,7 +503,7 @@ impl Model {
         // Nodes: seeds first, then the other classes in file order.
         let order: Vec<usize> = (0..m.classes.len())
             .filter(|&i| m.classes[i].rc.cfg.kind == Kind::Seed)
-            .chain(non_seed.iter().copied())
+            .chain((0..m.classes.len()).filter(|&i| m.classes[i].rc.cfg.kind != Kind::Seed))
             .collect();
         let mbit = 1e6 / 8.0;
         let mut server_ids = Vec::new();
@@ -1772,6 +1780,7 @@ impl Model {
         let stored_end = self.samples.last().map_or(0.0, |s| s.stored_bytes_per_node);
         let sim_seconds = self.end;
         Outcome {
+            mode: "model",
             name: self.sc.name.clone(),
             nodes: non_seed,
             seeds: self.seeds.len() as u64,

@@ -52,6 +52,9 @@ pub struct Scenario {
     /// Node classes.
     #[serde(rename = "class")]
     pub classes: Vec<ClassCfg>,
+    /// Real-mode parameters (ignored by model mode).
+    #[serde(default)]
+    pub real: crate::real::RealCfg,
     /// Parameters `sweep` varies when no `--param` is given: key → values.
     #[serde(default)]
     pub sweep: BTreeMap<String, Vec<toml::Value>>,
