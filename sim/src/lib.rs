@@ -14,6 +14,7 @@ pub mod real;
 pub mod rng;
 pub mod scenario;
 pub mod svg;
+pub mod trace;
 
 use thiserror::Error;
 

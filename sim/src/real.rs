@@ -6,7 +6,8 @@
 //! ([`Timers`]) divided by the scenario's `real.time_scale`, so hours of protocol time fit in
 //! minutes. Seeds start holding every closure of the catalogue (signed by a key every node
 //! trusts); the other nodes bootstrap from the seeds and fetch closures through their own HTTP
-//! substituter, as Nix would, at the times of a seeded trace. Upload caps per node come from
+//! substituter, as Nix would, at the times of the scenario's trace (`trace.rs`: the same list
+//! the model replays, over the model's catalogue and uplinks). Upload caps per node come from
 //! the class's bandwidth profile, scaled by `time_scale × bytes_scale`.
 //!
 //! What real mode leaves out (the model has it): churn (every node stays online), NAT (every
@@ -33,7 +34,7 @@ use nix_p2p_cache::store::{Retention, Store};
 use serde::Deserialize;
 
 use crate::model::{percentile, ClassStats, Outcome, SampleRow};
-use crate::rng::{Discrete, Rng};
+use crate::rng::Rng;
 use crate::scenario::{Announce, Kind, Scenario};
 use crate::Error;
 
@@ -46,9 +47,6 @@ pub struct RealCfg {
     pub time_scale: f64,
     /// Bytes of a real closure per byte of its stand-in (closures are shrunk by this factor).
     pub bytes_scale: f64,
-    /// Closures each non-seed node fetches, at uniformly drawn times in the first 80 % of
-    /// `sim_hours`.
-    pub fetches_per_node: u32,
     /// At most this many NARs per closure (each NAR is then larger).
     pub max_nars_per_closure: u32,
     /// NARs of one closure fetched at once (Nix's `max-substitution-jobs` is 16).
@@ -62,7 +60,6 @@ impl Default for RealCfg {
         Self {
             time_scale: 3600.0,
             bytes_scale: 1e-4,
-            fetches_per_node: 1,
             max_nars_per_closure: 8,
             parallel_nars: 4,
             grace_secs: 120.0,
@@ -81,14 +78,6 @@ struct NodeHandle {
     class: usize,
     kind: Kind,
     http: SocketAddr,
-}
-
-/// One fetch of the trace.
-#[derive(Clone, Copy)]
-struct Want {
-    at_s: f64,
-    node: usize,
-    closure: usize,
 }
 
 /// What one node's `/api/status` says (the fields real mode reads).
@@ -145,21 +134,17 @@ fn make_nar(rng: &mut Rng, len: usize) -> Vec<u8> {
     nar
 }
 
-/// The catalogue: closures of NARs, sized like the scenario's closure mix times `bytes_scale`.
+/// The catalogue: the model's closures (same sizes, same seed), each shrunk by `bytes_scale`
+/// and cut into at most `max_nars_per_closure` NARs of pseudo-random bytes.
 fn catalogue(sc: &Scenario, seed: u64) -> Result<Vec<Vec<Nar>>, Error> {
     let cfg = &sc.real;
-    let mix = sc.closure_mix()?;
-    let cat = Discrete::new(&mix.categories.iter().map(|c| c.weight).collect::<Vec<_>>());
-    let mut r = Rng::stream(seed, "real-catalogue");
-    let gib = 1024f64.powi(3);
-    let mean_nar = mix.mean_nar_mib * 1024.0 * 1024.0;
+    let (bytes, nars) = crate::model::catalogue(sc, &mut Rng::stream(seed, "init"))?;
+    let mut r = Rng::stream(seed, "real-content");
     let mut out = Vec::new();
-    for c in 0..sc.workload.closures as usize {
-        let k = &mix.categories[cat.sample(&mut r)];
-        let bytes = r.lognormal(k.gib * gib, mix.size_sigma).max(1.0);
-        let nars = ((bytes / mean_nar).ceil() as u32).clamp(1, cfg.max_nars_per_closure.max(1));
-        let scaled = (bytes * cfg.bytes_scale).max(1024.0);
-        let each = (scaled / f64::from(nars)).ceil() as usize;
+    for (c, (&bytes, &nars)) in bytes.iter().zip(&nars).enumerate() {
+        let nars = nars.clamp(1, u64::from(cfg.max_nars_per_closure.max(1)));
+        let scaled = (bytes as f64 * cfg.bytes_scale).max(1024.0);
+        let each = (scaled / nars as f64).ceil() as usize;
         let list = (0..nars as usize)
             .map(|n| Nar {
                 hash: path_hash(seed, c, n),
@@ -225,9 +210,9 @@ fn copy_dir(from: &Path, to: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// Bytes per wall-clock second that stand for `mbps` of real uplink.
-fn scaled_rate(mbps: f64, cfg: &RealCfg) -> u64 {
-    (mbps * 1e6 / 8.0 * cfg.time_scale * cfg.bytes_scale).max(1024.0) as u64
+/// Bytes per wall-clock second that stand for `bps` bytes per second of real uplink.
+fn scaled_rate(bps: f64, cfg: &RealCfg) -> u64 {
+    (bps * cfg.time_scale * cfg.bytes_scale).max(1024.0) as u64
 }
 
 /// The protocol timers divided by `time_scale` (request and query timeouts are latencies of
@@ -463,7 +448,8 @@ async fn run_async(sc: &Scenario, seed: u64, work: &Path) -> Result<Outcome, Err
     // Nodes: seeds first (the others bootstrap from them).
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let timers = scaled_timers(sc);
-    let mut r_nodes = Rng::stream(seed, "real-nodes");
+    // The model's draws: the same uplink per node as the model gives it.
+    let uplinks = crate::model::Model::new(sc, seed)?.uplinks();
     let mut nodes: Vec<NodeHandle> = Vec::new();
     let mut tasks = Vec::new();
     let mut bootstrap: Vec<String> = Vec::new();
@@ -474,14 +460,6 @@ async fn run_async(sc: &Scenario, seed: u64, work: &Path) -> Result<Outcome, Err
     let started = Instant::now();
     for ci in order {
         let class = &classes[ci];
-        let tiers = Discrete::new(
-            &class
-                .bandwidth
-                .tiers
-                .iter()
-                .map(|t| t.weight)
-                .collect::<Vec<_>>(),
-        );
         let mut starting = Vec::new();
         for _ in 0..counts[ci] {
             let i = nodes.len() + starting.len();
@@ -490,7 +468,6 @@ async fn run_async(sc: &Scenario, seed: u64, work: &Path) -> Result<Outcome, Err
             if kind == Kind::Seed {
                 copy_dir(&seed_dir, &dir)?;
             }
-            let tier = &class.bandwidth.tiers[tiers.sample(&mut r_nodes)];
             let config = DaemonConfig {
                 data_dir: dir,
                 listen: "127.0.0.1:0".parse().expect("valid address"),
@@ -512,10 +489,7 @@ async fn run_async(sc: &Scenario, seed: u64, work: &Path) -> Result<Outcome, Err
                     Announce::Roots => DaemonAnnounce::Roots,
                     Announce::All => DaemonAnnounce::All,
                 },
-                upload_rate_limit: Some(ByteSize(scaled_rate(
-                    tier.up_mbps * sc.net.uplink_scale,
-                    &cfg,
-                ))),
+                upload_rate_limit: Some(ByteSize(scaled_rate(uplinks[i], &cfg))),
                 compact_level: Some(0),
                 timers,
                 p2p_transport: Transport::Memory,
@@ -562,24 +536,9 @@ async fn run_async(sc: &Scenario, seed: u64, work: &Path) -> Result<Outcome, Err
         started.elapsed().as_secs_f64()
     );
 
-    // The trace.
+    // The trace: the same as the model's for this scenario and seed.
     let sim_end = sc.sim_hours * 3600.0;
-    let zipf = Discrete::zipf(wanted.len(), sc.workload.zipf_s);
-    let mut r_trace = Rng::stream(seed, "real-trace");
-    let mut trace: Vec<Want> = Vec::new();
-    for (i, n) in nodes.iter().enumerate() {
-        if n.kind == Kind::Seed {
-            continue;
-        }
-        for _ in 0..cfg.fetches_per_node {
-            trace.push(Want {
-                at_s: r_trace.f64() * sim_end * 0.8,
-                node: i,
-                closure: zipf.sample(&mut r_trace),
-            });
-        }
-    }
-    trace.sort_by(|a, b| a.at_s.total_cmp(&b.at_s));
+    let trace = crate::trace::wants(sc, seed)?;
 
     let before = all_status(&client, &nodes).await;
     let delivered = Arc::new(AtomicU64::new(0));
@@ -599,11 +558,11 @@ async fn run_async(sc: &Scenario, seed: u64, work: &Path) -> Result<Outcome, Err
         while let Some(w) =
             pending.next_if(|w| Duration::from_secs_f64(w.at_s / cfg.time_scale) <= now)
         {
-            let (client, http) = (client.clone(), nodes[w.node].http);
-            let nars = wanted[w.closure].clone();
+            let (client, http) = (client.clone(), nodes[w.node as usize].http);
+            let nars = wanted[w.closure as usize].clone();
             let (delivered, results) = (delivered.clone(), results.clone());
             let failures = failures.clone();
-            let (node, parallel, scale) = (w.node, cfg.parallel_nars, cfg.time_scale);
+            let (node, parallel, scale) = (w.node as usize, cfg.parallel_nars, cfg.time_scale);
             fetches.spawn(async move {
                 let t = Instant::now();
                 match fetch_closure(&client, http, &nars, parallel).await {
@@ -709,7 +668,8 @@ async fn run_async(sc: &Scenario, seed: u64, work: &Path) -> Result<Outcome, Err
     };
     let received = delta(&before, &after, |n| n.bytes_down, all);
     let seed_egress = delta(&before, &after, |n| n.bytes_up, seeds);
-    let fetched: std::collections::BTreeSet<usize> = trace.iter().map(|w| w.closure).collect();
+    let fetched: std::collections::BTreeSet<usize> =
+        trace.iter().map(|w| w.closure as usize).collect();
     let stored: u64 = (0..kinds.len())
         .filter(|&i| !seeds(i))
         .map(|i| after[i].nar_bytes)
