@@ -1,7 +1,14 @@
-//! `Metrics`: counters exported at `/metrics` in the Prometheus text format.
+//! `Metrics`: counters exported at `/metrics` in the Prometheus text format, and what the
+//! dashboard reads besides: the running transfers ([`transfers`]), the last hour of samples
+//! ([`history`]) and the recent warn/error events ([`events`]).
 //!
 //! Lock-free atomics for the hot counters; one small mutex-guarded map for requests by route
-//! and status (bounded: routes are a fixed set of names, statuses a few codes).
+//! and status (bounded: routes are a fixed set of names, statuses a few codes); every table
+//! and ring bounded.
+
+pub mod events;
+pub mod history;
+pub mod transfers;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -9,6 +16,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use crate::store::Stats;
+use history::{History, Sample};
+use transfers::Transfers;
 
 /// Counters of the daemon.
 #[derive(Debug, Default)]
@@ -53,6 +62,16 @@ pub struct Metrics {
     pub nar_flight_joins: AtomicU64,
     /// NAR fetches (flights) that no source could complete.
     pub nar_fetch_failures: AtomicU64,
+    /// NAR requests answered from the local store (not from a flight).
+    pub nar_store_hits: AtomicU64,
+    /// NARs fetched from peers whose manifest came from a LAN (mDNS) peer.
+    pub p2p_nars_lan: AtomicU64,
+    /// Bytes downloaded from upstream caches (NAR files as sent).
+    pub upstream_bytes: AtomicU64,
+    /// NARs moving now (fetches and serves), for the dashboard.
+    pub transfers: Transfers,
+    /// The last hour of samples, for the dashboard's graphs.
+    pub history: History,
 }
 
 /// P2P gauges and totals read off the network layer when `/metrics` is rendered.
@@ -74,6 +93,35 @@ impl Metrics {
 
     pub fn inc(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Appends a sample of the counters to the history (taken every
+    /// [`history::SAMPLE_INTERVAL`]); `net`: the P2P layer's totals, when it is on.
+    pub fn sample(&self, net: Option<&NetGauges>) {
+        self.history.push(self.snapshot(net));
+    }
+
+    /// The counters now, as a history sample.
+    pub fn snapshot(&self, net: Option<&NetGauges>) -> Sample {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let p2p = get(&self.p2p_nars);
+        let lan = get(&self.p2p_nars_lan).min(p2p);
+        Sample {
+            time: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            http_bytes_out: get(&self.nar_bytes_served),
+            http_bytes_in: get(&self.upload_bytes),
+            p2p_bytes_up: net.map_or(0, |n| n.bytes_up),
+            p2p_bytes_down: net.map_or(0, |n| n.bytes_down),
+            upstream_bytes_down: get(&self.upstream_bytes),
+            hits_store: get(&self.nar_store_hits),
+            hits_lan: lan,
+            hits_peers: p2p - lan,
+            hits_upstream: get(&self.upstream_nars),
+            misses: get(&self.nar_misses),
+        }
     }
 
     /// Renders everything, with the store's counts, in the Prometheus text format.
@@ -150,6 +198,21 @@ impl Metrics {
                 "nar_fetch_failures_total",
                 "NAR fetches that no source could complete.",
                 &self.nar_fetch_failures,
+            ),
+            (
+                "nar_store_hits_total",
+                "NAR requests answered from the local store.",
+                &self.nar_store_hits,
+            ),
+            (
+                "p2p_nars_lan_total",
+                "NARs fetched from peers whose manifest came from a LAN (mDNS) peer.",
+                &self.p2p_nars_lan,
+            ),
+            (
+                "upstream_bytes_total",
+                "Bytes downloaded from upstream caches.",
+                &self.upstream_bytes,
             ),
             (
                 "upload_bytes_total",

@@ -10,6 +10,7 @@ mod api;
 mod error;
 pub mod listener;
 mod nar;
+mod ui;
 mod upload;
 
 use std::collections::HashMap;
@@ -61,6 +62,16 @@ pub struct HttpState {
     pub quota: Option<Arc<crate::quota::Quota>>,
     /// DHT announcements (P2P on and `--share all`).
     pub announcer: Option<Arc<crate::announce::Announcer>>,
+}
+
+impl HttpState {
+    /// The P2P layer's counters, when it is on.
+    pub(crate) async fn net_gauges(&self) -> Option<crate::metrics::NetGauges> {
+        match &self.peers {
+            Some(p) => Some(p.gauges().await),
+            None => None,
+        }
+    }
 }
 
 /// A served narinfo text (`None`: a miss), its NarHash when it was served from the store, and
@@ -123,11 +134,18 @@ pub const CACHE_INFO: &str = "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 
 /// Builds the router.
 pub fn router(state: Arc<HttpState>) -> Router {
     Router::new()
-        .route("/", get(index))
+        .route("/", get(ui::to_dashboard))
+        .route("/ui", get(ui::to_dashboard))
+        .route("/ui/", get(ui::page))
+        .route("/ui/{file}", get(ui::asset))
+        .route("/help", get(help))
         .route("/nix-cache-info", get(cache_info).put(upload::put_ignored))
         .route("/metrics", get(metrics))
         .route("/api/status", get(api::status))
         .route("/api/peers", get(api::peers))
+        .route("/api/transfers", get(api::transfers))
+        .route("/api/history", get(api::history))
+        .route("/api/errors", get(api::errors))
         .route("/api/pin", admin(api::pin))
         .route("/api/unpin", admin(api::unpin))
         .route("/api/gc", admin(api::gc))
@@ -160,9 +178,9 @@ async fn fallback(State(state): State<Arc<HttpState>>) -> Response {
     finish(&state, "other", Err(HttpError::NotFound))
 }
 
-/// `GET /`: what this address is and how to use it (a person opening it in a browser), with
-/// the node's JSON and metrics linked.
-async fn index(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
+/// `GET /help`: what this address is and how to use it (a person opening it in a browser),
+/// with the dashboard, the node's JSON and metrics linked.
+async fn help(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
@@ -174,14 +192,15 @@ async fn index(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Respo
          <p>A Nix binary cache (substituter) backed by a peer-to-peer network. Point Nix at it \
          in <code>nix.conf</code>:</p>\n\
          <pre>substituters = http://{host} https://cache.nixos.org</pre>\n\
-         <ul><li><a href=\"/nix-cache-info\">nix-cache-info</a></li>\n\
+         <ul><li><a href=\"/ui/\">the dashboard</a></li>\n\
+         <li><a href=\"/nix-cache-info\">nix-cache-info</a></li>\n\
          <li><a href=\"/api/status\">/api/status</a> (JSON: role, store, peers, traffic)</li>\n\
          <li><a href=\"/api/peers\">/api/peers</a></li>\n\
          <li><a href=\"/metrics\">/metrics</a> (Prometheus)</li></ul>\n",
         version = state.node.version,
     );
     let resp = ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], body).into_response();
-    finish(&state, "index", Ok(resp))
+    finish(&state, "help", Ok(resp))
 }
 
 async fn cache_info(State(state): State<Arc<HttpState>>) -> Response {
@@ -199,10 +218,7 @@ async fn metrics(State(state): State<Arc<HttpState>>) -> Response {
         .await
         .ok()
         .and_then(Result::ok);
-    let net = match &state.peers {
-        Some(p) => Some(p.gauges().await),
-        None => None,
-    };
+    let net = state.net_gauges().await;
     let body = state.metrics.render(stats.as_ref(), net.as_ref());
     let resp = ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response();
     finish(&state, "metrics", Ok(resp))
