@@ -145,6 +145,12 @@ try {
   });
   const serving = await page.locator('[data-testid="transfer-row"][data-direction="serve"]').count();
   if (serving < 1) fail('the body going to the client is not listed');
+  // The screenshot half-way, when the graphs have a few samples.
+  await until('the fetch half-way on the page', async () => {
+    if ((await row.count()) === 0) return 'the fetch row is gone';
+    const [d, t] = [Number(await row.getAttribute('data-done')), Number(await row.getAttribute('data-total'))];
+    return d * 2 >= t || `at ${d} of ${t} bytes`;
+  });
   if (SHOT) await page.screenshot({ path: SHOT, fullPage: true });
 
   // Done: the list empties and the store counts one more path.

@@ -151,7 +151,12 @@ function renderTransfers(t) {
       const rate = x.elapsed_secs > 0 ? `${bytes(Math.round(x.bytes_done / x.elapsed_secs))}/s` : '—';
       const row = el(
         'tr',
-        { 'data-testid': 'transfer-row', 'data-direction': x.direction, 'data-done': String(x.bytes_done) },
+        {
+          'data-testid': 'transfer-row',
+          'data-direction': x.direction,
+          'data-done': String(x.bytes_done),
+          'data-total': String(total ?? ''),
+        },
         el('td', {}, x.direction === 'fetch' ? '↓ fetch' : '↑ serve'),
         el('td', { class: 'what mono', title: x.what }, x.what),
         el('td', {}, x.peer),
@@ -221,14 +226,14 @@ function ago(secs) {
   return secs >= 120 ? `−${Math.round(secs / 60)} min` : `−${Math.round(secs)} s`;
 }
 
-// The window is the last hour, or less while the daemon has been up less (at least 2 min).
+// The window is the last hour, or less while the daemon has been up less (at least 1 min).
 function drawChart(svgId, legendId, samples, series, perSecond, fmt) {
   const svg = $(svgId);
   const [W, H] = [600, 180]; // the viewBox
   const [L, R, T, B] = [78, 10, 10, 22]; // margins: left (labels), right, top, bottom (labels)
   const now = samples.length ? samples[samples.length - 1].time : Date.now() / 1000;
   const first = samples.length ? samples[0].time : now;
-  const t0 = Math.min(now - 120, Math.max(now - 3600, first));
+  const t0 = Math.min(now - 60, Math.max(now - 3600, first));
   const span = now - t0;
   const lines = series.map((s) => ({ ...s, points: deltas(samples, s.value, perSecond) }));
   let max = 0;
