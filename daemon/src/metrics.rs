@@ -19,10 +19,25 @@ use crate::store::Stats;
 use history::{History, Sample};
 use transfers::Transfers;
 
+/// Upper bounds, in seconds, of the buckets of the HTTP request-latency histogram.
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+/// One route's request latencies: counts per bucket (not cumulative), sum and count.
+#[derive(Debug, Default, Clone, Copy)]
+struct Latency {
+    buckets: [u64; LATENCY_BUCKETS.len()],
+    sum: f64,
+    count: u64,
+}
+
 /// Counters of the daemon.
 #[derive(Debug, Default)]
 pub struct Metrics {
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    /// Time to the response head by route (bounded: routes are a fixed set of names).
+    latency: Mutex<BTreeMap<&'static str, Latency>>,
     pub nar_bytes_served: AtomicU64,
     pub narinfo_hits: AtomicU64,
     pub narinfo_misses: AtomicU64,
@@ -91,6 +106,17 @@ impl Metrics {
         *m.entry((route, status)).or_default() += 1;
     }
 
+    /// Records how long a request of `route` took to its response head.
+    pub fn observe_latency(&self, route: &'static str, secs: f64) {
+        let mut m = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        let l = m.entry(route).or_default();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|b| secs <= *b) {
+            l.buckets[i] += 1;
+        }
+        l.sum += secs;
+        l.count += 1;
+    }
+
     pub fn inc(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }
@@ -124,6 +150,34 @@ impl Metrics {
         }
     }
 
+    /// The latency histogram in the Prometheus text format (cumulative buckets).
+    fn render_latency(&self, out: &mut String) {
+        out.push_str(
+            "# HELP nix_p2p_cache_http_request_duration_seconds Time from a request to its \
+             response head, by route (a NAR body streams after it).\n\
+             # TYPE nix_p2p_cache_http_request_duration_seconds histogram\n",
+        );
+        let m = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        let name = "nix_p2p_cache_http_request_duration_seconds";
+        for (route, l) in m.iter() {
+            let mut below = 0;
+            for (le, n) in LATENCY_BUCKETS.iter().zip(l.buckets) {
+                below += n;
+                let _ = writeln!(
+                    out,
+                    "{name}_bucket{{route=\"{route}\",le=\"{le}\"}} {below}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{route=\"{route}\",le=\"+Inf\"}} {c}\n\
+                 {name}_sum{{route=\"{route}\"}} {s}\n{name}_count{{route=\"{route}\"}} {c}",
+                c = l.count,
+                s = l.sum,
+            );
+        }
+    }
+
     /// Renders everything, with the store's counts, in the Prometheus text format.
     pub fn render(&self, stats: Option<&Stats>, net: Option<&NetGauges>) -> String {
         let mut out = String::new();
@@ -142,6 +196,7 @@ impl Metrics {
                 "nix_p2p_cache_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
             );
         }
+        self.render_latency(&mut out);
         let counters = [
             (
                 "nar_bytes_served_total",
@@ -420,6 +475,8 @@ mod tests {
         m.request("narinfo", 200);
         m.request("narinfo", 200);
         m.request("nar", 404);
+        m.observe_latency("nar", 0.003);
+        m.observe_latency("nar", 20.0);
         Metrics::inc(&m.nar_bytes_served, 42);
         let s = Stats {
             chunks: 7,
@@ -440,5 +497,12 @@ mod tests {
         );
         assert!(text.contains("nix_p2p_cache_nar_bytes_served_total 42\n"));
         assert!(text.contains("nix_p2p_cache_store_chunks 7\n"));
+        let h = "nix_p2p_cache_http_request_duration_seconds";
+        assert!(text.contains(&format!("# TYPE {h} histogram\n")));
+        assert!(text.contains(&format!("{h}_bucket{{route=\"nar\",le=\"0.0025\"}} 0\n")));
+        assert!(text.contains(&format!("{h}_bucket{{route=\"nar\",le=\"0.005\"}} 1\n")));
+        assert!(text.contains(&format!("{h}_bucket{{route=\"nar\",le=\"10\"}} 1\n")));
+        assert!(text.contains(&format!("{h}_bucket{{route=\"nar\",le=\"+Inf\"}} 2\n")));
+        assert!(text.contains(&format!("{h}_count{{route=\"nar\"}} 2\n")));
     }
 }

@@ -152,7 +152,7 @@ fn the_dashboard_shows_the_node_and_follows_a_transfer() {
     }
     assert!(
         line.starts_with("READY"),
-        "the page never showed the daemon's numbers:\n{}\ndaemon:\n{}",
+        "the browser check failed before the page showed the daemon's numbers:\n{}\ndaemon:\n{}",
         said.concat(),
         d.stderr()
     );
@@ -287,9 +287,14 @@ fn the_grafana_dashboard_queries_only_metrics_the_daemon_exports() {
         &s3.env(),
     );
     let _ = http(d.port, &get("/nix-cache-info"));
-    let r = http(d.port, &get("/metrics"));
-    let exported: BTreeSet<String> = String::from_utf8(r.body)
-        .unwrap()
+    let text = String::from_utf8(http(d.port, &get("/metrics")).body).unwrap();
+    assert!(
+        text.contains(
+            "nix_p2p_cache_http_request_duration_seconds_count{route=\"nix-cache-info\"} 1\n"
+        ),
+        "the request's latency is recorded:\n{text}"
+    );
+    let exported: BTreeSet<String> = text
         .lines()
         .filter_map(|l| {
             l.strip_prefix("# TYPE ")
@@ -297,7 +302,17 @@ fn the_grafana_dashboard_queries_only_metrics_the_daemon_exports() {
                 .map(String::from)
         })
         .collect();
-    let missing: Vec<&String> = queried.difference(&exported).collect();
+    // A histogram's series are its family's name plus `_bucket`, `_sum`, `_count`.
+    let family = |q: &String| {
+        ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| q.strip_suffix(s).filter(|f| exported.contains(*f)))
+            .map_or_else(|| q.clone(), String::from)
+    };
+    let missing: Vec<&String> = queried
+        .iter()
+        .filter(|q| !exported.contains(&family(q)))
+        .collect();
     assert!(
         missing.is_empty(),
         "the Grafana dashboard queries metrics the daemon does not export: {missing:?}\n\

@@ -1,5 +1,6 @@
 //! The localhost substituter (design §6): the HTTP binary-cache protocol that stock Nix speaks,
-//! served from the store, plus uploads (`nix copy --to http://…`) and `/metrics`.
+//! served from the store, plus uploads (`nix copy --to http://…`), `/metrics`, the JSON API
+//! (`api.rs`) and the dashboard (`ui.rs`).
 //!
 //! Owns: routing, request parsing, the upload staging dir (`<data-dir>/uploads`). Store calls
 //! run on `spawn_blocking`; NAR bodies stream through a bounded channel. Bad requests get 4xx,
@@ -155,7 +156,18 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/realisations/{file}", put(upload::put_ignored))
         .route("/{file}", get(get_narinfo).put(upload::put_narinfo))
         .fallback(fallback)
+        .layer(axum::middleware::from_fn(timed))
         .with_state(state)
+}
+
+tokio::task_local! {
+    /// When the request being handled arrived (for [`finish`]'s latency histogram).
+    static REQUEST_START: Instant;
+}
+
+/// Runs the handler with its start time at hand.
+async fn timed(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    REQUEST_START.scope(Instant::now(), next.run(req)).await
 }
 
 /// A state-changing API route: `POST` only, bodies up to [`api::MAX_ADMIN_BODY`].
@@ -167,10 +179,14 @@ where
     post(handler).layer(axum::extract::DefaultBodyLimit::max(api::MAX_ADMIN_BODY))
 }
 
-/// Records the request in the metrics and turns errors into responses.
+/// Records the request (and its latency, up to here) in the metrics and turns errors into
+/// responses.
 fn finish(state: &HttpState, route: &'static str, r: Result<Response, HttpError>) -> Response {
     let resp = r.unwrap_or_else(IntoResponse::into_response);
     state.metrics.request(route, resp.status().as_u16());
+    if let Ok(t) = REQUEST_START.try_with(Instant::elapsed) {
+        state.metrics.observe_latency(route, t.as_secs_f64());
+    }
     resp
 }
 
