@@ -37,7 +37,8 @@ if ! command -v s3s-fs >/dev/null 2>&1 && [ ! -x "$cargo_bin/s3s-fs" ]; then
   cargo install "s3s-fs@$S3S_FS_VERSION" --locked --features binary
 fi
 
-# playwright-core drives the chromium installed above (it downloads no browser of its own).
+# playwright-core drives the chromium installed above (it downloads no browser of its own);
+# pinned to 1.61 in tests/ui, the last line that runs on Debian 12's Node 18.
 if [ ! -f "$root/tests/ui/node_modules/playwright-core/package.json" ]; then
   echo "installing: playwright-core (npm ci in tests/ui)" >&2
   (cd "$root/tests/ui" && npm ci --no-audit --no-fund --loglevel=error)
