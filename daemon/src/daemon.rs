@@ -14,6 +14,7 @@ use crate::config::{ConfigError, DaemonConfig, Role, Share};
 use crate::core::signing::{PublicKey, SigningError, CACHE_NIXOS_ORG_KEY};
 use crate::fetch::Peers;
 use crate::http::{self, HttpState};
+use crate::metrics::history::SAMPLE_INTERVAL;
 use crate::metrics::Metrics;
 use crate::net::{self, BehaviourConfig, NetConfig, StoreResponder};
 use crate::quota::Quota;
@@ -195,6 +196,27 @@ async fn start_p2p(
     Ok((peers, announcer, addrs))
 }
 
+/// Samples the counters for the dashboard's last hour (the first at once, then every
+/// [`SAMPLE_INTERVAL`]) until the daemon's metrics are dropped.
+fn start_sampler(metrics: &Arc<Metrics>, peers: Option<&Arc<Peers>>) {
+    let (m, p) = (Arc::downgrade(metrics), peers.map(Arc::downgrade));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let net = match p.as_ref().and_then(std::sync::Weak::upgrade) {
+                Some(p) => Some(p.gauges().await),
+                None => None,
+            };
+            let Some(m) = m.upgrade() else {
+                return;
+            };
+            m.sample(net.as_ref());
+        }
+    });
+}
+
 /// How often unconnected bootstrap peers are dialled again.
 const REDIAL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -340,6 +362,7 @@ pub async fn run(
             }
         }
     });
+    start_sampler(&metrics, peers.as_ref());
     let staging = config.data_dir.join("uploads");
     let st = staging.clone();
     match tokio::task::spawn_blocking(move || http::sweep_staging(&st)).await {

@@ -430,6 +430,15 @@ impl Peers {
                 }
                 r => {
                     flight.hold(false);
+                    if r.is_ok()
+                        && self
+                            .client
+                            .lan_peers()
+                            .await
+                            .is_ok_and(|lan| lan.contains(&from))
+                    {
+                        Metrics::inc(&self.metrics.p2p_nars_lan, 1);
+                    }
                     return r;
                 }
             }

@@ -1,5 +1,7 @@
 //! The daemon's own JSON API, served on the substituter's (loopback by default) address:
-//! `GET /api/status` and `GET /api/peers` (read-only, for `nix-p2p-cache status` and `peers`),
+//! `GET /api/status` and `GET /api/peers` (read-only, for `nix-p2p-cache status` and `peers`,
+//! and the dashboard), `GET /api/transfers`, `/api/history` and `/api/errors` (read-only, the
+//! dashboard's; `docs/operations.md` documents every field),
 //! and the state-changing `POST /api/pin`, `/api/unpin`, `/api/gc` and `/api/undelete` (for
 //! those commands while the daemon runs), which need the upload token. Handlers translate:
 //! the work is `crate::maintain`'s.
@@ -120,6 +122,44 @@ pub async fn peers(State(state): State<Arc<HttpState>>) -> Response {
         json(&list)
     }
     .await;
+    finish(&state, "api", r)
+}
+
+/// `GET /api/transfers`: the NARs moving now (fetches into the store, bodies to clients).
+pub async fn transfers(State(state): State<Arc<HttpState>>) -> Response {
+    let r = json(&state.metrics.transfers.view());
+    finish(&state, "api", r)
+}
+
+#[derive(Serialize)]
+struct HistoryView {
+    interval_secs: u64,
+    samples: Vec<crate::metrics::history::Sample>,
+}
+
+/// `GET /api/history`: the last hour of samples of the traffic and hit counters, and the
+/// counters now as the last sample (a page opened at start draws something).
+pub async fn history(State(state): State<Arc<HttpState>>) -> Response {
+    let net = state.net_gauges().await;
+    let mut samples = state.metrics.history.samples();
+    samples.push(state.metrics.snapshot(net.as_ref()));
+    let r = json(&HistoryView {
+        interval_secs: crate::metrics::history::SAMPLE_INTERVAL.as_secs(),
+        samples,
+    });
+    finish(&state, "api", r)
+}
+
+#[derive(Serialize)]
+struct ErrorsView {
+    events: Vec<crate::metrics::events::LogEvent>,
+}
+
+/// `GET /api/errors`: the recent warn and error log events, oldest first.
+pub async fn errors(State(state): State<Arc<HttpState>>) -> Response {
+    let r = json(&ErrorsView {
+        events: crate::metrics::events::recent(),
+    });
     finish(&state, "api", r)
 }
 
