@@ -318,12 +318,17 @@ impl DaemonConfig {
 
 /// `$XDG_DATA_HOME/nix-p2p-cache`, else `~/.local/share/nix-p2p-cache`.
 pub fn default_data_dir() -> PathBuf {
-    std::env::var_os("XDG_DATA_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+    xdg_dir("XDG_DATA_HOME", ".local/share")
         .unwrap_or_else(|| PathBuf::from("."))
         .join("nix-p2p-cache")
+}
+
+/// An XDG base directory: `$var` if set and not empty, else `$HOME/<under_home>`.
+pub fn xdg_dir(var: &str, under_home: &str) -> Option<PathBuf> {
+    std::env::var_os(var)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(under_home)))
 }
 
 #[cfg(test)]

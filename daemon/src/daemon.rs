@@ -347,6 +347,7 @@ pub async fn run(
         Err(e) => tracing::warn!(error = %e, "sweeping the upload staging dir"),
     }
     let store_for_stop = store.clone();
+    let trusted_names = trusted.iter().map(ToString::to_string).collect();
     let state = Arc::new(HttpState {
         store,
         metrics,
@@ -367,6 +368,8 @@ pub async fn run(
                 .as_ref()
                 .map(|p| p.client().local_peer_id().to_string()),
             p2p_addresses: p2p_addrs.iter().map(|a| a.to_string()).collect(),
+            trusted_public_keys: trusted_names,
+            data_dir: config.data_dir.clone(),
         },
         started: std::time::Instant::now(),
         announcer,

@@ -37,6 +37,7 @@ use clap::{Args, CommandFactory as _, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use nix_p2p_cache::config::{default_data_dir, Announce, ByteSize, DaemonConfig, Role, Share};
+use nix_p2p_cache::core::human_bytes as human;
 use nix_p2p_cache::core::store_path::parse_hash_or_path;
 use nix_p2p_cache::daemon::trusted_keys;
 use nix_p2p_cache::import::{self, BinaryCache, Selection};
@@ -133,14 +134,18 @@ impl ApiArgs {
         Ok(ExitCode::SUCCESS)
     }
 
-    /// GETs `path` from the daemon's API and parses the JSON.
-    fn get(&self, path: &str) -> Result<serde_json::Value> {
-        let base = match (&self.url, &self.config) {
+    /// The daemon's base URL: --url, else `listen` of --config, else the default address.
+    fn base(&self) -> Result<String> {
+        Ok(match (&self.url, &self.config) {
             (Some(u), _) => base_url(u),
             (None, Some(f)) => format!("http://{}", DaemonConfig::from_file(f)?.listen),
             (None, None) => format!("http://{}", nix_p2p_cache::config::DEFAULT_LISTEN),
-        };
-        let url = format!("{base}{path}");
+        })
+    }
+
+    /// GETs `path` from the daemon's API and parses the JSON.
+    fn get(&self, path: &str) -> Result<serde_json::Value> {
+        let url = format!("{}{path}", self.base()?);
         block_on(async {
             let resp = reqwest::Client::new()
                 .get(&url)
@@ -506,6 +511,14 @@ enum Command {
     },
     /// List the running daemon's peers with their traffic and bans.
     Peers {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Check what usually keeps Nix from using the daemon — is it running, is it in Nix's
+    /// substituters (first), are its keys trusted, is Nix's narinfo cache hiding it, ports,
+    /// clock, disk space, open-files limit — and say what to change. Exit status: 0 all ok,
+    /// 1 a check failed, 3 only warnings.
+    Doctor {
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -1111,17 +1124,6 @@ fn open_existing(dir: &std::path::Path, opts: &StorageOptions) -> Result<Store> 
         .with_context(|| format!("opening store {}", dir.display()))
 }
 
-fn human(bytes: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < units.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    format!("{v:.1} {}", units[u])
-}
-
 fn u(v: &serde_json::Value, k: &str) -> u64 {
     v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0)
 }
@@ -1248,6 +1250,37 @@ fn print_peers(v: &serde_json::Value) {
             s(p, "address")
         );
     }
+}
+
+/// `doctor [--url URL] [--config F] [--json]`: one line per check (or a JSON array); the exit
+/// status says the worst.
+fn doctor_command(api: &ApiArgs) -> Result<ExitCode> {
+    use nix_p2p_cache::doctor;
+    let config = match &api.config {
+        Some(f) => Some(DaemonConfig::from_file(f)?),
+        None => None,
+    };
+    let opts = doctor::Options {
+        url: api.base()?,
+        config,
+    };
+    let checks = block_on(async { Ok(doctor::diagnose(&opts).await) })?;
+    if api.json {
+        outln!("{}", serde_json::to_string_pretty(&checks)?);
+    } else {
+        for c in &checks {
+            match &c.fix {
+                Some(fix) => outln!(
+                    "{:<4} {}: {} — fix: {fix}",
+                    c.status.label(),
+                    c.check,
+                    c.detail
+                ),
+                None => outln!("{:<4} {}: {}", c.status.label(), c.check, c.detail),
+            }
+        }
+    }
+    Ok(ExitCode::from(doctor::exit_code(&checks)))
 }
 
 /// The store numbers of the daemon at `url` (`/api/status`'s `store`).
@@ -1503,6 +1536,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Status { api } => api.show("/api/status", print_status),
         Command::Peers { api } => api.show("/api/peers", print_peers),
+        Command::Doctor { api } => doctor_command(&api),
         Command::Pin {
             live,
             json,
