@@ -446,10 +446,13 @@ enum Command {
         args: DaemonArgs,
     },
     /// Check a daemon config file (and daemon flags given after it) without starting anything;
-    /// prints the effective configuration as TOML.
+    /// prints the effective configuration as TOML (JSON with --json).
     CheckConfig {
         /// The TOML config file.
         file: PathBuf,
+        /// Print the effective configuration as JSON instead of TOML.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         args: DaemonArgs,
     },
@@ -531,6 +534,9 @@ enum Command {
         /// stopped.
         #[arg(long)]
         repair: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Pin store paths: their NARs are never evicted (uploads and imports are pinned already).
     /// With the daemon running, goes through its API (needs the upload token).
@@ -1084,6 +1090,57 @@ fn print_repair(r: &nix_p2p_cache::store::RepairReport) {
     }
 }
 
+/// `verify [--repair] [--json]`: exit 1 on damage.
+fn verify_command(data: &DataDir, repair: bool, json: bool) -> Result<ExitCode> {
+    let repaired = if repair {
+        let r = nix_p2p_cache::store::repair(&data.data_dir, &data.storage_options())
+            .with_context(|| format!("repairing {}", data.data_dir.display()))?;
+        if !json {
+            print_repair(&r);
+        }
+        Some(r)
+    } else {
+        None
+    };
+    let store = open_existing(&data.data_dir, &data.storage_options())?;
+    let pb = ProgressBar::new(store.stats()?.chunk_compressed_bytes);
+    pb.set_style(
+        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} chunks read")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let problems = store.verify(|n| pb.inc(n))?;
+    pb.finish_and_clear();
+    let s = store.stats()?;
+    if json {
+        let v = serde_json::json!({
+            "ok": problems.is_empty(),
+            "chunks": s.chunks,
+            "nars": s.nars,
+            "narinfos": s.narinfos,
+            "problems": problems,
+            "repair": repaired,
+        });
+        outln!("{}", serde_json::to_string_pretty(&v)?);
+    } else if problems.is_empty() {
+        outln!(
+            "ok: {} chunks, {} NARs, {} narinfos verified",
+            s.chunks,
+            s.nars,
+            s.narinfos
+        );
+    } else {
+        for p in &problems {
+            outln!("DAMAGED: {p}");
+        }
+    }
+    if problems.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("{} problems found", problems.len());
+        Ok(ExitCode::FAILURE)
+    }
+}
+
 /// With remote storage: seals the open pack and uploads every sealed one, so the bucket
 /// alone holds what this command stored (and deletes what it collected).
 fn upload_all(store: &Store) -> Result<()> {
@@ -1414,7 +1471,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             out!("{}", String::from_utf8_lossy(&out));
             Ok(ExitCode::SUCCESS)
         }
-        Command::CheckConfig { file, mut args } => {
+        Command::CheckConfig {
+            file,
+            json,
+            mut args,
+        } => {
             if args.config.is_some() {
                 bail!("give the config file once, as the argument");
             }
@@ -1422,10 +1483,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let cfg = args.into_config()?;
             cfg.validate()
                 .with_context(|| format!("{} is not a valid configuration", file.display()))?;
-            out!(
-                "{}",
-                toml::to_string(&cfg).context("printing the configuration")?
-            );
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&cfg)?);
+            } else {
+                out!(
+                    "{}",
+                    toml::to_string(&cfg).context("printing the configuration")?
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Import {
@@ -1572,36 +1637,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
             min_age_secs,
             json,
         } => compact_command(&data, level, min_age_secs, json),
-        Command::Verify { data, repair } => {
-            if repair {
-                let r = nix_p2p_cache::store::repair(&data.data_dir, &data.storage_options())
-                    .with_context(|| format!("repairing {}", data.data_dir.display()))?;
-                print_repair(&r);
-            }
-            let store = open_existing(&data.data_dir, &data.storage_options())?;
-            let pb = ProgressBar::new(store.stats()?.chunk_compressed_bytes);
-            pb.set_style(
-                ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} chunks read")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            );
-            let problems = store.verify(|n| pb.inc(n))?;
-            pb.finish_and_clear();
-            if problems.is_empty() {
-                let s = store.stats()?;
-                outln!(
-                    "ok: {} chunks, {} NARs, {} narinfos verified",
-                    s.chunks,
-                    s.nars,
-                    s.narinfos
-                );
-                Ok(ExitCode::SUCCESS)
-            } else {
-                for p in &problems {
-                    outln!("DAMAGED: {p}");
-                }
-                eprintln!("{} problems found", problems.len());
-                Ok(ExitCode::FAILURE)
-            }
-        }
+        Command::Verify { data, repair, json } => verify_command(&data, repair, json),
     }
 }

@@ -4,7 +4,7 @@
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
-use nix_p2p_cache_tests::harness::Daemon;
+use nix_p2p_cache_tests::harness::{Daemon, Env};
 use nix_p2p_cache_tests::{cmd, run_ok};
 
 #[test]
@@ -188,4 +188,87 @@ fn errors_say_their_cause_once() {
         "127.0.0.1:0",
     ]);
     assert_eq!(file.matches("not a directory").count(), 1, "{file}");
+}
+
+/// Every command that prints state accepts `--json` and prints one valid JSON document on
+/// stdout (issue 15). The commands are read from `help`, so a new one must be added here, to
+/// the JSON commands or to those that print no state.
+#[test]
+fn every_command_that_prints_state_has_json() {
+    const NO_STATE: &[&str] = &["completions", "man", "daemon", "nar", "help"];
+    let env = Env::new();
+    let (sk, pk) = env.key("json");
+    let file = env.path("f");
+    std::fs::write(
+        &file,
+        format!("json {}\n", nix_p2p_cache_tests::harness::unique()),
+    )
+    .unwrap();
+    let out = run_ok(
+        std::process::Command::new("nix-store")
+            .arg("--add")
+            .arg(&file),
+    );
+    let path = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let cache = env.signed_file_cache("cache", &path, &sk);
+    let data = env.path("data").display().to_string();
+    let config = env.path("c.toml");
+    std::fs::write(&config, format!("data-dir = {data:?}\n")).unwrap();
+    let config = config.display().to_string();
+
+    let mut seen = std::collections::BTreeSet::new();
+    let mut json = |args: &[&str]| -> serde_json::Value {
+        let out = cmd().args(args).arg("--json").output().unwrap();
+        seen.insert(args[0].to_string());
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{args:?} --json is not JSON ({e}): {}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    };
+    let d = ["--data-dir", data.as_str()];
+    let v = json(
+        &[
+            &["import"][..],
+            &d,
+            &["--from", &cache, "--trusted-public-key", &pk],
+        ]
+        .concat(),
+    );
+    assert_eq!(v["imported"], 1, "{v}");
+    assert_eq!(json(&[&["stats"][..], &d].concat())["narinfos"], 1);
+    assert_eq!(json(&[&["verify"][..], &d].concat())["ok"], true);
+    let v = json(&[&["pin"][..], &d, &[&path]].concat());
+    assert_eq!(v["paths"][0]["outcome"], "already_pinned", "{v}");
+    let v = json(&[&["unpin"][..], &d, &[&path]].concat());
+    assert_eq!(v["paths"][0]["outcome"], "unpinned", "{v}");
+    assert!(json(&[&["gc"][..], &d].concat()).is_object());
+    assert!(json(&[&["undelete"][..], &d, &["--all"]].concat()).is_object());
+    assert!(json(&[&["compact"][..], &d].concat()).is_object());
+    assert_eq!(json(&["check-config", &config])["data-dir"], data.as_str());
+
+    let daemon = Daemon::start(std::path::Path::new(&data), &[]);
+    let url = daemon.url();
+    assert_eq!(json(&["status", "--url", &url])["store"]["narinfos"], 1);
+    assert!(json(&["peers", "--url", &url]).is_array());
+    assert!(json(&["doctor", "--url", &url]).is_array());
+    daemon.stop();
+
+    let help = String::from_utf8(run_ok(cmd().arg("help")).stdout).unwrap();
+    let commands: Vec<&str> = help
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(commands.len() >= 15, "{help}");
+    for c in commands {
+        assert!(
+            seen.contains(c) || NO_STATE.contains(&c),
+            "`{c}` is neither tested with --json nor listed as printing no state"
+        );
+    }
 }
