@@ -48,6 +48,23 @@ let
           host;
     in
     "http://${reach}:${port}";
+
+  # Deprecated spellings of daemon keys (the daemon still accepts them) -> the current ones, so
+  # that `settings` written with an old name overrides the generated key instead of giving
+  # the daemon both spellings (which it refuses).
+  renamedKeys = {
+    upstream = "upstreams";
+    bootstrap = "bootstrap-peers";
+    trusted-public-key = "trusted-public-keys";
+  };
+  canonicalKeys =
+    s:
+    builtins.listToAttrs (
+      map (k: {
+        name = renamedKeys.${k} or k;
+        value = s.${k};
+      }) (builtins.attrNames s)
+    );
 in
 rec {
   inherit cacheNixosOrgKey stateDir tokenCredential;
@@ -94,12 +111,12 @@ rec {
         data-dir = stateDir;
         listen = cfg.listen;
         trusted-public-keys = cfg.trustedPublicKeys;
-        upstream = cfg.upstreams;
+        upstreams = cfg.upstreams;
         role = cfg.role;
         share = cfg.share;
         p2p-listen =
           if p2p then [ "/ip4/0.0.0.0/tcp/${port}" ] ++ optional cfg.ipv6 "/ip6/::/tcp/${port}" else [ ];
-        bootstrap = cfg.bootstrapPeers;
+        bootstrap-peers = cfg.bootstrapPeers;
       }
       // optionalAttrs (cfg.maxCacheSize != null) { max-cache-size = cfg.maxCacheSize; }
       // optionalAttrs (cfg.uploadRateLimit != null) { upload-rate-limit = cfg.uploadRateLimit; }
@@ -107,7 +124,7 @@ rec {
       // optionalAttrs (cfg.s3Endpoint != null) { s3-endpoint = cfg.s3Endpoint; }
       // optionalAttrs (cfg.s3CacheSize != null) { s3-cache-size = cfg.s3CacheSize; };
       s3Creds = cfg.s3CredentialsFile != null;
-      settings = base // cfg.settings;
+      settings = base // canonicalKeys cfg.settings;
       mdns = p2p && !(settings.no-mdns or false);
       portOf = listen: builtins.fromJSON (builtins.elemAt (splitHostPort listen) 1);
     in

@@ -320,8 +320,13 @@ struct DaemonArgs {
     /// HTTP listen address [default: 127.0.0.1:7420].
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
-    /// A trusted public key (name:base64); cache.nixos.org-1 is always trusted.
-    #[arg(long = "trusted-public-key")]
+    /// A trusted public key (name:base64), repeatable; cache.nixos.org-1 is always trusted.
+    /// (`--trusted-public-key`: deprecated spelling.)
+    #[arg(
+        long = "trusted-public-keys",
+        alias = "trusted-public-key",
+        value_name = "KEY"
+    )]
     trusted_public_keys: Vec<String>,
     /// File holding the upload token (the HTTP basic password Nix sends from its netrc).
     #[arg(long)]
@@ -330,14 +335,15 @@ struct DaemonArgs {
     #[arg(long)]
     max_upload_size: Option<ByteSize>,
     /// An upstream HTTP binary cache asked for what the store lacks (repeatable; tried in
-    /// order), e.g. https://cache.nixos.org.
-    #[arg(long = "upstream")]
+    /// order), e.g. https://cache.nixos.org. (`--upstream`: deprecated spelling.)
+    #[arg(long = "upstreams", alias = "upstream", value_name = "URL")]
     upstream: Vec<String>,
     /// libp2p listen multiaddrs, e.g. /ip4/0.0.0.0/tcp/7421; none: P2P off.
     #[arg(long = "p2p-listen", num_args = 1..)]
     p2p_listen: Vec<String>,
-    /// Bootstrap peers: multiaddrs ending in /p2p/<peer id>.
-    #[arg(long = "bootstrap", num_args = 1..)]
+    /// Bootstrap peers: multiaddrs ending in /p2p/<peer id>. (`--bootstrap`: deprecated
+    /// spelling.)
+    #[arg(long = "bootstrap-peers", alias = "bootstrap", num_args = 1..)]
     bootstrap: Vec<String>,
     /// Do not discover peers on the LAN with mDNS.
     #[arg(long)]
@@ -465,8 +471,13 @@ enum Command {
         /// Binary cache to read: file:///var/cache/nix, http://… or https://cache.nixos.org.
         #[arg(long)]
         from: String,
-        /// A trusted public key (name:base64); cache.nixos.org-1 is always trusted.
-        #[arg(long = "trusted-public-key")]
+        /// A trusted public key (name:base64), repeatable; cache.nixos.org-1 is always
+        /// trusted. (`--trusted-public-key`: deprecated spelling.)
+        #[arg(
+            long = "trusted-public-keys",
+            alias = "trusted-public-key",
+            value_name = "KEY"
+        )]
         trusted_public_keys: Vec<String>,
         /// A store-paths list to import: a file or an http(s) URL, plain or xz (a channel's
         /// store-paths.xz), one store path (or hash) per line. Repeatable.
@@ -1042,7 +1053,7 @@ fn import_command(a: ImportArgs) -> Result<ExitCode> {
             outln!(
                 "{untrusted} stored paths are untrusted (no signature by a trusted key): kept, but \
                  never announced nor shared with peers; a daemon started with their \
-                 --trusted-public-key trusts them"
+                 --trusted-public-keys trusts them"
             );
         }
     }

@@ -272,3 +272,70 @@ fn every_command_that_prints_state_has_json() {
         );
     }
 }
+
+/// One spelling per setting (issue 15): every key of the daemon's TOML config is also its flag,
+/// letter for letter, and the old spellings (`--trusted-public-key`, `upstream` /
+/// `--upstream`, `bootstrap` / `--bootstrap`) still work.
+#[test]
+fn config_keys_and_flags_share_their_names_and_old_spellings_still_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        "storage = \"s3://bucket/p\"\ns3-endpoint = \"http://127.0.0.1:9\"\ns3-cache-size = 1\n\
+         max-cache-size = 1\nupload-rate-limit = 1\ncompact-level = 1\n\
+         upload-token-file = \"/t\"\np2p-listen = [\"/ip4/127.0.0.1/tcp/0\"]\n",
+    )
+    .unwrap();
+    let out = run_ok(cmd().arg("check-config").arg(&cfg).arg("--json"));
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let keys: Vec<&String> = all.as_object().unwrap().keys().collect();
+    assert!(keys.len() >= 19, "{all}");
+    let help = String::from_utf8(run_ok(cmd().args(["daemon", "--help"])).stdout).unwrap();
+    for k in keys {
+        assert!(
+            help.contains(&format!("--{k} ")) || help.contains(&format!("--{k}\n")),
+            "config key {k} has no flag --{k}:\n{help}"
+        );
+    }
+
+    // The old spellings, in the file and as flags: the same settings, printed with the
+    // current names.
+    const KEY: &str = "test-key-1:78Nf98nbvOPNUUW/boOhsIB79Rq1dhy940buuyOMuZM=";
+    const PEER: &str =
+        "/ip4/192.0.2.1/tcp/7421/p2p/12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA";
+    std::fs::write(
+        &cfg,
+        format!(
+            "upstream = [\"https://a.example\"]\nbootstrap = [\"{PEER}\"]\n\
+             trusted-public-key = [\"{KEY}\"]\np2p-listen = [\"/ip4/127.0.0.1/tcp/0\"]\n"
+        ),
+    )
+    .unwrap();
+    let out = run_ok(cmd().arg("check-config").arg(&cfg).args([
+        "--json",
+        "--upstream",
+        "https://b.example",
+        "--upstreams",
+        "https://c.example",
+        "--bootstrap",
+        PEER,
+        "--trusted-public-key",
+        KEY,
+    ]));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v["upstreams"],
+        serde_json::json!([
+            "https://a.example",
+            "https://b.example",
+            "https://c.example"
+        ])
+    );
+    assert_eq!(v["bootstrap-peers"], serde_json::json!([PEER, PEER]));
+    assert_eq!(v["trusted-public-keys"], serde_json::json!([KEY, KEY]));
+    assert!(
+        v.get("upstream").is_none() && v.get("bootstrap").is_none(),
+        "{v}"
+    );
+}

@@ -148,13 +148,13 @@ fn peer_defaults_are_accepted() {
     assert_eq!(eff["role"].as_str(), Some("peer"));
     assert_eq!(eff["data-dir"].as_str(), Some("/var/lib/nix-p2p-cache"));
     assert_eq!(eff["listen"].as_str(), Some("127.0.0.1:7420"));
-    assert_eq!(strs(&eff["upstream"]), ["https://cache.nixos.org"]);
+    assert_eq!(strs(&eff["upstreams"]), ["https://cache.nixos.org"]);
     assert_eq!(strs(&eff["trusted-public-keys"]), [CACHE_KEY]);
     assert_eq!(
         strs(&eff["p2p-listen"]),
         ["/ip4/0.0.0.0/tcp/7421", "/ip6/::/tcp/7421"]
     );
-    assert!(strs(&eff["bootstrap"]).is_empty());
+    assert!(strs(&eff["bootstrap-peers"]).is_empty());
     assert_eq!(eff["share"].as_str(), Some("all"));
     assert_eq!(eff["no-mdns"].as_bool(), Some(false));
     assert!(!eff.contains_key("upload-token-file"));
@@ -177,10 +177,10 @@ fn seed_with_upload_token_is_accepted() {
     ));
     assert_eq!(eff["role"].as_str(), Some("seed"));
     // A seed falls back on nothing.
-    assert!(strs(&eff["upstream"]).is_empty());
+    assert!(strs(&eff["upstreams"]).is_empty());
     assert_eq!(strs(&eff["trusted-public-keys"]), [CACHE_KEY, TEST_KEY]);
     assert_eq!(g["nixTrustedKeys"], json!([TEST_KEY]));
-    assert_eq!(strs(&eff["bootstrap"]), [PEER]);
+    assert_eq!(strs(&eff["bootstrap-peers"]), [PEER]);
     // The token's path is the credential systemd hands in, given as a flag (%d is expanded
     // by systemd; check-config does not read the file).
     assert_eq!(
@@ -251,7 +251,8 @@ fn settings_override_generated_keys() {
     assert_eq!(eff["announce"].as_str(), Some("all"));
     assert_eq!(eff["no-mdns"].as_bool(), Some(true));
     assert_eq!(eff["max-upload-size"].as_integer(), Some(1 << 30));
-    assert_eq!(strs(&eff["upstream"]), ["https://example.org/cache"]);
+    // `upstream` is the deprecated spelling of `upstreams`: it replaces the generated key.
+    assert_eq!(strs(&eff["upstreams"]), ["https://example.org/cache"]);
     assert_eq!(eff["listen"].as_str(), Some("[::1]:8080"));
     assert_eq!(g["substituter"], json!("http://[::1]:8080"));
     // mDNS off: only the P2P port would be opened.
