@@ -124,6 +124,9 @@ rec {
       // optionalAttrs (cfg.s3Endpoint != null) { s3-endpoint = cfg.s3Endpoint; }
       // optionalAttrs (cfg.s3CacheSize != null) { s3-cache-size = cfg.s3CacheSize; };
       s3Creds = cfg.s3CredentialsFile != null;
+      credentials =
+        optional (cfg.uploadTokenFile != null) "${tokenCredential}:${toString cfg.uploadTokenFile}"
+        ++ optional s3Creds "${s3Credential}:${toString cfg.s3CredentialsFile}";
       settings = base // canonicalKeys cfg.settings;
       mdns = p2p && !(settings.no-mdns or false);
       portOf = listen: builtins.fromJSON (builtins.elemAt (splitHostPort listen) 1);
@@ -143,13 +146,32 @@ rec {
 
       # LoadCredential= entries (systemd copies the file into the unit's credentials dir,
       # readable by the dynamic user only).
-      credentials =
-        optional (cfg.uploadTokenFile != null) "${tokenCredential}:${toString cfg.uploadTokenFile}"
-        ++ optional s3Creds "${s3Credential}:${toString cfg.s3CredentialsFile}";
+      inherit credentials;
 
       # The unit's environment: the S3 credentials file (an AWS-style INI file, handed in as a
       # credential like the token; systemd expands %d), never the keys themselves.
       environment = optionalAttrs s3Creds { AWS_SHARED_CREDENTIALS_FILE = "%d/${s3Credential}"; };
+
+      # `nix-p2p-cache-admin` (default.nix): the CLI run by `systemd-run` in a transient unit
+      # as the service's dynamic user (named after the unit), with its state directory and
+      # credentials. `adminEnvironment` is set as it is; `adminCredentialEnvironment` names
+      # files in the transient unit's credentials directory.
+      adminProperties = [
+        "DynamicUser=yes"
+        "User=nix-p2p-cache"
+        "StateDirectory=nix-p2p-cache"
+        "StateDirectoryMode=0700"
+        "UMask=0077"
+      ]
+      ++ map (c: "LoadCredential=${c}") credentials;
+      adminEnvironment = {
+        NIX_P2P_CACHE_DATA_DIR = stateDir;
+      };
+      adminCredentialEnvironment =
+        optionalAttrs (cfg.uploadTokenFile != null) {
+          NIX_P2P_CACHE_UPLOAD_TOKEN_FILE = tokenCredential;
+        }
+        // optionalAttrs s3Creds { AWS_SHARED_CREDENTIALS_FILE = s3Credential; };
 
       # A clean stop seals the open pack and uploads it: give it time on a slow uplink.
       stopTimeoutSec = if (settings.storage or null) != null then 600 else 90;

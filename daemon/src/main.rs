@@ -192,7 +192,7 @@ struct LiveArgs {
     config: Option<PathBuf>,
     /// File holding the daemon's upload token, needed to act through a running daemon
     /// [default: upload_token_file of --config].
-    #[arg(long)]
+    #[arg(long, env = "NIX_P2P_CACHE_UPLOAD_TOKEN_FILE")]
     upload_token_file: Option<PathBuf>,
     /// [default: storage of --config]
     #[command(flatten)]
