@@ -1460,6 +1460,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
                             data_dir.display()
                         );
                     }
+                    if !p2p.is_empty() {
+                        let list: Vec<String> = p2p.iter().map(ToString::to_string).collect();
+                        if json_logs {
+                            tracing::info!(
+                                addresses = ?list,
+                                "P2P node reachable at these addresses (other nodes' --bootstrap-peers)"
+                            );
+                        } else {
+                            eprintln!(
+                                "nix-p2p-cache: P2P node reachable at {} (give one to other nodes' \
+                                 --bootstrap-peers)",
+                                list.join(" ")
+                            );
+                        }
+                    }
                     notify_systemd("READY=1\nSTATUS=serving");
                 })
                 .await

@@ -339,3 +339,97 @@ fn config_keys_and_flags_share_their_names_and_old_spellings_still_work() {
         "{v}"
     );
 }
+
+/// `--p2p-listen /ip4/0.0.0.0/tcp/0` (issue 15): the daemon prints, logs and reports (in
+/// `/api/status` and `status`) every address peers can dial — each interface's IPv4 address
+/// with the bound port and `/p2p/<peer id>`, loopback last — never `0.0.0.0` and not only
+/// loopback; each one accepts a connection.
+#[test]
+fn a_wildcard_p2p_listener_reports_every_interface_address() {
+    use std::io::BufRead as _;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let stderr = tmp.path().join("stderr");
+    /// The daemon, killed if the test fails before it stops it.
+    struct Child(std::process::Child);
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Child(
+        cmd()
+            .args(["daemon", "--listen", "127.0.0.1:0", "--no-mdns"])
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--p2p-listen", "/ip4/0.0.0.0/tcp/0"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let mut out = std::io::BufReader::new(child.0.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let url = line.trim().strip_prefix("listening ").unwrap().to_string();
+    let status = run_ok(cmd().args(["status", "--json", "--url", &url]));
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let peer_id = v["peer_id"].as_str().unwrap().to_string();
+    let addrs: Vec<String> = v["p2p_addresses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect();
+    // Printed on stdout, one `listening` line each, in the same order.
+    let mut printed = Vec::new();
+    for _ in &addrs {
+        let mut l = String::new();
+        out.read_line(&mut l).unwrap();
+        printed.push(l.trim().strip_prefix("listening ").unwrap().to_string());
+    }
+    assert_eq!(printed, addrs);
+    let port = addrs[0].split('/').nth(4).unwrap().to_string();
+    assert_eq!(
+        addrs.last().unwrap(),
+        &format!("/ip4/127.0.0.1/tcp/{port}/p2p/{peer_id}"),
+        "loopback last: {addrs:?}"
+    );
+    // Every IPv4 address of the machine's interfaces, as `ip` lists them.
+    if let Ok(ip) = std::process::Command::new("ip")
+        .args(["-o", "-4", "addr", "show"])
+        .output()
+    {
+        for l in String::from_utf8_lossy(&ip.stdout).lines() {
+            let Some(cidr) = l.split_whitespace().skip_while(|w| *w != "inet").nth(1) else {
+                continue;
+            };
+            let a = cidr.split('/').next().unwrap();
+            let want = format!("/ip4/{a}/tcp/{port}/p2p/{peer_id}");
+            assert!(addrs.contains(&want), "{want} missing from {addrs:?}");
+        }
+    }
+    for a in &addrs {
+        assert!(!a.contains("0.0.0.0"), "{a}");
+        assert!(a.ends_with(&format!("/p2p/{peer_id}")), "{a}");
+        let ip = a.split('/').nth(2).unwrap();
+        std::net::TcpStream::connect((ip, port.parse::<u16>().unwrap()))
+            .unwrap_or_else(|e| panic!("{a} does not accept a connection: {e}"));
+    }
+    // `status` lists them; the startup message says them for --bootstrap-peers.
+    let text = run_ok(cmd().args(["status", "--url", &url]));
+    let text = String::from_utf8(text.stdout).unwrap();
+    for a in &addrs {
+        assert!(text.contains(&format!("listening  {a}")), "{text}");
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status();
+    assert!(child.0.wait().unwrap().success());
+    let logs = std::fs::read_to_string(&stderr).unwrap();
+    assert!(
+        logs.contains(&format!("P2P node reachable at {}", addrs.join(" "))),
+        "{logs}"
+    );
+}
