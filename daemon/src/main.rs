@@ -943,6 +943,68 @@ struct ImportArgs {
     store_paths: Vec<String>,
 }
 
+/// An import's counts as it goes, for its progress line.
+struct ImportTally {
+    /// Paths known (grows while a closure is walked).
+    total: u64,
+    new: u64,
+    present: u64,
+    failed: u64,
+    /// NAR bytes of the new paths.
+    nar_bytes: u64,
+    last_log: std::time::Instant,
+}
+
+impl Default for ImportTally {
+    fn default() -> Self {
+        Self {
+            total: 0,
+            new: 0,
+            present: 0,
+            failed: 0,
+            nar_bytes: 0,
+            last_log: std::time::Instant::now(),
+        }
+    }
+}
+
+impl ImportTally {
+    fn done(&self) -> u64 {
+        self.new + self.present + self.failed
+    }
+
+    /// "12 new, 3 already present, 1 failed, 1.2 GiB of NARs, 400.0 MiB read".
+    fn counts(&self, read: u64) -> String {
+        let failed = if self.failed > 0 {
+            format!(", {} failed", self.failed)
+        } else {
+            String::new()
+        };
+        format!(
+            "{} new, {} already present{failed}, {} of NARs, {} read",
+            self.new,
+            self.present,
+            human(self.nar_bytes),
+            human(read)
+        )
+    }
+
+    /// "16 of 40 paths, eta 1m05s" (the ETA at the rate so far; "of at least" while a
+    /// closure grows).
+    fn progress(&self, elapsed: std::time::Duration, growing: bool) -> String {
+        let done = self.done();
+        let of = if growing { "of at least" } else { "of" };
+        let eta = if done == 0 || self.total <= done {
+            String::new()
+        } else {
+            let left = elapsed.as_secs_f64() * (self.total - done) as f64 / done as f64;
+            let s = left.round() as u64;
+            format!(", eta {}m{:02}s", s / 60, s % 60)
+        };
+        format!("{done} {of} {} paths{eta}", self.total)
+    }
+}
+
 /// `import --from URL [--store-paths F] [--closure] [--jobs N] [PATH…]`.
 fn import_command(a: ImportArgs) -> Result<ExitCode> {
     use std::io::IsTerminal as _;
@@ -991,26 +1053,42 @@ fn import_command(a: ImportArgs) -> Result<ExitCode> {
     } else {
         ProgressBar::hidden()
     };
-    let tally = std::sync::Mutex::new((0u64, 0u64, std::time::Instant::now())); // done, NAR bytes, last log
-    let report = import::import_with(&store, &cache, selection, &trusted, a.jobs, &|e| match e {
-        import::Event::Total(n) => pb.set_length(n),
-        import::Event::Done { outcome, .. } => {
-            let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
-            t.0 += 1;
-            t.1 += outcome.nar_size;
-            let msg = format!("{} of NARs, {} read", human(t.1), human(cache.read_bytes()));
-            pb.inc(1);
-            pb.set_message(msg.clone());
-            if !tty && t.2.elapsed() >= std::time::Duration::from_secs(10) {
-                t.2 = std::time::Instant::now();
-                eprintln!(
-                    "import: {} of {} paths, {msg}",
-                    t.0,
-                    pb.length().unwrap_or(0)
-                );
+    let start = std::time::Instant::now();
+    // Without a terminal: a progress line this often (NIX_P2P_CACHE_PROGRESS_SECS, tests).
+    let log_every = std::time::Duration::from_secs(
+        std::env::var("NIX_P2P_CACHE_PROGRESS_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10),
+    );
+    // Whether more paths may still join the total (a closure being walked).
+    let growing = a.closure;
+    let tally = std::sync::Mutex::new(ImportTally::default());
+    let report = import::import_with(&store, &cache, selection, &trusted, a.jobs, &|e| {
+        let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
+        match e {
+            import::Event::Total(n) => {
+                t.total = n;
+                pb.set_length(n);
+                return;
             }
+            import::Event::Done { outcome, .. } if outcome.already_present => t.present += 1,
+            import::Event::Done { outcome, .. } => {
+                t.new += 1;
+                t.nar_bytes += outcome.nar_size;
+            }
+            import::Event::Failed(_) => t.failed += 1,
         }
-        import::Event::Failed(_) => pb.inc(1),
+        pb.inc(1);
+        pb.set_message(t.counts(cache.read_bytes()));
+        if !tty && t.last_log.elapsed() >= log_every {
+            t.last_log = std::time::Instant::now();
+            eprintln!(
+                "import: {}, {}",
+                t.progress(start.elapsed(), growing),
+                t.counts(cache.read_bytes())
+            );
+        }
     })?;
     pb.finish_and_clear();
     upload_all(&store)?;
@@ -1030,6 +1108,7 @@ fn import_command(a: ImportArgs) -> Result<ExitCode> {
             "already_present": report.already_present,
             "failed": report.failed.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "nar_bytes": report.nar_bytes,
+            "already_present_nar_bytes": report.already_present_nar_bytes,
             "new_chunk_bytes": report.new_chunk_bytes,
             "new_compressed_bytes": report.new_compressed_bytes,
             "nars_read": cache.nars_opened(),
@@ -1040,14 +1119,15 @@ fn import_command(a: ImportArgs) -> Result<ExitCode> {
         outln!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         outln!(
-            "imported {} paths ({} already present), {} of NARs ({} NAR files read, {}), {} of new chunks stored as {}",
+            "imported {} paths, {} of NARs ({} NAR files read, {}), {} of new chunks stored as {}; {} paths already present ({} of NARs, not read again)",
             report.imported,
-            report.already_present,
             human(report.nar_bytes),
             cache.nars_opened(),
             human(cache.read_bytes()),
             human(report.new_chunk_bytes),
             human(report.new_compressed_bytes),
+            report.already_present,
+            human(report.already_present_nar_bytes),
         );
         if untrusted > 0 {
             outln!(
@@ -1664,5 +1744,33 @@ fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => compact_command(&data, level, min_age_secs, json),
         Command::Verify { data, repair, json } => verify_command(&data, repair, json),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ImportTally;
+    use std::time::Duration;
+
+    #[test]
+    fn import_progress_says_the_total_and_an_eta() {
+        let t = ImportTally {
+            total: 40,
+            new: 8,
+            present: 2,
+            ..ImportTally::default()
+        };
+        // 10 paths in 20 s: 30 more take 60 s.
+        assert_eq!(
+            t.progress(Duration::from_secs(20), false),
+            "10 of 40 paths, eta 1m00s"
+        );
+        assert_eq!(
+            t.progress(Duration::from_secs(20), true),
+            "10 of at least 40 paths, eta 1m00s"
+        );
+        assert!(t.counts(0).starts_with("8 new, 2 already present, "));
+        let none = ImportTally::default();
+        assert_eq!(none.progress(Duration::from_secs(1), false), "0 of 0 paths");
     }
 }
