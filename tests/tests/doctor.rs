@@ -93,6 +93,35 @@ fn doctor(url: &str, conf: &str, xdg: &Path) -> Report {
     }
 }
 
+/// Whether the filesystem of `dir` is below doctor's free-space floor (1 GiB or 5 %), as `df`
+/// says: then the disk-space check rightly warns on this machine (a shared, busy disk).
+fn disk_is_low(dir: &Path) -> bool {
+    let out = run_ok(
+        Command::new("df")
+            .args(["-B1", "--output=avail,size"])
+            .arg(dir),
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let nums: Vec<f64> = text
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    let (avail, size) = (nums[0], nums[1]);
+    avail < (1u64 << 30) as f64 || avail < size * 0.05
+}
+
+/// The exit status of an otherwise correct setup: 0, or 3 (a warning) when the disk is low.
+fn ok_code(dir: &Path) -> i32 {
+    if disk_is_low(dir) {
+        3
+    } else {
+        0
+    }
+}
+
 /// This process's soft open-files limit (the daemons inherit it).
 fn own_open_files_limit() -> u64 {
     std::fs::read_to_string("/proc/self/limits")
@@ -132,23 +161,35 @@ fn a_correct_setup_is_all_ok() {
         "narinfo-cache",
         "p2p-ports",
         "clock",
-        "disk-space",
     ] {
         assert_eq!(r.status(check), "ok", "{check}: {}", r.raw);
     }
+    let low = disk_is_low(&env.path("data"));
+    r.assert(
+        "disk-space",
+        if low { "warn" } else { "ok" },
+        &[&env.path("data").display().to_string()],
+    );
     r.assert("trusted-keys", "ok", &["(2)"]);
     r.assert("clock", "ok", &[&up.url()]);
     r.assert("p2p-ports", "ok", &["127.0.0.1:"]);
     r.assert("reachability", "skip", &["unknown"]);
     if own_open_files_limit() >= 4096 {
         r.assert("open-files", "ok", &[]);
-        assert_eq!(r.code, 0, "{}", r.raw);
-        // The text: one line per check, each ok or skip.
-        let out = run_ok(&mut doctor_cmd(&d.url(), &conf, &env.xdg("doctor")));
+        assert_eq!(r.code, ok_code(&env.path("data")), "{}", r.raw);
+        // The text: one line per check, each ok or skip (but a low disk).
+        let out = doctor_cmd(&d.url(), &conf, &env.xdg("doctor"))
+            .output()
+            .unwrap();
         let text = String::from_utf8(out.stdout).unwrap();
         assert_eq!(text.lines().count(), r.checks.len(), "{text}");
         for l in text.lines() {
-            assert!(l.starts_with("ok ") || l.starts_with("skip "), "{l}");
+            assert!(
+                l.starts_with("ok ")
+                    || l.starts_with("skip ")
+                    || (low && l.starts_with("warn disk-space: ")),
+                "{l}"
+            );
         }
     }
     d.stop();
@@ -250,7 +291,7 @@ fn a_remembered_miss_of_a_path_the_daemon_now_has_fails() {
     assert!(!asked.status.success());
     let r = doctor(&d.url(), &conf, &xdg);
     r.assert("narinfo-cache", "ok", &["has none"]);
-    assert_eq!(r.code, 0, "{}", r.raw);
+    assert_eq!(r.code, ok_code(&env.path("data")), "{}", r.raw);
 
     // The daemon gets it (an upload from elsewhere, with its own Nix cache dir).
     let up = nix("nix", &env.xdg("uploader"))
@@ -291,4 +332,61 @@ fn a_low_open_files_limit_warns_on_a_node_serving_peers() {
     r.assert("open-files", "warn", &["1024", "LimitNOFILE"]);
     assert_eq!(r.code, 3, "warnings only: {}", r.raw);
     d.stop();
+}
+
+/// With the daemon down, `--config` says where it would listen and keep its data: a P2P port
+/// another program holds is a failure (the daemon could not start), the data dir's disk is
+/// checked.
+#[test]
+fn with_the_daemon_down_its_config_names_the_ports_and_the_data_dir() {
+    let env = Env::new();
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let p2p_port = squatter.local_addr().unwrap().port();
+    let http_port = free_port();
+    let config = env.path("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{http_port}\"\ndata-dir = {:?}\n\
+             p2p-listen = [\"/ip4/127.0.0.1/tcp/{p2p_port}\"]\n",
+            env.path("data").display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = cmd()
+        .args(["doctor", "--json", "--config"])
+        .arg(&config)
+        .env("NIX_CONFIG", nix_conf("", CACHE_KEY))
+        .env("XDG_CACHE_HOME", env.xdg("doctor"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let find = |name: &str| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["check"] == name)
+            .unwrap_or_else(|| panic!("no {name}: {v}"))
+            .clone()
+    };
+    assert_eq!(find("daemon")["status"], "fail", "{v}");
+    assert!(find("daemon")["detail"]
+        .as_str()
+        .unwrap()
+        .contains(&format!("127.0.0.1:{http_port}")));
+    assert_eq!(find("http-port")["status"], "ok", "{v}");
+    let p2p = find("p2p-ports");
+    assert_eq!(p2p["status"], "fail", "{v}");
+    assert!(p2p["detail"]
+        .as_str()
+        .unwrap()
+        .contains(&format!("127.0.0.1:{p2p_port} is taken")));
+    let disk = find("disk-space");
+    assert_ne!(disk["status"], "skip", "{v}");
+    assert!(disk["detail"]
+        .as_str()
+        .unwrap()
+        .contains(&env.path("data").display().to_string()));
+    drop(squatter);
 }
