@@ -117,7 +117,7 @@ struct ApiArgs {
     /// The daemon's config file (its `listen` address is used).
     #[arg(long, env = "NIX_P2P_CACHE_CONFIG")]
     config: Option<PathBuf>,
-    /// Print the daemon's JSON.
+    /// Print JSON (status, peers: the daemon's answer; doctor: the checks).
     #[arg(long)]
     json: bool,
 }

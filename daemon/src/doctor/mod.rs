@@ -102,8 +102,9 @@ pub const MIN_OPEN_FILES: u64 = 4096;
 /// A clock this far from an upstream's is a warning; [`CLOCK_FAIL`], a failure.
 pub const CLOCK_WARN: Duration = Duration::from_secs(60);
 pub const CLOCK_FAIL: Duration = Duration::from_secs(3600);
-/// How many of Nix's remembered misses are asked of the daemon again.
+/// How many of Nix's remembered misses are asked of the daemon again, for how long at most.
 const MAX_MISSES_ASKED: usize = 50;
+const MISSES_DEADLINE: Duration = Duration::from_secs(30);
 
 const FIX_START: &str = "start it (`systemctl start nix-p2p-cache`, or `nix-p2p-cache daemon`), \
                          or give its address with --url";
@@ -546,21 +547,30 @@ async fn narinfo_cache(
             ),
         );
     }
-    let mut hidden = Vec::new();
-    for m in mine.iter().take(MAX_MISSES_ASKED) {
-        if let Ok((200, _)) = get_text(client, &format!("{url}/{}.narinfo", m.hash)).await {
-            hidden.push(m.hash.clone());
-        }
-    }
+    // A few at once, and not for longer than MISSES_DEADLINE in all (a daemon with upstreams
+    // may ask them for each).
+    use futures_util::StreamExt as _;
+    let asks = futures_util::stream::iter(mine.iter().take(MAX_MISSES_ASKED))
+        .map(|m| async move {
+            match get_text(client, &format!("{url}/{}.narinfo", m.hash)).await {
+                Ok((200, _)) => Some(m.hash.clone()),
+                _ => None,
+            }
+        })
+        .buffered(8)
+        .take_until(tokio::time::sleep(MISSES_DEADLINE))
+        .collect::<Vec<Option<String>>>()
+        .await;
+    let asked = asks.len();
+    let hidden: Vec<String> = asks.into_iter().flatten().collect();
     if hidden.is_empty() {
         return Check::new(
             name,
             Status::Ok,
             format!(
-                "{} remembers {} misses of {url}; of the {} asked again, the daemon has none",
+                "{} remembers {} misses of {url}; of the {asked} asked again, the daemon has none",
                 db.display(),
                 mine.len(),
-                mine.len().min(MAX_MISSES_ASKED)
             ),
         );
     }
