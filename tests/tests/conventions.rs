@@ -1,5 +1,7 @@
 //! Conventions of a well-kept daemon (issue 15): completions and a man page generated from the
-//! CLI definition, JSON logs, and systemd's readiness notification (`Type=notify`).
+//! CLI definition, JSON logs, systemd's readiness notification (`Type=notify`), `--json` on
+//! every command that prints state, one spelling per setting (flag = TOML key), and the
+//! frictions a new user met (error texts, P2P addresses).
 
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
