@@ -390,3 +390,59 @@ fn with_the_daemon_down_its_config_names_the_ports_and_the_data_dir() {
         .contains(&env.path("data").display().to_string()));
     drop(squatter);
 }
+
+/// Without a `nix` program to ask, Nix's settings are read from the files Nix reads
+/// (`$NIX_CONF_DIR/nix.conf`, its includes, the user's files) and `NIX_CONFIG`.
+#[test]
+fn without_nix_show_config_the_nix_conf_files_are_read() {
+    let env = Env::new();
+    let d = Daemon::start(&env.path("data"), &[]);
+    // A PATH with sqlite3 but no nix.
+    let bin = env.path("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::os::unix::fs::symlink("/usr/bin/sqlite3", bin.join("sqlite3")).unwrap();
+    let conf_dir = env.path("etc-nix");
+    std::fs::create_dir_all(&conf_dir).unwrap();
+    std::fs::write(
+        conf_dir.join("nix.conf"),
+        "substituters = https://a.invalid\ninclude more.conf\n",
+    )
+    .unwrap();
+    std::fs::write(
+        conf_dir.join("more.conf"),
+        format!("extra-substituters = {}\n", d.url()),
+    )
+    .unwrap();
+    let run = |nix_config: Option<&str>| {
+        let mut c = cmd();
+        c.args(["doctor", "--json", "--url", &d.url()])
+            .env("PATH", &bin)
+            .env("NIX_CONF_DIR", &conf_dir)
+            .env("NIX_USER_CONF_FILES", env.path("none.conf"))
+            .env("XDG_CACHE_HOME", env.xdg("doctor"))
+            .env_remove("NIX_CONFIG");
+        if let Some(n) = nix_config {
+            c.env("NIX_CONFIG", n);
+        }
+        let out = c.output().unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["check"] == "substituters")
+            .unwrap()
+            .clone()
+    };
+    let s = run(None);
+    assert_eq!(s["status"], "ok", "{s}");
+    let detail = s["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&conf_dir.join("nix.conf").display().to_string())
+            && detail.contains("nix show-config"),
+        "{s}"
+    );
+    // NIX_CONFIG comes last and wins.
+    let s = run(Some("substituters = https://b.invalid"));
+    assert_eq!(s["status"], "fail", "{s}");
+    d.stop();
+}
