@@ -295,6 +295,10 @@ fn config_keys_and_flags_share_their_names_and_old_spellings_still_work() {
     assert!(keys.len() >= 19, "{all}");
     let help = String::from_utf8(run_ok(cmd().args(["daemon", "--help"])).stdout).unwrap();
     for k in keys {
+        // A table (`[timers]`) is a group of file-only settings, not one flag.
+        if all[k.as_str()].is_object() {
+            continue;
+        }
         assert!(
             help.contains(&format!("--{k} ")) || help.contains(&format!("--{k}\n")),
             "config key {k} has no flag --{k}:\n{help}"
