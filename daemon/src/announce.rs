@@ -15,8 +15,8 @@
 //! ```
 //!
 //! - [`Announcer::run`] announces every trusted NAR at start, then reprovides all of them every
-//!   [`REPROVIDE_INTERVAL`] (provider records live `net::behaviour::PROVIDER_RECORD_TTL`,
-//!   48 h), in batches of [`BATCH_NARS`] NARs with at most [`CONCURRENCY`] DHT queries in flight
+//!   [`REPROVIDE_INTERVAL`] (provider records live 48 h; both are `config::Timers`, set with
+//!   [`Announcer::with_intervals`]), in batches of [`BATCH_NARS`] NARs with at most [`CONCURRENCY`] DHT queries in flight
 //!   over everything the announcer does; between batches the queue is served. It also deletes
 //!   expired DHT records from the store's DHT database ([`Store::dht`]) every
 //!   [`PURGE_INTERVAL`]. It runs until its task is
@@ -105,6 +105,8 @@ pub struct Announcer {
     rx: Mutex<Option<mpsc::Receiver<NarHash>>>,
     permits: Semaphore,
     counters: Counters,
+    reprovide_interval: Duration,
+    purge_interval: Duration,
 }
 
 impl Announcer {
@@ -118,7 +120,17 @@ impl Announcer {
             rx: Mutex::new(Some(rx)),
             permits: Semaphore::new(CONCURRENCY),
             counters: Counters::default(),
+            reprovide_interval: REPROVIDE_INTERVAL,
+            purge_interval: PURGE_INTERVAL,
         }
+    }
+
+    /// Reprovides every `reprovide` and purges expired DHT records every `purge` (instead of
+    /// [`REPROVIDE_INTERVAL`] and [`PURGE_INTERVAL`]).
+    pub fn with_intervals(mut self, reprovide: Duration, purge: Duration) -> Self {
+        self.reprovide_interval = reprovide;
+        self.purge_interval = purge;
+        self
     }
 
     /// Queues a trusted NAR to be provided. Never blocks; callable from any thread. When the
@@ -166,7 +178,7 @@ impl Announcer {
     }
 
     async fn reprovide_loop(&self) -> Result<(), AnnounceError> {
-        let mut ticks = tokio::time::interval(REPROVIDE_INTERVAL);
+        let mut ticks = tokio::time::interval(self.reprovide_interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;
@@ -185,7 +197,7 @@ impl Announcer {
     }
 
     async fn purge_loop(&self) {
-        let mut ticks = tokio::time::interval(PURGE_INTERVAL);
+        let mut ticks = tokio::time::interval(self.purge_interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;

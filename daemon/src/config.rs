@@ -172,6 +172,112 @@ pub struct DaemonConfig {
     /// Local cache of remote pack ranges [default: 1 GiB].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub s3_cache_size: Option<ByteSize>,
+    /// Protocol timers (`[timers]`): the real network's by default.
+    pub timers: Timers,
+    /// The P2P transport: TCP, or libp2p's in-process memory transport (for a simulator that
+    /// runs many daemons in one process; not settable from a file or flag).
+    #[serde(skip)]
+    pub p2p_transport: crate::net::Transport,
+}
+
+/// Protocol timers, in seconds (`[timers]` in the config file). The defaults are the real
+/// network's; a simulation shortens them so hours of protocol time fit in minutes
+/// (`sim/`, real mode).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct Timers {
+    /// How often every trusted NAR is provided again (default 12 h).
+    pub reprovide_interval_secs: f64,
+    /// How long a provider record lives in the DHT (default 48 h).
+    pub provider_record_ttl_secs: f64,
+    /// How often expired DHT records are deleted from the store (default 1 h).
+    pub dht_purge_interval_secs: f64,
+    /// How long a DHT query (provider lookup, announcement, walk) may run (default 30 s).
+    pub dht_query_timeout_secs: f64,
+    /// How long a peer may take to answer one exchange request (default 30 s).
+    pub request_timeout_secs: f64,
+}
+
+impl Default for Timers {
+    fn default() -> Self {
+        Self {
+            reprovide_interval_secs: 12.0 * 3600.0,
+            provider_record_ttl_secs: 48.0 * 3600.0,
+            dht_purge_interval_secs: 3600.0,
+            dht_query_timeout_secs: 30.0,
+            request_timeout_secs: 30.0,
+        }
+    }
+}
+
+impl Timers {
+    /// Each timer, with its config key.
+    fn each(&self) -> [(&'static str, f64); 5] {
+        [
+            ("reprovide-interval-secs", self.reprovide_interval_secs),
+            ("provider-record-ttl-secs", self.provider_record_ttl_secs),
+            ("dht-purge-interval-secs", self.dht_purge_interval_secs),
+            ("dht-query-timeout-secs", self.dht_query_timeout_secs),
+            ("request-timeout-secs", self.request_timeout_secs),
+        ]
+    }
+
+    /// Every timer as a duration (validated ones; a bad value falls back to the default).
+    pub fn reprovide_interval(&self) -> std::time::Duration {
+        secs(
+            self.reprovide_interval_secs,
+            Self::default().reprovide_interval_secs,
+        )
+    }
+    pub fn provider_record_ttl(&self) -> std::time::Duration {
+        secs(
+            self.provider_record_ttl_secs,
+            Self::default().provider_record_ttl_secs,
+        )
+    }
+    pub fn dht_purge_interval(&self) -> std::time::Duration {
+        secs(
+            self.dht_purge_interval_secs,
+            Self::default().dht_purge_interval_secs,
+        )
+    }
+    pub fn dht_query_timeout(&self) -> std::time::Duration {
+        secs(
+            self.dht_query_timeout_secs,
+            Self::default().dht_query_timeout_secs,
+        )
+    }
+    pub fn request_timeout(&self) -> std::time::Duration {
+        secs(
+            self.request_timeout_secs,
+            Self::default().request_timeout_secs,
+        )
+    }
+
+    /// Problems with the values, one per timer.
+    fn problems(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .each()
+            .iter()
+            .filter(|(_, v)| !(v.is_finite() && *v >= 0.01 && *v <= 365.0 * 86400.0))
+            .map(|(k, v)| format!("timers.{k}: {v} is not between 0.01 and 31536000 seconds"))
+            .collect();
+        if self.reprovide_interval_secs >= self.provider_record_ttl_secs {
+            out.push(
+                "timers.reprovide-interval-secs: must be shorter than provider-record-ttl-secs \
+                 (records would expire before they are renewed)"
+                    .into(),
+            );
+        }
+        out
+    }
+}
+
+fn secs(v: f64, default: f64) -> std::time::Duration {
+    std::time::Duration::try_from_secs_f64(v)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .unwrap_or_else(|| std::time::Duration::from_secs_f64(default))
 }
 
 /// The background compaction level of a seed unless configured (`docs/chunking.md`).
@@ -201,6 +307,8 @@ impl Default for DaemonConfig {
             storage: None,
             s3_endpoint: None,
             s3_cache_size: None,
+            timers: Timers::default(),
+            p2p_transport: crate::net::Transport::Tcp,
         }
     }
 }
@@ -299,6 +407,7 @@ impl DaemonConfig {
         if self.upload_rate_limit == Some(ByteSize(0)) {
             problems.push("upload-rate-limit: 0 would serve nothing; use share = \"none\"".into());
         }
+        problems.extend(self.timers.problems());
         if self.p2p_listen.is_empty() && !self.bootstrap.is_empty() {
             problems
                 .push("bootstrap-peers: peers given but p2p-listen is empty (P2P is off)".into());
@@ -425,5 +534,47 @@ mod tests {
         ] {
             assert!(e.contains(needle), "{needle} missing from {e}");
         }
+    }
+
+    #[test]
+    fn timers_default_parse_and_validate() {
+        let c: DaemonConfig = toml::from_str("").unwrap();
+        assert_eq!(c.timers, Timers::default());
+        assert_eq!(
+            c.timers.reprovide_interval(),
+            std::time::Duration::from_secs(12 * 3600)
+        );
+        let c: DaemonConfig = toml::from_str(
+            "[timers]\nreprovide-interval-secs = 12\nprovider-record-ttl-secs = 48.5\nrequest-timeout-secs = 2\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.timers.reprovide_interval(),
+            std::time::Duration::from_secs(12)
+        );
+        assert_eq!(
+            c.timers.provider_record_ttl(),
+            std::time::Duration::from_millis(48_500)
+        );
+        assert_eq!(
+            c.timers.request_timeout(),
+            std::time::Duration::from_secs(2)
+        );
+        assert_eq!(
+            c.timers.dht_query_timeout(),
+            std::time::Duration::from_secs(30)
+        );
+        assert!(toml::from_str::<DaemonConfig>("[timers]\nbogus = 1\n").is_err());
+        let bad: DaemonConfig = toml::from_str(
+            "[timers]\nreprovide-interval-secs = 100\nprovider-record-ttl-secs = 50\nrequest-timeout-secs = -1\n",
+        )
+        .unwrap();
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("timers.request-timeout-secs"), "{e}");
+        assert!(e.contains("shorter than provider-record-ttl-secs"), "{e}");
+        // Round trip (check-config prints the config).
+        let back: DaemonConfig = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back.timers, c.timers);
     }
 }

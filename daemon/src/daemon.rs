@@ -14,8 +14,9 @@ use crate::config::{ConfigError, DaemonConfig, Role, Share};
 use crate::core::signing::{PublicKey, SigningError, CACHE_NIXOS_ORG_KEY};
 use crate::fetch::Peers;
 use crate::http::{self, HttpState};
+use crate::metrics::history::SAMPLE_INTERVAL;
 use crate::metrics::Metrics;
-use crate::net::{self, BehaviourConfig, NetConfig, StoreResponder, Transport};
+use crate::net::{self, BehaviourConfig, NetConfig, StoreResponder};
 use crate::quota::Quota;
 use crate::resolve::{Resolver, Source};
 use crate::store::{Store, StoreError};
@@ -125,9 +126,10 @@ async fn start_p2p(
         .await
         .map_err(|e| p2p(&e))??;
     let net_config = NetConfig {
-        transport: Transport::Tcp,
+        transport: config.p2p_transport,
         behaviour: BehaviourConfig {
             mdns: !config.no_mdns,
+            timers: config.timers,
         },
         share: config.share,
         upload_rate_limit: config.upload_rate_limit.map(u64::from),
@@ -164,11 +166,12 @@ async fn start_p2p(
     }
     // Only a node that serves everyone says so in the DHT; LAN peers find a `lan` node by mDNS.
     let announcer = (config.share == Share::All).then(|| {
-        Arc::new(Announcer::new(
-            client.clone(),
-            store.clone(),
-            config.announce,
-        ))
+        Arc::new(
+            Announcer::new(client.clone(), store.clone(), config.announce).with_intervals(
+                config.timers.reprovide_interval(),
+                config.timers.dht_purge_interval(),
+            ),
+        )
     });
     let peers = Arc::new(Peers::new(client, trusted, metrics));
     // Connected peers' path summaries, so narinfos are asked only of peers that may hold them.
@@ -196,6 +199,27 @@ async fn start_p2p(
         }
     });
     Ok((peers, announcer, addrs))
+}
+
+/// Samples the counters for the dashboard's last hour (the first at once, then every
+/// [`SAMPLE_INTERVAL`]) until the daemon's metrics are dropped.
+fn start_sampler(metrics: &Arc<Metrics>, peers: Option<&Arc<Peers>>) {
+    let (m, p) = (Arc::downgrade(metrics), peers.map(Arc::downgrade));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let net = match p.as_ref().and_then(std::sync::Weak::upgrade) {
+                Some(p) => Some(p.gauges().await),
+                None => None,
+            };
+            let Some(m) = m.upgrade() else {
+                return;
+            };
+            m.sample(net.as_ref());
+        }
+    });
 }
 
 /// How often unconnected bootstrap peers are dialled again.
@@ -343,6 +367,7 @@ pub async fn run(
             }
         }
     });
+    start_sampler(&metrics, peers.as_ref());
     let staging = config.data_dir.join("uploads");
     let st = staging.clone();
     match tokio::task::spawn_blocking(move || http::sweep_staging(&st)).await {

@@ -262,6 +262,7 @@ impl Peers {
             requests_in: s.requests_in.load(Relaxed),
             requests_refused: s.requests_refused.load(Relaxed),
             peers_banned: s.peers_banned.load(Relaxed),
+            dht_calls: s.dht.snapshot(),
         }
     }
 
@@ -429,6 +430,15 @@ impl Peers {
                 }
                 r => {
                     flight.hold(false);
+                    if r.is_ok()
+                        && self
+                            .client
+                            .lan_peers()
+                            .await
+                            .is_ok_and(|lan| lan.contains(&from))
+                    {
+                        Metrics::inc(&self.metrics.p2p_nars_lan, 1);
+                    }
                     return r;
                 }
             }

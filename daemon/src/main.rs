@@ -1483,12 +1483,18 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
+    // Warnings and errors also go to the dashboard's recent errors (a bounded ring).
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let recent = nix_p2p_cache::metrics::events::layer();
     match cli.log_format {
-        LogFormat::Text => logs.init(),
+        LogFormat::Text => logs.finish().with(recent).init(),
         LogFormat::Json => logs
             .json()
             .flatten_event(true)
             .with_current_span(true)
+            .finish()
+            .with(recent)
             .init(),
     }
     match run(cli) {

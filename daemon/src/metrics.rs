@@ -1,7 +1,14 @@
-//! `Metrics`: counters exported at `/metrics` in the Prometheus text format.
+//! `Metrics`: counters exported at `/metrics` in the Prometheus text format, and what the
+//! dashboard reads besides: the running transfers ([`transfers`]), the last hour of samples
+//! ([`history`]) and the recent warn/error events ([`events`]).
 //!
 //! Lock-free atomics for the hot counters; one small mutex-guarded map for requests by route
-//! and status (bounded: routes are a fixed set of names, statuses a few codes).
+//! and status (bounded: routes are a fixed set of names, statuses a few codes); every table
+//! and ring bounded.
+
+pub mod events;
+pub mod history;
+pub mod transfers;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -9,11 +16,28 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use crate::store::Stats;
+use history::{History, Sample};
+use transfers::Transfers;
+
+/// Upper bounds, in seconds, of the buckets of the HTTP request-latency histogram.
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+/// One route's request latencies: counts per bucket (not cumulative), sum and count.
+#[derive(Debug, Default, Clone, Copy)]
+struct Latency {
+    buckets: [u64; LATENCY_BUCKETS.len()],
+    sum: f64,
+    count: u64,
+}
 
 /// Counters of the daemon.
 #[derive(Debug, Default)]
 pub struct Metrics {
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    /// Time to the response head by route (bounded: routes are a fixed set of names).
+    latency: Mutex<BTreeMap<&'static str, Latency>>,
     pub nar_bytes_served: AtomicU64,
     pub narinfo_hits: AtomicU64,
     pub narinfo_misses: AtomicU64,
@@ -53,6 +77,16 @@ pub struct Metrics {
     pub nar_flight_joins: AtomicU64,
     /// NAR fetches (flights) that no source could complete.
     pub nar_fetch_failures: AtomicU64,
+    /// NAR requests answered from the local store (not from a flight).
+    pub nar_store_hits: AtomicU64,
+    /// NARs fetched from peers whose manifest came from a LAN (mDNS) peer.
+    pub p2p_nars_lan: AtomicU64,
+    /// Bytes downloaded from upstream caches (NAR files as sent).
+    pub upstream_bytes: AtomicU64,
+    /// NARs moving now (fetches and serves), for the dashboard.
+    pub transfers: Transfers,
+    /// The last hour of samples, for the dashboard's graphs.
+    pub history: History,
 }
 
 /// P2P gauges and totals read off the network layer when `/metrics` is rendered.
@@ -64,6 +98,8 @@ pub struct NetGauges {
     pub requests_in: u64,
     pub requests_refused: u64,
     pub peers_banned: u64,
+    /// DHT calls made and answered, by type.
+    pub dht_calls: crate::net::DhtCallCounts,
 }
 
 impl Metrics {
@@ -72,8 +108,76 @@ impl Metrics {
         *m.entry((route, status)).or_default() += 1;
     }
 
+    /// Records how long a request of `route` took to its response head.
+    pub fn observe_latency(&self, route: &'static str, secs: f64) {
+        let mut m = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        let l = m.entry(route).or_default();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|b| secs <= *b) {
+            l.buckets[i] += 1;
+        }
+        l.sum += secs;
+        l.count += 1;
+    }
+
     pub fn inc(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Appends a sample of the counters to the history (taken every
+    /// [`history::SAMPLE_INTERVAL`]); `net`: the P2P layer's totals, when it is on.
+    pub fn sample(&self, net: Option<&NetGauges>) {
+        self.history.push(self.snapshot(net));
+    }
+
+    /// The counters now, as a history sample.
+    pub fn snapshot(&self, net: Option<&NetGauges>) -> Sample {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let p2p = get(&self.p2p_nars);
+        let lan = get(&self.p2p_nars_lan).min(p2p);
+        Sample {
+            time: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            http_bytes_out: get(&self.nar_bytes_served),
+            http_bytes_in: get(&self.upload_bytes),
+            p2p_bytes_up: net.map_or(0, |n| n.bytes_up),
+            p2p_bytes_down: net.map_or(0, |n| n.bytes_down),
+            upstream_bytes_down: get(&self.upstream_bytes),
+            hits_store: get(&self.nar_store_hits),
+            hits_lan: lan,
+            hits_peers: p2p - lan,
+            hits_upstream: get(&self.upstream_nars),
+            misses: get(&self.nar_misses),
+        }
+    }
+
+    /// The latency histogram in the Prometheus text format (cumulative buckets).
+    fn render_latency(&self, out: &mut String) {
+        out.push_str(
+            "# HELP nix_p2p_cache_http_request_duration_seconds Time from a request to its \
+             response head, by route (a NAR body streams after it).\n\
+             # TYPE nix_p2p_cache_http_request_duration_seconds histogram\n",
+        );
+        let m = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        let name = "nix_p2p_cache_http_request_duration_seconds";
+        for (route, l) in m.iter() {
+            let mut below = 0;
+            for (le, n) in LATENCY_BUCKETS.iter().zip(l.buckets) {
+                below += n;
+                let _ = writeln!(
+                    out,
+                    "{name}_bucket{{route=\"{route}\",le=\"{le}\"}} {below}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{route=\"{route}\",le=\"+Inf\"}} {c}\n\
+                 {name}_sum{{route=\"{route}\"}} {s}\n{name}_count{{route=\"{route}\"}} {c}",
+                c = l.count,
+                s = l.sum,
+            );
+        }
     }
 
     /// Renders everything, with the store's counts, in the Prometheus text format.
@@ -94,6 +198,7 @@ impl Metrics {
                 "nix_p2p_cache_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
             );
         }
+        self.render_latency(&mut out);
         let counters = [
             (
                 "nar_bytes_served_total",
@@ -150,6 +255,21 @@ impl Metrics {
                 "nar_fetch_failures_total",
                 "NAR fetches that no source could complete.",
                 &self.nar_fetch_failures,
+            ),
+            (
+                "nar_store_hits_total",
+                "NAR requests answered from the local store.",
+                &self.nar_store_hits,
+            ),
+            (
+                "p2p_nars_lan_total",
+                "NARs fetched from peers whose manifest came from a LAN (mDNS) peer.",
+                &self.p2p_nars_lan,
+            ),
+            (
+                "upstream_bytes_total",
+                "Bytes downloaded from upstream caches.",
+                &self.upstream_bytes,
             ),
             (
                 "upload_bytes_total",
@@ -261,6 +381,17 @@ impl Metrics {
                 let _ = writeln!(out, "# TYPE nix_p2p_cache_{name} {kind}");
                 let _ = writeln!(out, "nix_p2p_cache_{name} {v}");
             }
+            let _ = writeln!(
+                out,
+                "# HELP nix_p2p_cache_p2p_dht_calls_total DHT queries started (out) and requests answered (in), by type."
+            );
+            let _ = writeln!(out, "# TYPE nix_p2p_cache_p2p_dht_calls_total counter");
+            for (direction, kind, v) in n.dht_calls.labelled() {
+                let _ = writeln!(
+                    out,
+                    "nix_p2p_cache_p2p_dht_calls_total{{direction=\"{direction}\",type=\"{kind}\"}} {v}"
+                );
+            }
         }
         if let Some(s) = stats {
             let gauges = [
@@ -357,6 +488,8 @@ mod tests {
         m.request("narinfo", 200);
         m.request("narinfo", 200);
         m.request("nar", 404);
+        m.observe_latency("nar", 0.003);
+        m.observe_latency("nar", 20.0);
         Metrics::inc(&m.nar_bytes_served, 42);
         let s = Stats {
             chunks: 7,
@@ -366,10 +499,17 @@ mod tests {
             Some(&s),
             Some(&NetGauges {
                 peers_banned: 3,
+                dht_calls: crate::net::DhtCallCounts {
+                    in_add_provider: 5,
+                    ..Default::default()
+                },
                 ..Default::default()
             }),
         );
         assert!(text.contains("nix_p2p_cache_p2p_peers_banned_total 3\n"));
+        assert!(text.contains(
+            "nix_p2p_cache_p2p_dht_calls_total{direction=\"in\",type=\"add_provider\"} 5\n"
+        ));
         assert!(text
             .contains("nix_p2p_cache_http_requests_total{route=\"narinfo\",status=\"200\"} 2\n"));
         assert!(
@@ -377,5 +517,12 @@ mod tests {
         );
         assert!(text.contains("nix_p2p_cache_nar_bytes_served_total 42\n"));
         assert!(text.contains("nix_p2p_cache_store_chunks 7\n"));
+        let h = "nix_p2p_cache_http_request_duration_seconds";
+        assert!(text.contains(&format!("# TYPE {h} histogram\n")));
+        assert!(text.contains(&format!("{h}_bucket{{route=\"nar\",le=\"0.0025\"}} 0\n")));
+        assert!(text.contains(&format!("{h}_bucket{{route=\"nar\",le=\"0.005\"}} 1\n")));
+        assert!(text.contains(&format!("{h}_bucket{{route=\"nar\",le=\"10\"}} 1\n")));
+        assert!(text.contains(&format!("{h}_bucket{{route=\"nar\",le=\"+Inf\"}} 2\n")));
+        assert!(text.contains(&format!("{h}_count{{route=\"nar\"}} 2\n")));
     }
 }

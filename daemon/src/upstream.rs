@@ -261,6 +261,7 @@ impl Upstream {
         let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(QUEUE);
         let mut stream = resp.bytes_stream();
         let pump_url = url.clone();
+        let metrics = self.metrics.clone();
         let pump = tokio::spawn(async move {
             let end = tokio::time::Instant::now() + deadline;
             loop {
@@ -276,6 +277,7 @@ impl Upstream {
                     }),
                     Ok(Ok(None)) => break,
                     Ok(Ok(Some(Ok(b)))) => {
+                        Metrics::inc(&metrics.upstream_bytes, b.len() as u64);
                         if tx.send(Ok(b)).await.is_err() {
                             break; // the ingest gave up
                         }

@@ -1,18 +1,20 @@
 //! `nix-p2p-cache-sim`: what a network of N nix-p2p-cache nodes would cost and how fast it
 //! would be, before anyone runs it.
 //!
-//! Model mode only so far (`model`): a seeded discrete-event simulation driven by a scenario
-//! file (`scenario`), with a DHT placement model (`dht`), a dated cost layer (`cost`) and the
-//! writers of `summary.json`, CSV, SVG plots and a report (`output`, `svg`). Real mode (the
-//! daemon's own network stack in one process) is not built yet.
+//! Model mode (`model`): a seeded discrete-event simulation driven by a scenario file
+//! (`scenario`), with a DHT placement model (`dht`), a dated cost layer (`cost`) and the
+//! writers of `summary.json`, CSV, SVG plots and a report (`output`, `svg`). Real mode
+//! (`real`): the daemon's own nodes in one process over libp2p's memory transport.
 
 pub mod cost;
 pub mod dht;
 pub mod model;
 pub mod output;
+pub mod real;
 pub mod rng;
 pub mod scenario;
 pub mod svg;
+pub mod trace;
 
 use thiserror::Error;
 
@@ -52,9 +54,21 @@ pub enum Error {
         /// What is wrong.
         msg: String,
     },
+    /// Real mode could not set up or run its nodes.
+    #[error("real mode: {0}")]
+    Real(String),
     /// JSON encoding failed.
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),
+}
+
+/// Runs one scenario with `seed` in real mode, the nodes' data dirs under `work`.
+pub fn run_real(
+    sc: &scenario::Scenario,
+    seed: u64,
+    work: &std::path::Path,
+) -> Result<model::Outcome, Error> {
+    real::run_real(sc, seed, work)
 }
 
 /// Runs one scenario with `seed` in model mode.

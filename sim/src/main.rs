@@ -9,8 +9,8 @@ use clap::{Parser, Subcommand};
 
 use nix_p2p_cache_sim::cost::Prices;
 use nix_p2p_cache_sim::output::{write_run, Summary};
-use nix_p2p_cache_sim::run_model;
 use nix_p2p_cache_sim::scenario::Scenario;
+use nix_p2p_cache_sim::{run_model, run_real};
 
 #[derive(Parser)]
 #[command(
@@ -20,6 +20,12 @@ use nix_p2p_cache_sim::scenario::Scenario;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Mode {
+    Model,
+    Real,
 }
 
 #[derive(Subcommand)]
@@ -37,6 +43,9 @@ enum Cmd {
         /// Override a scenario field: key=value (dotted keys, e.g. dht.k=10). Repeatable.
         #[arg(long = "set")]
         set: Vec<String>,
+        /// `model` (the discrete-event model) or `real` (the daemon's own nodes in one process).
+        #[arg(long, value_enum, default_value_t = Mode::Model)]
+        mode: Mode,
     },
     /// Run once per value of each parameter (one at a time, others at the scenario's values).
     Sweep {
@@ -52,10 +61,17 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Model vs real mode on the same trace (not built yet).
+    /// Runs a scenario in model and in real mode and writes both side by side
+    /// (`OUT/compare.json`, `OUT/compare.md`, each run in `OUT/model` and `OUT/real`).
     Compare {
         /// Scenario file (TOML).
         scenario: PathBuf,
+        /// Random seed (defaults to the scenario's `seed`).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Output directory (default: sim-out/<scenario name>-compare).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -69,9 +85,21 @@ fn split_kv(s: &str) -> Result<(String, String)> {
     Ok((k.trim().to_string(), v.trim().to_string()))
 }
 
-fn run_one(sc: &Scenario, seed: u64, out: &Path, prices: &Prices) -> Result<Summary> {
+fn run_one(sc: &Scenario, seed: u64, out: &Path, prices: &Prices, mode: Mode) -> Result<Summary> {
     let t = Instant::now();
-    let outcome = run_model(sc, seed)?;
+    let outcome = match mode {
+        Mode::Model => run_model(sc, seed)?,
+        Mode::Real => {
+            // The nodes' data dirs, removed after the run.
+            let work = out.join("nodes");
+            let _ = std::fs::remove_dir_all(&work);
+            std::fs::create_dir_all(&work)
+                .with_context(|| format!("creating {}", work.display()))?;
+            let r = run_real(sc, seed, &work);
+            let _ = std::fs::remove_dir_all(&work);
+            r?
+        }
+    };
     let summary = write_run(out, &outcome, sc, prices)?;
     eprintln!(
         "{}: {} nodes, {} events in {:.1} s; seed share {:.3}, closure p50 {} s → {}",
@@ -90,6 +118,13 @@ fn run_one(sc: &Scenario, seed: u64, out: &Path, prices: &Prices) -> Result<Summ
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // Real mode's nodes log through `tracing`; shown only when RUST_LOG asks.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let prices = Prices::builtin()?;
     match cli.cmd {
         Cmd::Run {
@@ -97,6 +132,7 @@ fn main() -> Result<()> {
             seed,
             out,
             set,
+            mode,
         } => {
             let overrides = set
                 .iter()
@@ -104,7 +140,7 @@ fn main() -> Result<()> {
                 .collect::<Result<Vec<_>>>()?;
             let sc = Scenario::load(&scenario, &overrides)?;
             let out = out.unwrap_or_else(|| PathBuf::from("sim-out").join(&sc.name));
-            run_one(&sc, seed.unwrap_or(sc.seed), &out, &prices)?;
+            run_one(&sc, seed.unwrap_or(sc.seed), &out, &prices, mode)?;
         }
         Cmd::Sweep {
             scenario,
@@ -142,7 +178,7 @@ fn main() -> Result<()> {
                     let sc = Scenario::load(&scenario, &[(key.clone(), v.clone())])
                         .with_context(|| format!("{key}={v}"))?;
                     let dir_name = format!("{key}={}", v.replace(['/', '"', ' '], "_"));
-                    let s = run_one(&sc, seed, &out.join(&dir_name), &prices)?;
+                    let s = run_one(&sc, seed, &out.join(&dir_name), &prices, Mode::Model)?;
                     let f = |x: Option<f64>| x.map_or_else(String::new, |x| format!("{x:.3}"));
                     let _ =
                         writeln!(
@@ -173,12 +209,24 @@ fn main() -> Result<()> {
             )?;
             eprintln!("sweep table: {}", out.join("sweep.csv").display());
         }
-        Cmd::Compare { scenario } => {
-            bail!(
-                "compare: real mode is not built yet (issue 12, deliverable 2); \
-                 only model mode runs today — try `nix-p2p-cache-sim run {}`",
-                scenario.display()
-            );
+        Cmd::Compare {
+            scenario,
+            seed,
+            out,
+        } => {
+            let sc = Scenario::load(&scenario, &[])?;
+            let out = out
+                .unwrap_or_else(|| PathBuf::from("sim-out").join(format!("{}-compare", sc.name)));
+            let seed = seed.unwrap_or(sc.seed);
+            let model = run_one(&sc, seed, &out.join("model"), &prices, Mode::Model)?;
+            let real = run_one(&sc, seed, &out.join("real"), &prices, Mode::Real)?;
+            let (json, md) = compare(&sc, &model, &real);
+            std::fs::write(
+                out.join("compare.json"),
+                serde_json::to_string_pretty(&json)? + "\n",
+            )?;
+            std::fs::write(out.join("compare.md"), &md)?;
+            print!("{md}");
         }
     }
     Ok(())
@@ -189,4 +237,107 @@ fn toml_literal(v: &toml::Value) -> String {
         toml::Value::String(s) => s.clone(),
         other => other.to_string(),
     }
+}
+
+/// The figures model and real mode both report, side by side. Real mode's byte counts are of
+/// closures shrunk by `real.bytes_scale`: they are scaled back. `tolerance` is the validation
+/// target (docs/simulation.md): relative for rates and times, absolute for shares.
+fn compare(sc: &Scenario, m: &Summary, r: &Summary) -> (serde_json::Value, String) {
+    let unscale = 1.0 / sc.real.bytes_scale;
+    let rows: Vec<(&str, f64, f64, f64, bool)> = vec![
+        (
+            "seed_egress_share",
+            m.seed_egress_share,
+            r.seed_egress_share,
+            0.10,
+            false,
+        ),
+        (
+            "closure_fetch_p50_s",
+            m.closure_fetch_p50_s.unwrap_or(f64::NAN),
+            r.closure_fetch_p50_s.unwrap_or(f64::NAN),
+            0.15,
+            true,
+        ),
+        (
+            "closure_fetch_p95_s",
+            m.closure_fetch_p95_s.unwrap_or(f64::NAN),
+            r.closure_fetch_p95_s.unwrap_or(f64::NAN),
+            0.15,
+            true,
+        ),
+        (
+            "dht_provider_queries_per_node_per_s",
+            m.dht_provider_queries_per_node_per_s,
+            r.dht_provider_queries_per_node_per_s,
+            0.10,
+            true,
+        ),
+        (
+            "dht_announce_msgs_per_node_per_s",
+            m.dht_announce_msgs_per_node_per_s,
+            r.dht_announce_msgs_per_node_per_s,
+            0.10,
+            true,
+        ),
+        (
+            "dht_records_per_node",
+            m.dht_records_per_node,
+            r.dht_records_per_node,
+            0.10,
+            true,
+        ),
+        (
+            "delivered_bytes",
+            m.delivered_bytes as f64,
+            r.delivered_bytes as f64 * unscale,
+            0.10,
+            true,
+        ),
+        (
+            "closure_fetches",
+            m.closure_fetches as f64,
+            r.closure_fetches as f64,
+            0.0,
+            true,
+        ),
+    ];
+    let mut md = format!(
+        "# {}: model vs real (seed {}, {} nodes)\n\n| figure | model | real | real/model | target | within |\n|---|---|---|---|---|---|\n",
+        sc.name, m.seed, m.nodes
+    );
+    let mut list = Vec::new();
+    for (name, a, b, tol, relative) in rows {
+        let within = if relative {
+            a.is_finite()
+                && b.is_finite()
+                && ((b - a).abs() <= tol * a.abs().max(f64::MIN_POSITIVE))
+        } else {
+            (b - a).abs() <= tol
+        };
+        let ratio = if a == 0.0 { f64::NAN } else { b / a };
+        let target = if relative {
+            format!("±{:.0} %", tol * 100.0)
+        } else {
+            format!("±{tol:.2}")
+        };
+        let _ = writeln!(
+            md,
+            "| {name} | {a:.4} | {b:.4} | {ratio:.3} | {target} | {} |",
+            if within { "yes" } else { "no" }
+        );
+        list.push(serde_json::json!({
+            "figure": name, "model": a, "real": b, "ratio": ratio,
+            "tolerance": tol, "relative": relative, "within": within,
+        }));
+    }
+    md.push_str(
+        "\nReal mode's bytes are scaled back by 1/real.bytes_scale. Both runs draw their \
+         trace from the same scenario and seed, not the same list of fetches; what real mode \
+         leaves out is in docs/simulation.md.\n",
+    );
+    (
+        serde_json::json!({ "scenario": sc.name, "seed": m.seed, "rows": list }),
+        md,
+    )
 }

@@ -41,10 +41,24 @@ enum Ev {
     SessionEnd(u32),
     Release(u16),
     UpgradeDue(u32),
-    Lookup { node: u32, epoch: u32 },
-    Retry { node: u32, epoch: u32 },
-    FlowDone { flow: u32, epoch: u32 },
-    Reprovide { node: u32, epoch: u32 },
+    /// The k-th fetch of the scenario's trace.
+    Want(u32),
+    Lookup {
+        node: u32,
+        epoch: u32,
+    },
+    Retry {
+        node: u32,
+        epoch: u32,
+    },
+    FlowDone {
+        flow: u32,
+        epoch: u32,
+    },
+    Reprovide {
+        node: u32,
+        epoch: u32,
+    },
     Sample,
     ProbePlace,
     ProbeCheck,
@@ -160,6 +174,8 @@ pub struct ClassStats {
 /// Everything a run produces, before it is written out.
 #[derive(Clone, Debug)]
 pub struct Outcome {
+    /// "model" or "real".
+    pub mode: &'static str,
     /// Scenario name.
     pub name: String,
     /// Non-seed nodes.
@@ -223,6 +239,54 @@ pub struct Outcome {
     pub events: u64,
     /// Fetches still in progress (or stuck) at the end: not in the percentiles.
     pub unfinished_fetches: u64,
+}
+
+/// The closures' sizes and NAR counts, drawn from the closure mix (the first draws of the
+/// "init" stream: real mode draws the same catalogue).
+pub fn catalogue(sc: &Scenario, r: &mut Rng) -> Result<(Vec<u64>, Vec<u64>), Error> {
+    let mix = sc.closure_mix()?;
+    let cat = Discrete::new(&mix.categories.iter().map(|c| c.weight).collect::<Vec<_>>());
+    let n_clos = sc.workload.closures as usize;
+    let mut closure_bytes = Vec::with_capacity(n_clos);
+    let mut closure_nars = Vec::with_capacity(n_clos);
+    let gib = 1024f64.powi(3);
+    for _ in 0..n_clos {
+        let c = &mix.categories[cat.sample(r)];
+        let bytes = r.lognormal(c.gib * gib, mix.size_sigma).max(1.0) as u64;
+        closure_bytes.push(bytes);
+        closure_nars.push(
+            ((bytes as f64) / (mix.mean_nar_mib * 1024.0 * 1024.0))
+                .ceil()
+                .max(1.0) as u64,
+        );
+    }
+    Ok((closure_bytes, closure_nars))
+}
+
+/// Nodes per class: seeds by `count`, the others by `share` of `nodes` (the last takes the
+/// rest).
+pub fn class_counts(sc: &Scenario) -> Result<Vec<u32>, Error> {
+    let classes = &sc.classes;
+    let mut counts = vec![0u32; classes.len()];
+    let non_seed: Vec<usize> = (0..classes.len())
+        .filter(|&i| classes[i].kind != Kind::Seed)
+        .collect();
+    let mut assigned = 0u32;
+    for (j, &i) in non_seed.iter().enumerate() {
+        let c = if j + 1 == non_seed.len() {
+            sc.nodes - assigned
+        } else {
+            ((classes[i].share * f64::from(sc.nodes)).round() as u32).min(sc.nodes - assigned)
+        };
+        counts[i] = c;
+        assigned += c;
+    }
+    for (i, cl) in classes.iter().enumerate() {
+        if cl.kind == Kind::Seed {
+            counts[i] = cl.count;
+        }
+    }
+    Ok(counts)
 }
 
 /// The simulation state.
@@ -311,6 +375,8 @@ pub struct Model {
     server_time: f64,
     records_time: f64,
     seed_lower_bound: u64,
+    /// The scenario's `[trace]`: the only fetches started (none at session starts).
+    wants: Option<Vec<crate::trace::Want>>,
 }
 
 /// The `p`-quantile (nearest rank) of an ascending slice; None if it is empty.
@@ -346,27 +412,7 @@ impl Model {
         let n_classes = classes.len();
         let mut r_init = Rng::stream(seed, "init");
 
-        // Node counts per class: seeds by count, the others by share (the last takes the rest).
-        let mut counts = vec![0u32; classes.len()];
-        let non_seed: Vec<usize> = (0..classes.len())
-            .filter(|&i| classes[i].rc.cfg.kind != Kind::Seed)
-            .collect();
-        let mut assigned = 0u32;
-        for (j, &i) in non_seed.iter().enumerate() {
-            let c = if j + 1 == non_seed.len() {
-                sc.nodes - assigned
-            } else {
-                ((classes[i].rc.cfg.share * f64::from(sc.nodes)).round() as u32)
-                    .min(sc.nodes - assigned)
-            };
-            counts[i] = c;
-            assigned += c;
-        }
-        for (i, cl) in classes.iter().enumerate() {
-            if cl.rc.cfg.kind == Kind::Seed {
-                counts[i] = cl.rc.cfg.count;
-            }
-        }
+        let counts = class_counts(&sc)?;
         let total: usize = counts.iter().map(|&c| c as usize).sum();
         if total >= NONE as usize {
             return Err(Error::Scenario {
@@ -376,22 +422,8 @@ impl Model {
         }
 
         // Catalogue.
-        let mix = sc.closure_mix()?;
-        let cat = Discrete::new(&mix.categories.iter().map(|c| c.weight).collect::<Vec<_>>());
-        let n_clos = sc.workload.closures as usize;
-        let mut closure_bytes = Vec::with_capacity(n_clos);
-        let mut closure_nars = Vec::with_capacity(n_clos);
-        let gib = 1024f64.powi(3);
-        for _ in 0..n_clos {
-            let c = &mix.categories[cat.sample(&mut r_init)];
-            let bytes = r_init.lognormal(c.gib * gib, mix.size_sigma).max(1.0) as u64;
-            closure_bytes.push(bytes);
-            closure_nars.push(
-                ((bytes as f64) / (mix.mean_nar_mib * 1024.0 * 1024.0))
-                    .ceil()
-                    .max(1.0) as u64,
-            );
-        }
+        let (closure_bytes, closure_nars) = catalogue(&sc, &mut r_init)?;
+        let n_clos = closure_bytes.len();
         let w = &sc.workload;
         let end = sc.sim_hours * 3600.0;
         let gens = if w.first_release_h * 3600.0 < end {
@@ -488,6 +520,7 @@ impl Model {
             server_time: 0.0,
             records_time: 0.0,
             seed_lower_bound: 0,
+            wants: None,
             sc,
             seed,
         };
@@ -495,7 +528,7 @@ impl Model {
         // Nodes: seeds first, then the other classes in file order.
         let order: Vec<usize> = (0..m.classes.len())
             .filter(|&i| m.classes[i].rc.cfg.kind == Kind::Seed)
-            .chain(non_seed.iter().copied())
+            .chain((0..m.classes.len()).filter(|&i| m.classes[i].rc.cfg.kind != Kind::Seed))
             .collect();
         let mbit = 1e6 / 8.0;
         let mut server_ids = Vec::new();
@@ -575,11 +608,24 @@ impl Model {
         if m.gens > 1 {
             m.push(m.sc.workload.first_release_h * 3600.0, Ev::Release(1));
         }
+        if m.sc.trace.is_some() {
+            let wants = crate::trace::wants(&m.sc, seed)?;
+            for (k, w) in wants.iter().enumerate() {
+                m.push(w.at_s, Ev::Want(k as u32));
+            }
+            m.wants = Some(wants);
+        }
         m.push(0.0, Ev::Sample);
         if m.sc.dht.probe_keys > 0 {
             m.push(m.sc.dht.probe_at_h * 3600.0, Ev::ProbePlace);
         }
         Ok(m)
+    }
+
+    /// Each node's uplink, bytes per second (node order: seeds first, then the classes in file
+    /// order), as drawn for this scenario and seed.
+    pub fn uplinks(&self) -> Vec<f64> {
+        self.up_bps.iter().map(|&b| f64::from(b)).collect()
     }
 
     /// Queues an event. Events past the current wheel slot wait in their slot's vector and
@@ -688,6 +734,7 @@ impl Model {
             Ev::SessionStart(n) => self.session_start(n),
             Ev::SessionEnd(n) => self.session_end(n),
             Ev::Release(g) => self.release(g as i16),
+            Ev::Want(k) => self.want(k),
             Ev::UpgradeDue(n) => {
                 let i = n as usize;
                 self.flags[i] |= F_PENDING;
@@ -766,6 +813,7 @@ impl Model {
         }
         match self.kind(n) {
             Kind::Seed => {}
+            Kind::Ci if self.wants.is_some() => {}
             Kind::Ci => {
                 self.held[i] = -1;
                 self.closure[i] = self.popularity.sample(&mut self.r_work) as u32;
@@ -797,11 +845,32 @@ impl Model {
                     f.retry_pending = false;
                     f.looked_up = false;
                     self.begin_lookup(n);
-                } else if self.held[i] < 0 || self.flags[i] & F_PENDING != 0 {
+                } else if self.wants.is_none()
+                    && (self.held[i] < 0 || self.flags[i] & F_PENDING != 0)
+                {
                     self.start_fetch(n);
                 }
             }
         }
+    }
+
+    /// A fetch of the trace: the node now wants that closure, from scratch. Skipped while the
+    /// node is still fetching (or offline: a trace is meant for always-on nodes).
+    fn want(&mut self, k: u32) {
+        let Some(w) = self.wants.as_ref().map(|w| w[k as usize]) else {
+            return;
+        };
+        let (n, i) = (w.node, w.node as usize);
+        if self.is_seed(n) || !self.online(n) || self.fetch[i].active {
+            return;
+        }
+        if self.held[i] >= 0 {
+            self.settle_node(n);
+            self.remove_holder(n);
+        }
+        self.closure[i] = w.closure;
+        self.held[i] = -1;
+        self.start_fetch(n);
     }
 
     fn session_end(&mut self, n: u32) {
@@ -1772,6 +1841,7 @@ impl Model {
         let stored_end = self.samples.last().map_or(0.0, |s| s.stored_bytes_per_node);
         let sim_seconds = self.end;
         Outcome {
+            mode: "model",
             name: self.sc.name.clone(),
             nodes: non_seed,
             seeds: self.seeds.len() as u64,

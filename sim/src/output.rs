@@ -20,7 +20,7 @@ use crate::Error;
 /// `summary.json`.
 #[derive(Clone, Debug, Serialize)]
 pub struct Summary {
-    /// Always "model" for now.
+    /// "model" or "real".
     pub mode: String,
     /// Scenario name.
     pub scenario: String,
@@ -148,7 +148,7 @@ pub fn summarize(o: &Outcome, sc: &Scenario, prices: &Prices) -> Result<Summary,
         .probe_holder_online
         .map(|p| 1.0 - (1.0 - p).powi(sc.dht.k as i32));
     Ok(Summary {
-        mode: "model".into(),
+        mode: o.mode.into(),
         scenario: o.name.clone(),
         nodes: o.nodes,
         seeds: o.seeds,

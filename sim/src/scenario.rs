@@ -52,6 +52,13 @@ pub struct Scenario {
     /// Node classes.
     #[serde(rename = "class")]
     pub classes: Vec<ClassCfg>,
+    /// An explicit trace of fetches (`trace.rs`): replaces the model's own demand; real mode
+    /// always runs one (the defaults when absent).
+    #[serde(default)]
+    pub trace: Option<crate::trace::TraceCfg>,
+    /// Real-mode parameters (ignored by model mode).
+    #[serde(default)]
+    pub real: crate::real::RealCfg,
     /// Parameters `sweep` varies when no `--param` is given: key → values.
     #[serde(default)]
     pub sweep: BTreeMap<String, Vec<toml::Value>>,

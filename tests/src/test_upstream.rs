@@ -1,6 +1,6 @@
 //! `TestUpstream`: a small HTTP/1.1 binary cache on loopback for the tests: fixed files, each
-//! optionally trickled at a set rate, requests counted per path; and `noise`, incompressible
-//! test bytes.
+//! optionally trickled at a set rate, requests counted per path; `FakePath`, a store path's
+//! narinfo and NAR to serve from it; and `noise`, incompressible test bytes.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -100,6 +100,57 @@ fn serve_conn(mut s: TcpStream, files: &HashMap<String, File>, hits: &Mutex<Hash
         }
     }
     let _ = s.flush();
+}
+
+/// A fake store path's narinfo (unsigned, uncompressed) and its NAR, under `nar/<name>.nar`.
+pub struct FakePath {
+    pub hash: String,
+    pub nar: Vec<u8>,
+    pub nar_b32: String,
+    pub narinfo: String,
+    pub nar_file: String,
+}
+
+pub fn fake_path(hash: &str, name: &str, nar: Vec<u8>) -> FakePath {
+    let nar_hash = crate::nar_hash_of(&nar);
+    let nar_b32 = nar_hash.strip_prefix("sha256:").unwrap().to_string();
+    let narinfo = format!(
+        "StorePath: /nix/store/{hash}-{name}\nURL: nar/{name}.nar\nCompression: none\n\
+         NarHash: {nar_hash}\nNarSize: {}\nReferences: \n",
+        nar.len()
+    );
+    FakePath {
+        hash: hash.to_string(),
+        nar,
+        nar_b32,
+        narinfo,
+        nar_file: format!("/nar/{name}.nar"),
+    }
+}
+
+impl FakePath {
+    pub fn files(&self, nar: Vec<u8>, rate: Option<u64>) -> [(String, File); 2] {
+        [
+            (
+                format!("/{}.narinfo", self.hash),
+                File {
+                    body: Arc::new(self.narinfo.clone().into_bytes()),
+                    rate: None,
+                },
+            ),
+            (
+                self.nar_file.clone(),
+                File {
+                    body: Arc::new(nar),
+                    rate,
+                },
+            ),
+        ]
+    }
+
+    pub fn nar_path(&self) -> String {
+        format!("/nar/{}.nar", self.nar_b32)
+    }
 }
 
 /// `len` pseudo-random bytes from `seed` (incompressible: every chunk new).

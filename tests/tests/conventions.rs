@@ -103,13 +103,18 @@ fn first_start_says_where_and_how_and_logs_carry_no_colour() {
         locked.status.success() || err.contains("give --url"),
         "{err}"
     );
-    // `GET /` says what this is and how to point Nix at it (it was a 404).
-    let home = nix_p2p_cache_tests::harness::http(d.port, &nix_p2p_cache_tests::harness::get("/"));
-    assert_eq!(home.status, 200);
-    let home = String::from_utf8(home.body).unwrap();
+    // `GET /` (it was a 404) goes to the dashboard; `/help` says what this is and how to point
+    // Nix at it.
+    use nix_p2p_cache_tests::harness::{get, http};
+    let home = http(d.port, &get("/"));
+    assert_eq!(home.status, 303);
+    assert_eq!(home.header("location"), Some("/ui/"));
+    let help = http(d.port, &get("/help"));
+    assert_eq!(help.status, 200);
+    let help = String::from_utf8(help.body).unwrap();
     assert!(
-        home.contains("substituters = http://") && home.contains("/api/status"),
-        "{home}"
+        help.contains("substituters = http://") && help.contains("/api/status"),
+        "{help}"
     );
     let stderr = d.stderr.clone();
     d.stop();

@@ -15,59 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix_p2p_cache_tests::harness::*;
-use nix_p2p_cache_tests::test_upstream::{noise, File, TestUpstream};
-use nix_p2p_cache_tests::{nar_hash_of, nar_of_file, Corpus};
-
-/// A fake store path's narinfo (unsigned, uncompressed) and its NAR, under `nar/<name>.nar`.
-struct FakePath {
-    hash: String,
-    nar: Vec<u8>,
-    nar_b32: String,
-    narinfo: String,
-    nar_file: String,
-}
-
-fn fake_path(hash: &str, name: &str, nar: Vec<u8>) -> FakePath {
-    let nar_hash = nar_hash_of(&nar);
-    let nar_b32 = nar_hash.strip_prefix("sha256:").unwrap().to_string();
-    let narinfo = format!(
-        "StorePath: /nix/store/{hash}-{name}\nURL: nar/{name}.nar\nCompression: none\n\
-         NarHash: {nar_hash}\nNarSize: {}\nReferences: \n",
-        nar.len()
-    );
-    FakePath {
-        hash: hash.to_string(),
-        nar,
-        nar_b32,
-        narinfo,
-        nar_file: format!("/nar/{name}.nar"),
-    }
-}
-
-impl FakePath {
-    fn files(&self, nar: Vec<u8>, rate: Option<u64>) -> [(String, File); 2] {
-        [
-            (
-                format!("/{}.narinfo", self.hash),
-                File {
-                    body: Arc::new(self.narinfo.clone().into_bytes()),
-                    rate: None,
-                },
-            ),
-            (
-                self.nar_file.clone(),
-                File {
-                    body: Arc::new(nar),
-                    rate,
-                },
-            ),
-        ]
-    }
-
-    fn nar_path(&self) -> String {
-        format!("/nar/{}.nar", self.nar_b32)
-    }
-}
+use nix_p2p_cache_tests::test_upstream::{fake_path, noise, File, TestUpstream};
+use nix_p2p_cache_tests::{nar_of_file, Corpus};
 
 /// Reads a response's head, then its body as it comes: (status, time of the first body byte,
 /// body, whether the body was complete).

@@ -1,5 +1,7 @@
 //! The daemon's own JSON API, served on the substituter's (loopback by default) address:
-//! `GET /api/status` and `GET /api/peers` (read-only, for `nix-p2p-cache status` and `peers`),
+//! `GET /api/status` and `GET /api/peers` (read-only, for `nix-p2p-cache status` and `peers`,
+//! and the dashboard), `GET /api/transfers`, `/api/history` and `/api/errors` (read-only, the
+//! dashboard's; `docs/operations.md` documents every field),
 //! and the state-changing `POST /api/pin`, `/api/unpin`, `/api/gc` and `/api/undelete` (for
 //! those commands while the daemon runs), which need the upload token. Handlers translate:
 //! the work is `crate::maintain`'s.
@@ -63,6 +65,8 @@ struct P2pStatus {
     bad_manifests: u64,
     chunks_reused_locally: u64,
     announce: Option<crate::announce::AnnounceStats>,
+    /// Rows of the DHT database: keys provided, other nodes' provider records held.
+    dht_records: crate::store::dht::DhtCounts,
 }
 
 fn json(body: &impl Serialize) -> Result<Response, HttpError> {
@@ -77,6 +81,8 @@ pub async fn status(State(state): State<Arc<HttpState>>) -> Response {
         let stats = blocking(move || Ok(store.stats()?)).await?;
         let p2p = match &state.peers {
             Some(p) => {
+                let store = state.store.clone();
+                let dht_records = blocking(move || Ok(store.dht()?.dht_counts()?)).await?;
                 let m = &state.metrics;
                 let get =
                     |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
@@ -91,6 +97,7 @@ pub async fn status(State(state): State<Arc<HttpState>>) -> Response {
                     bad_manifests: get(&m.p2p_bad_manifests),
                     chunks_reused_locally: get(&m.p2p_chunks_local),
                     announce: state.announcer.as_ref().map(|a| a.stats()),
+                    dht_records,
                 })
             }
             None => None,
@@ -123,6 +130,44 @@ pub async fn peers(State(state): State<Arc<HttpState>>) -> Response {
         json(&list)
     }
     .await;
+    finish(&state, "api", r)
+}
+
+/// `GET /api/transfers`: the NARs moving now (fetches into the store, bodies to clients).
+pub async fn transfers(State(state): State<Arc<HttpState>>) -> Response {
+    let r = json(&state.metrics.transfers.view());
+    finish(&state, "api", r)
+}
+
+#[derive(Serialize)]
+struct HistoryView {
+    interval_secs: u64,
+    samples: Vec<crate::metrics::history::Sample>,
+}
+
+/// `GET /api/history`: the last hour of samples of the traffic and hit counters, and the
+/// counters now as the last sample (a page opened at start draws something).
+pub async fn history(State(state): State<Arc<HttpState>>) -> Response {
+    let net = state.net_gauges().await;
+    let mut samples = state.metrics.history.samples();
+    samples.push(state.metrics.snapshot(net.as_ref()));
+    let r = json(&HistoryView {
+        interval_secs: crate::metrics::history::SAMPLE_INTERVAL.as_secs(),
+        samples,
+    });
+    finish(&state, "api", r)
+}
+
+#[derive(Serialize)]
+struct ErrorsView {
+    events: Vec<crate::metrics::events::LogEvent>,
+}
+
+/// `GET /api/errors`: the recent warn and error log events, oldest first.
+pub async fn errors(State(state): State<Arc<HttpState>>) -> Response {
+    let r = json(&ErrorsView {
+        events: crate::metrics::events::recent(),
+    });
     finish(&state, "api", r)
 }
 

@@ -1,5 +1,6 @@
 //! The localhost substituter (design §6): the HTTP binary-cache protocol that stock Nix speaks,
-//! served from the store, plus uploads (`nix copy --to http://…`) and `/metrics`.
+//! served from the store, plus uploads (`nix copy --to http://…`), `/metrics`, the JSON API
+//! (`api.rs`) and the dashboard (`ui.rs`).
 //!
 //! Owns: routing, request parsing, the upload staging dir (`<data-dir>/uploads`). Store calls
 //! run on `spawn_blocking`; NAR bodies stream through a bounded channel. Bad requests get 4xx,
@@ -10,6 +11,7 @@ mod api;
 mod error;
 pub mod listener;
 mod nar;
+mod ui;
 mod upload;
 
 use std::collections::HashMap;
@@ -61,6 +63,16 @@ pub struct HttpState {
     pub quota: Option<Arc<crate::quota::Quota>>,
     /// DHT announcements (P2P on and `--share all`).
     pub announcer: Option<Arc<crate::announce::Announcer>>,
+}
+
+impl HttpState {
+    /// The P2P layer's counters, when it is on.
+    pub(crate) async fn net_gauges(&self) -> Option<crate::metrics::NetGauges> {
+        match &self.peers {
+            Some(p) => Some(p.gauges().await),
+            None => None,
+        }
+    }
 }
 
 /// A served narinfo text (`None`: a miss), its NarHash when it was served from the store, and
@@ -123,11 +135,18 @@ pub const CACHE_INFO: &str = "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 
 /// Builds the router.
 pub fn router(state: Arc<HttpState>) -> Router {
     Router::new()
-        .route("/", get(index))
+        .route("/", get(ui::to_dashboard))
+        .route("/ui", get(ui::to_dashboard))
+        .route("/ui/", get(ui::page))
+        .route("/ui/{file}", get(ui::asset))
+        .route("/help", get(help))
         .route("/nix-cache-info", get(cache_info).put(upload::put_ignored))
         .route("/metrics", get(metrics))
         .route("/api/status", get(api::status))
         .route("/api/peers", get(api::peers))
+        .route("/api/transfers", get(api::transfers))
+        .route("/api/history", get(api::history))
+        .route("/api/errors", get(api::errors))
         .route("/api/pin", admin(api::pin))
         .route("/api/unpin", admin(api::unpin))
         .route("/api/gc", admin(api::gc))
@@ -137,7 +156,18 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/realisations/{file}", put(upload::put_ignored))
         .route("/{file}", get(get_narinfo).put(upload::put_narinfo))
         .fallback(fallback)
+        .layer(axum::middleware::from_fn(timed))
         .with_state(state)
+}
+
+tokio::task_local! {
+    /// When the request being handled arrived (for [`finish`]'s latency histogram).
+    static REQUEST_START: Instant;
+}
+
+/// Runs the handler with its start time at hand.
+async fn timed(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    REQUEST_START.scope(Instant::now(), next.run(req)).await
 }
 
 /// A state-changing API route: `POST` only, bodies up to [`api::MAX_ADMIN_BODY`].
@@ -149,10 +179,14 @@ where
     post(handler).layer(axum::extract::DefaultBodyLimit::max(api::MAX_ADMIN_BODY))
 }
 
-/// Records the request in the metrics and turns errors into responses.
+/// Records the request (and its latency, up to here) in the metrics and turns errors into
+/// responses.
 fn finish(state: &HttpState, route: &'static str, r: Result<Response, HttpError>) -> Response {
     let resp = r.unwrap_or_else(IntoResponse::into_response);
     state.metrics.request(route, resp.status().as_u16());
+    if let Ok(t) = REQUEST_START.try_with(Instant::elapsed) {
+        state.metrics.observe_latency(route, t.as_secs_f64());
+    }
     resp
 }
 
@@ -160,9 +194,9 @@ async fn fallback(State(state): State<Arc<HttpState>>) -> Response {
     finish(&state, "other", Err(HttpError::NotFound))
 }
 
-/// `GET /`: what this address is and how to use it (a person opening it in a browser), with
-/// the node's JSON and metrics linked.
-async fn index(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
+/// `GET /help`: what this address is and how to use it (a person opening it in a browser),
+/// with the dashboard, the node's JSON and metrics linked.
+async fn help(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
@@ -174,14 +208,15 @@ async fn index(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Respo
          <p>A Nix binary cache (substituter) backed by a peer-to-peer network. Point Nix at it \
          in <code>nix.conf</code>:</p>\n\
          <pre>substituters = http://{host} https://cache.nixos.org</pre>\n\
-         <ul><li><a href=\"/nix-cache-info\">nix-cache-info</a></li>\n\
+         <ul><li><a href=\"/ui/\">the dashboard</a></li>\n\
+         <li><a href=\"/nix-cache-info\">nix-cache-info</a></li>\n\
          <li><a href=\"/api/status\">/api/status</a> (JSON: role, store, peers, traffic)</li>\n\
          <li><a href=\"/api/peers\">/api/peers</a></li>\n\
          <li><a href=\"/metrics\">/metrics</a> (Prometheus)</li></ul>\n",
         version = state.node.version,
     );
     let resp = ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], body).into_response();
-    finish(&state, "index", Ok(resp))
+    finish(&state, "help", Ok(resp))
 }
 
 async fn cache_info(State(state): State<Arc<HttpState>>) -> Response {
@@ -199,10 +234,7 @@ async fn metrics(State(state): State<Arc<HttpState>>) -> Response {
         .await
         .ok()
         .and_then(Result::ok);
-    let net = match &state.peers {
-        Some(p) => Some(p.gauges().await),
-        None => None,
-    };
+    let net = state.net_gauges().await;
     let body = state.metrics.render(stats.as_ref(), net.as_ref());
     let resp = ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response();
     finish(&state, "metrics", Ok(resp))

@@ -9,6 +9,7 @@
 //! client sees a short body and fails, never a complete wrong one.
 
 use std::io::Read;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
@@ -19,6 +20,7 @@ use futures_util::StreamExt;
 
 use super::{add, blocking, finish, HttpError, HttpState};
 use crate::core::NarHash;
+use crate::metrics::transfers::{Direction, TransferGuard};
 use crate::metrics::Metrics;
 use crate::resolve::Flight;
 
@@ -159,6 +161,7 @@ async fn serve(
         Err(e) => return Err(e),
     };
     Metrics::inc(&state.metrics.nar_hits, 1);
+    Metrics::inc(&state.metrics.nar_store_hits, 1);
     if let Some(ext) = ext {
         // Recompressed: length unknown up front, no ranges.
         let mut h = HeaderMap::new();
@@ -173,14 +176,18 @@ async fn serve(
         return Ok((
             StatusCode::OK,
             h,
-            stream_body(state, nar_hash, Source::Reader(r)),
+            stream_body(state, nar_hash, Source::Reader(r), None),
         )
             .into_response());
     }
     let (status, resp_headers, range) = body_headers(headers, reader.nar_size())?;
-    if let Some((start, end)) = range {
-        reader.set_range(start, end);
-    }
+    let total = match range {
+        Some((start, end)) => {
+            reader.set_range(start, end);
+            end - start
+        }
+        None => reader.nar_size(),
+    };
     if method == Method::HEAD {
         return Ok((status, resp_headers, Body::empty()).into_response());
     }
@@ -199,7 +206,12 @@ async fn serve(
         Metrics::inc(&state.metrics.nar_aborted, 1);
         HttpError::Unavailable(format!("NAR {nar_hash} cannot be read now: {e}"))
     })?;
-    let body = stream_body(state, nar_hash, Source::Nar(Box::new(reader), first));
+    let body = stream_body(
+        state,
+        nar_hash,
+        Source::Nar(Box::new(reader), first),
+        Some(total),
+    );
     Ok((status, resp_headers, body).into_response())
 }
 
@@ -234,7 +246,7 @@ async fn from_elsewhere(
     Metrics::inc(&state.metrics.nar_hits, 1);
     let (start, end) = range.unwrap_or((0, flight.nar_size()));
     Ok(Some(
-        (status, h, flight_body(state, &flight, start, end)).into_response(),
+        (status, h, flight_body(state, nar_hash, &flight, start, end)).into_response(),
     ))
 }
 
@@ -270,12 +282,41 @@ fn body_headers(headers: &HeaderMap, size: u64) -> Result<BodyHead, HttpError> {
     Ok((status, h, range))
 }
 
+/// A body of `total` bytes (if known) going out: listed in the running transfers until the
+/// returned guard is dropped, its bytes counted in the returned counter.
+fn serving(
+    state: &HttpState,
+    nar_hash: NarHash,
+    total: Option<u64>,
+) -> (TransferGuard, Arc<AtomicU64>) {
+    let done = Arc::new(AtomicU64::new(0));
+    let guard = state.metrics.transfers.begin(
+        Direction::Serve,
+        format!("nar/{}.nar", nar_hash.to_base32()),
+        "http",
+        total,
+        done.clone(),
+    );
+    (guard, done)
+}
+
 /// A flight's bytes as a response body; an aborted flight aborts the body.
-fn flight_body(state: &HttpState, flight: &Arc<Flight>, start: u64, end: u64) -> Body {
+fn flight_body(
+    state: &HttpState,
+    nar_hash: NarHash,
+    flight: &Arc<Flight>,
+    start: u64,
+    end: u64,
+) -> Body {
     let metrics = state.metrics.clone();
+    let (shown, done) = serving(state, nar_hash, Some(end - start));
     let stream = flight.stream(start, end).map(move |item| {
+        let _ = &shown; // listed while the body lives
         match &item {
-            Ok(b) => add(&metrics.nar_bytes_served, b.len() as u64),
+            Ok(b) => {
+                add(&metrics.nar_bytes_served, b.len() as u64);
+                add(&done, b.len() as u64);
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "aborting NAR stream");
                 add(&metrics.nar_aborted, 1);
@@ -325,7 +366,7 @@ impl Source {
 /// so a client that reads slowly holds memory for a block or two and no thread: hundreds of
 /// slow readers cannot starve the runtime's blocking pool (which the store calls of every
 /// other request need). The NAR counts as used for eviction (`Store::touch`).
-fn stream_body(state: &HttpState, nar_hash: NarHash, source: Source) -> Body {
+fn stream_body(state: &HttpState, nar_hash: NarHash, source: Source, total: Option<u64>) -> Body {
     type Read = tokio::task::JoinHandle<(Source, std::io::Result<Option<Vec<u8>>>)>;
     fn read_next(mut source: Source) -> Read {
         tokio::task::spawn_blocking(move || {
@@ -340,8 +381,10 @@ fn stream_body(state: &HttpState, nar_hash: NarHash, source: Source) -> Body {
             tracing::warn!(nar = %nar_hash, error = %e, "recording the NAR's last access failed");
         }
     });
+    let (shown, done) = serving(state, nar_hash, total);
     let stream = futures_util::stream::unfold(Some(read_next(source)), move |next| {
-        let metrics = metrics.clone();
+        let _ = &shown; // listed while the body lives
+        let (metrics, done) = (metrics.clone(), done.clone());
         async move {
             let (source, item) = match next?.await {
                 Ok(v) => v,
@@ -354,6 +397,7 @@ fn stream_body(state: &HttpState, nar_hash: NarHash, source: Source) -> Body {
                 Ok(None) => None,
                 Ok(Some(block)) => {
                     add(&metrics.nar_bytes_served, block.len() as u64);
+                    add(&done, block.len() as u64);
                     Some((Ok(Bytes::from(block)), Some(read_next(source))))
                 }
                 Err(e) => {

@@ -7,10 +7,10 @@
 //! Kademlia keeps its records in the store's DHT database ([`PersistentStore`] over
 //! `store::dht::DhtStore`, `dht.redb`) when the node is given one.
 //! kad's own provider publication is off: the daemon reprovides itself, in batches
-//! (`announce::Announcer`), and provider records live [`PROVIDER_RECORD_TTL`].
+//! (`announce::Announcer`), and provider records live `timers.provider-record-ttl-secs`
+//! (48 h by default, `config::Timers`).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use libp2p::identity::Keypair;
 use libp2p::kad::{self, store::MemoryStore};
@@ -27,27 +27,22 @@ use crate::store::dht::DhtStore;
 /// `protocol_version` sent with identify.
 pub const IDENTIFY_PROTOCOL: &str = "/nix-p2p-cache/id/1.0.0";
 
-/// How long an outbound exchange request may take before it fails.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// Concurrent exchange streams per connection (each direction), so one peer cannot take all.
 pub const MAX_STREAMS_PER_CONNECTION: usize = 32;
 
-/// How long other nodes keep our provider records (and we theirs). The announcer reprovides
-/// well within it (`announce::REPROVIDE_INTERVAL`).
 /// Connection limits: a flood of connections to the P2P port (reachable from the network) must
 /// not use up the daemon's file descriptors — each one over a limit is closed at once.
 pub const MAX_PENDING_INCOMING: u32 = 128;
 pub const MAX_ESTABLISHED_INCOMING: u32 = 512;
 pub const MAX_ESTABLISHED_PER_PEER: u32 = 4;
 
-pub const PROVIDER_RECORD_TTL: Duration = Duration::from_secs(48 * 60 * 60);
-
 /// Options for [`Behaviour::new`].
 #[derive(Debug, Clone)]
 pub struct BehaviourConfig {
     /// Discover peers on the LAN with mDNS.
     pub mdns: bool,
+    /// Provider-record lifetime, DHT query and request timeouts (the rest is the announcer's).
+    pub timers: crate::config::Timers,
 }
 
 #[derive(NetworkBehaviour)]
@@ -75,9 +70,9 @@ impl Behaviour {
                 .with_agent_version(format!("nix-p2p-cache/{}", env!("CARGO_PKG_VERSION"))),
         );
         let mut kad_config = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
-        kad_config.set_query_timeout(Duration::from_secs(30));
+        kad_config.set_query_timeout(config.timers.dht_query_timeout());
         kad_config.set_provider_publication_interval(None);
-        kad_config.set_provider_record_ttl(Some(PROVIDER_RECORD_TTL));
+        kad_config.set_provider_record_ttl(Some(config.timers.provider_record_ttl()));
         let records = match dht {
             Some(dht) => KadStore::Persistent(PersistentStore::new(dht, peer_id)),
             None => KadStore::Memory(MemoryStore::new(peer_id)),
@@ -101,7 +96,7 @@ impl Behaviour {
                 ProtocolSupport::Full,
             )],
             request_response::Config::default()
-                .with_request_timeout(REQUEST_TIMEOUT)
+                .with_request_timeout(config.timers.request_timeout())
                 .with_max_concurrent_streams(MAX_STREAMS_PER_CONNECTION),
         );
         let limits = libp2p::connection_limits::ConnectionLimits::default()

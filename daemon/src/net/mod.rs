@@ -64,6 +64,63 @@ pub struct NetStats {
     pub requests_refused: AtomicU64,
     /// Peers disconnected and banned for misbehaving.
     pub peers_banned: AtomicU64,
+    /// DHT calls by type (for the simulator's load figures and `/metrics`).
+    pub dht: DhtCalls,
+}
+
+/// DHT calls this node made (queries it started) and answered (requests from other nodes).
+#[derive(Debug, Default)]
+pub struct DhtCalls {
+    pub out_get_providers: AtomicU64,
+    pub out_start_providing: AtomicU64,
+    pub out_bootstrap: AtomicU64,
+    pub in_find_node: AtomicU64,
+    pub in_get_providers: AtomicU64,
+    pub in_add_provider: AtomicU64,
+    /// Value-record gets and puts (the daemon uses none; other implementations may).
+    pub in_other: AtomicU64,
+}
+
+/// A snapshot of [`DhtCalls`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct DhtCallCounts {
+    pub out_get_providers: u64,
+    pub out_start_providing: u64,
+    pub out_bootstrap: u64,
+    pub in_find_node: u64,
+    pub in_get_providers: u64,
+    pub in_add_provider: u64,
+    pub in_other: u64,
+}
+
+impl DhtCalls {
+    pub fn snapshot(&self) -> DhtCallCounts {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        DhtCallCounts {
+            out_get_providers: g(&self.out_get_providers),
+            out_start_providing: g(&self.out_start_providing),
+            out_bootstrap: g(&self.out_bootstrap),
+            in_find_node: g(&self.in_find_node),
+            in_get_providers: g(&self.in_get_providers),
+            in_add_provider: g(&self.in_add_provider),
+            in_other: g(&self.in_other),
+        }
+    }
+}
+
+impl DhtCallCounts {
+    /// `(direction, type, count)` for each counter, as `/metrics` labels them.
+    pub fn labelled(&self) -> [(&'static str, &'static str, u64); 7] {
+        [
+            ("out", "get_providers", self.out_get_providers),
+            ("out", "add_provider", self.out_start_providing),
+            ("out", "bootstrap", self.out_bootstrap),
+            ("in", "find_node", self.in_find_node),
+            ("in", "get_providers", self.in_get_providers),
+            ("in", "add_provider", self.in_add_provider),
+            ("in", "other", self.in_other),
+        ]
+    }
 }
 
 impl NetStats {
@@ -302,9 +359,10 @@ fn is_local(addr: &Multiaddr) -> bool {
 }
 
 /// Which transport a node uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Transport {
     /// TCP + noise + yamux (the real network).
+    #[default]
     Tcp,
     /// libp2p's in-process memory transport + noise + yamux (tests).
     Memory,
@@ -511,6 +569,7 @@ impl EventLoop {
             }
             Command::Bootstrap { reply } => match self.swarm.behaviour_mut().kad.bootstrap() {
                 Ok(id) => {
+                    NetStats::add(&self.stats.dht.out_bootstrap, 1);
                     self.pending_bootstrap.insert(id, reply);
                 }
                 Err(e) => {
@@ -520,6 +579,7 @@ impl EventLoop {
             Command::StartProviding { key, reply } => {
                 match self.swarm.behaviour_mut().kad.start_providing(key) {
                     Ok(id) => {
+                        NetStats::add(&self.stats.dht.out_start_providing, 1);
                         self.pending_start_providing.insert(id, reply);
                     }
                     Err(e) => {
@@ -529,6 +589,7 @@ impl EventLoop {
             }
             Command::GetProviders { key, reply } => {
                 let id = self.swarm.behaviour_mut().kad.get_providers(key);
+                NetStats::add(&self.stats.dht.out_get_providers, 1);
                 self.pending_get_providers
                     .insert(id, (HashSet::new(), reply));
             }
@@ -746,6 +807,16 @@ impl EventLoop {
             BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                 id, result, step, ..
             }) => self.on_query_progress(id, result, step),
+            BehaviourEvent::Kad(kad::Event::InboundRequest { request }) => {
+                let d = &self.stats.dht;
+                let counter = match request {
+                    kad::InboundRequest::FindNode { .. } => &d.in_find_node,
+                    kad::InboundRequest::GetProvider { .. } => &d.in_get_providers,
+                    kad::InboundRequest::AddProvider { .. } => &d.in_add_provider,
+                    _ => &d.in_other,
+                };
+                NetStats::add(counter, 1);
+            }
             BehaviourEvent::Exchange(event) => self.on_exchange_event(event),
             _ => {}
         }

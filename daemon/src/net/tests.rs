@@ -36,7 +36,10 @@ async fn node() -> Node {
 pub(crate) fn memory_config() -> NetConfig {
     NetConfig {
         transport: Transport::Memory,
-        behaviour: BehaviourConfig { mdns: false },
+        behaviour: BehaviourConfig {
+            mdns: false,
+            timers: Default::default(),
+        },
         share: crate::config::Share::All,
         upload_rate_limit: None,
     }
@@ -829,4 +832,95 @@ async fn dht_announcer_all_mode_makes_chunks_findable() {
     let p = find_provider(&b.client, chunk_record_key(&lm.chunks[0].id), a_id).await;
     assert!(p.contains(&a_id));
     task.abort();
+}
+
+/// The protocol timers come from the config: with a 2 s record lifetime and a 1 s reprovide
+/// interval, B's record of A expires when A stops reproviding and lives while it reprovides;
+/// the DHT call counters count each side's calls by type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dht_timers_come_from_config_and_calls_are_counted() {
+    let timers = crate::config::Timers {
+        reprovide_interval_secs: 1.0,
+        provider_record_ttl_secs: 2.0,
+        dht_purge_interval_secs: 1.0,
+        ..Default::default()
+    };
+    let mut config = memory_config();
+    config.behaviour.timers = timers;
+    let spawn = |config: NetConfig| async move {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let responder = Arc::new(StoreResponder::new(store.clone()));
+        spawn_node(dir, store, Keypair::generate_ed25519(), &config, responder).await
+    };
+    let a = spawn(config.clone()).await;
+    let b = spawn(config).await;
+    let key = SecretKey::generate("test-1", [5; 32]);
+    let trusted = [key.public_key()];
+    let info = {
+        let store = a.store.clone();
+        tokio::task::spawn_blocking(move || {
+            ingest(
+                &store,
+                &"a".repeat(32),
+                &sample_nar(30),
+                Some(&key),
+                &trusted,
+            )
+        })
+        .await
+        .unwrap()
+    };
+    within("A dials B", a.client.dial(b.addr.clone()))
+        .await
+        .unwrap();
+    let nar_key = nar_record_key(&info.nar_hash.nar_key());
+    let b_holds_a = |b: &Node| {
+        !b.store
+            .dht()
+            .unwrap()
+            .dht_providers(nar_key.as_ref(), unix_now())
+            .unwrap()
+            .is_empty()
+    };
+
+    let announcer = Arc::new(
+        Announcer::new(a.client.clone(), a.store.clone(), Announce::Roots)
+            .with_intervals(timers.reprovide_interval(), timers.dht_purge_interval()),
+    );
+    let task = tokio::spawn({
+        let a = announcer.clone();
+        async move { a.run().await }
+    });
+    eventually("B stores A's provider record", || b_holds_a(&b)).await;
+    // Reprovided every second: over 5 s (more than twice the lifetime) the record stays.
+    let started = Instant::now();
+    let mut gaps = 0;
+    while started.elapsed() < Duration::from_secs(5) {
+        if !b_holds_a(&b) {
+            gaps += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(announcer.stats().reprovides >= 3, "{:?}", announcer.stats());
+    assert!(
+        gaps <= 10,
+        "the record lapsed {gaps} times in 5 s while reprovided"
+    );
+    let p = find_provider(&b.client, nar_key.clone(), a.client.local_peer_id()).await;
+    assert!(p.contains(&a.client.local_peer_id()));
+
+    let (sa, sb) = (
+        a.client.stats().dht.snapshot(),
+        b.client.stats().dht.snapshot(),
+    );
+    assert!(sa.out_start_providing >= 3, "{sa:?}");
+    assert!(sb.in_add_provider >= 3, "{sb:?}");
+    assert!(sb.out_get_providers >= 1, "{sb:?}");
+    assert!(sa.in_get_providers >= 1, "{sa:?}");
+
+    // Stopped reproviding: the 2 s record expires (and B's purge, every 1 s, is not needed
+    // for that: expired records are never handed out).
+    task.abort();
+    eventually("A's record expires at B", || !b_holds_a(&b)).await;
 }

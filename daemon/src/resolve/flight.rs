@@ -20,6 +20,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -79,6 +80,8 @@ pub struct Flight {
     /// Signalled on every write and at the end, for [`SpoolReader`]s.
     written: std::sync::Condvar,
     progress: watch::Sender<Progress>,
+    /// Bytes written (what the dashboard shows of the fetch; back to 0 at a reset).
+    written_bytes: Arc<AtomicU64>,
 }
 
 impl Flight {
@@ -100,11 +103,18 @@ impl Flight {
             }),
             written: std::sync::Condvar::new(),
             progress: watch::Sender::new(Progress::Running { visible: 0 }),
+            written_bytes: Arc::default(),
         }))
     }
 
     pub(crate) fn nar_size(&self) -> u64 {
         self.nar_size
+    }
+
+    /// The count of bytes written so far, kept up to date by the flight (for
+    /// [`crate::metrics::transfers::Transfers::begin`]).
+    pub(crate) fn written_counter(&self) -> Arc<AtomicU64> {
+        self.written_bytes.clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Writer> {
@@ -142,6 +152,7 @@ impl Flight {
             return false;
         }
         w.written = 0;
+        self.written_bytes.store(0, Ordering::Relaxed);
         w.sha = Sha256::new();
         w.epoch += 1;
         self.written.notify_all();
@@ -179,6 +190,7 @@ impl Flight {
             .map_err(|e| FlightError::Spool(e.to_string()))?;
         w.sha.update(data);
         w.written += data.len() as u64;
+        self.written_bytes.store(w.written, Ordering::Relaxed);
         self.written.notify_all();
         if !w.held {
             self.publish_running(self.visible(w.written));

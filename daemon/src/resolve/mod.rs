@@ -36,6 +36,7 @@ use crate::core::signing::Trust;
 use crate::core::store_path::StorePathHash;
 use crate::core::NarHash;
 use crate::fetch::PeerError;
+use crate::metrics::transfers::Direction;
 use crate::metrics::Metrics;
 use crate::pending::{Pending, PendingNarinfos};
 use crate::store::{Store, StoreError};
@@ -434,6 +435,13 @@ impl Resolver {
             if !flight.reset() {
                 break; // bytes are out: a retry must be a new flight
             }
+            let _shown = self.metrics.transfers.begin(
+                Direction::Fetch,
+                found.info.store_path.to_absolute(),
+                source.name(),
+                Some(found.info.nar_size),
+                flight.written_counter(),
+            );
             match source.fetch(&self.store, &found, &flight).await {
                 Ok(()) => {
                     outcome = Ok(());

@@ -417,7 +417,10 @@ async fn run(args: Args) -> Result<(), String> {
     });
     let config = NetConfig {
         transport: Transport::Tcp,
-        behaviour: BehaviourConfig { mdns: false },
+        behaviour: BehaviourConfig {
+            mdns: false,
+            timers: Default::default(),
+        },
         share: nix_p2p_cache::config::Share::All,
         upload_rate_limit: None,
     };
