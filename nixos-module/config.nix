@@ -48,6 +48,23 @@ let
           host;
     in
     "http://${reach}:${port}";
+
+  # Deprecated spellings of daemon keys (the daemon still accepts them) -> the current ones, so
+  # that `settings` written with an old name overrides the generated key instead of giving
+  # the daemon both spellings (which it refuses).
+  renamedKeys = {
+    upstream = "upstreams";
+    bootstrap = "bootstrap-peers";
+    trusted-public-key = "trusted-public-keys";
+  };
+  canonicalKeys =
+    s:
+    builtins.listToAttrs (
+      map (k: {
+        name = renamedKeys.${k} or k;
+        value = s.${k};
+      }) (builtins.attrNames s)
+    );
 in
 rec {
   inherit cacheNixosOrgKey stateDir tokenCredential;
@@ -94,12 +111,12 @@ rec {
         data-dir = stateDir;
         listen = cfg.listen;
         trusted-public-keys = cfg.trustedPublicKeys;
-        upstream = cfg.upstreams;
+        upstreams = cfg.upstreams;
         role = cfg.role;
         share = cfg.share;
         p2p-listen =
           if p2p then [ "/ip4/0.0.0.0/tcp/${port}" ] ++ optional cfg.ipv6 "/ip6/::/tcp/${port}" else [ ];
-        bootstrap = cfg.bootstrapPeers;
+        bootstrap-peers = cfg.bootstrapPeers;
       }
       // optionalAttrs (cfg.maxCacheSize != null) { max-cache-size = cfg.maxCacheSize; }
       // optionalAttrs (cfg.uploadRateLimit != null) { upload-rate-limit = cfg.uploadRateLimit; }
@@ -107,7 +124,10 @@ rec {
       // optionalAttrs (cfg.s3Endpoint != null) { s3-endpoint = cfg.s3Endpoint; }
       // optionalAttrs (cfg.s3CacheSize != null) { s3-cache-size = cfg.s3CacheSize; };
       s3Creds = cfg.s3CredentialsFile != null;
-      settings = base // cfg.settings;
+      credentials =
+        optional (cfg.uploadTokenFile != null) "${tokenCredential}:${toString cfg.uploadTokenFile}"
+        ++ optional s3Creds "${s3Credential}:${toString cfg.s3CredentialsFile}";
+      settings = base // canonicalKeys cfg.settings;
       mdns = p2p && !(settings.no-mdns or false);
       portOf = listen: builtins.fromJSON (builtins.elemAt (splitHostPort listen) 1);
     in
@@ -126,13 +146,32 @@ rec {
 
       # LoadCredential= entries (systemd copies the file into the unit's credentials dir,
       # readable by the dynamic user only).
-      credentials =
-        optional (cfg.uploadTokenFile != null) "${tokenCredential}:${toString cfg.uploadTokenFile}"
-        ++ optional s3Creds "${s3Credential}:${toString cfg.s3CredentialsFile}";
+      inherit credentials;
 
       # The unit's environment: the S3 credentials file (an AWS-style INI file, handed in as a
       # credential like the token; systemd expands %d), never the keys themselves.
       environment = optionalAttrs s3Creds { AWS_SHARED_CREDENTIALS_FILE = "%d/${s3Credential}"; };
+
+      # `nix-p2p-cache-admin` (default.nix): the CLI run by `systemd-run` in a transient unit
+      # as the service's dynamic user (named after the unit), with its state directory and
+      # credentials. `adminEnvironment` is set as it is; `adminCredentialEnvironment` names
+      # files in the transient unit's credentials directory.
+      adminProperties = [
+        "DynamicUser=yes"
+        "User=nix-p2p-cache"
+        "StateDirectory=nix-p2p-cache"
+        "StateDirectoryMode=0700"
+        "UMask=0077"
+      ]
+      ++ map (c: "LoadCredential=${c}") credentials;
+      adminEnvironment = {
+        NIX_P2P_CACHE_DATA_DIR = stateDir;
+      };
+      adminCredentialEnvironment =
+        optionalAttrs (cfg.uploadTokenFile != null) {
+          NIX_P2P_CACHE_UPLOAD_TOKEN_FILE = tokenCredential;
+        }
+        // optionalAttrs s3Creds { AWS_SHARED_CREDENTIALS_FILE = s3Credential; };
 
       # A clean stop seals the open pack and uploads it: give it time on a slow uplink.
       stopTimeoutSec = if (settings.storage or null) != null then 600 else 90;

@@ -65,6 +65,33 @@ let
         cp ${settingsFile} $out
       '';
 
+  # `nix-p2p-cache-admin ARGS…` (as root): `nix-p2p-cache ARGS…` as the service's dynamic
+  # user, with its data dir, config, upload token and S3 credentials, in a transient unit
+  # (stdin/stdout piped, exit status passed on). While the daemon runs, pin/unpin/gc/undelete
+  # go through its API with the token, stats/status/peers/doctor ask it.
+  adminTool = pkgs.writeShellScriptBin "nix-p2p-cache-admin" ''
+    set -eu
+    unit="nix-p2p-cache-admin-$$"
+    creds="/run/credentials/$unit.service"
+    exec ${config.systemd.package}/bin/systemd-run --quiet --wait --collect --pipe --same-dir \
+      --service-type=exec --unit="$unit" \
+      ${lib.escapeShellArgs (map (p: "--property=${p}") generated.adminProperties)} \
+      ${
+        lib.escapeShellArgs (
+          lib.mapAttrsToList (k: v: "--setenv=${k}=${v}") generated.adminEnvironment
+          ++ [ "--setenv=NIX_P2P_CACHE_CONFIG=${checkedConfig}" ]
+        )
+      } \
+      ${
+        lib.concatStringsSep " " (
+          lib.mapAttrsToList (
+            k: v: "\"--setenv=${k}=$creds/${v}\""
+          ) generated.adminCredentialEnvironment
+        )
+      } \
+      -- ${exe} "$@"
+  '';
+
   sizeType = types.nullOr (types.either types.ints.unsigned types.str);
 in
 {
@@ -244,8 +271,12 @@ in
   config = mkIf cfg.enable {
     assertions = generated.assertions;
 
-    # For `nix-p2p-cache stats|verify|import|check-config` by hand.
-    environment.systemPackages = [ cfg.package ];
+    # `nix-p2p-cache` for check-config and a data dir of one's own; `nix-p2p-cache-admin` for
+    # the service's (stats, pin, gc, verify, import… as its user).
+    environment.systemPackages = [
+      cfg.package
+      adminTool
+    ];
 
     systemd.services.nix-p2p-cache = {
       description = "nix-p2p-cache, peer-to-peer binary cache for Nix";

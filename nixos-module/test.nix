@@ -109,6 +109,11 @@ pkgs.testers.runNixOSTest {
         h = path.removeprefix("/nix/store/")[:32]
         seed.succeed(f"curl -fs http://127.0.0.1:7420/{h}.narinfo | grep -q '^Sig: test-key-1:'")
 
+    with subtest("seed: nix-p2p-cache-admin runs the CLI as the service, with its token"):
+        seed.succeed("nix-p2p-cache-admin stats --json | grep -q '\"narinfos\": 1'")
+        # Through the running daemon's API, authenticated with the unit's upload token.
+        seed.succeed(f"nix-p2p-cache-admin pin {path} | grep -q '^already pinned: '")
+
     with subtest("client: Nix is pointed at its daemon"):
         client.succeed("grep -Eq '^substituters = http://127.0.0.1:7420( |$)' /etc/nix/nix.conf")
         client.succeed("grep -q '${testKey}' /etc/nix/nix.conf")

@@ -126,16 +126,22 @@ impl std::str::FromStr for ByteSize {
 pub struct DaemonConfig {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
+    /// Keys whose signatures make a narinfo trusted (`trusted-public-key`: deprecated).
+    #[serde(alias = "trusted-public-key")]
     pub trusted_public_keys: Vec<String>,
     /// File holding the upload token (HTTP basic password). No file: uploads are refused.
     pub upload_token_file: Option<PathBuf>,
     /// Largest NAR upload accepted, in bytes.
     pub max_upload_size: ByteSize,
-    /// Upstream HTTP binary caches asked, in order, for what the store does not have.
+    /// Upstream HTTP binary caches asked, in order, for what the store does not have
+    /// (`upstreams`; `upstream`: deprecated).
+    #[serde(rename = "upstreams", alias = "upstream")]
     pub upstream: Vec<String>,
     /// libp2p listen multiaddrs; none turns the P2P layer off.
     pub p2p_listen: Vec<String>,
-    /// Bootstrap peers (multiaddrs ending in `/p2p/<peer id>`).
+    /// Bootstrap peers, multiaddrs ending in `/p2p/<peer id>` (`bootstrap-peers`;
+    /// `bootstrap`: deprecated).
+    #[serde(rename = "bootstrap-peers", alias = "bootstrap")]
     pub bootstrap: Vec<String>,
     /// Turn mDNS discovery off.
     pub no_mdns: bool,
@@ -350,19 +356,21 @@ impl DaemonConfig {
         }
         for (field, addrs) in [
             ("p2p-listen", &self.p2p_listen),
-            ("bootstrap", &self.bootstrap),
+            ("bootstrap-peers", &self.bootstrap),
         ] {
             for a in addrs {
                 match a.parse::<libp2p::Multiaddr>() {
                     Err(e) => problems.push(format!("{field}: {a:?}: {e}")),
                     Ok(m)
-                        if field == "bootstrap"
+                        if field == "bootstrap-peers"
                             && !matches!(
                                 m.iter().last(),
                                 Some(libp2p::multiaddr::Protocol::P2p(_))
                             ) =>
                     {
-                        problems.push(format!("bootstrap: {a:?} does not end in /p2p/<peer id>"))
+                        problems.push(format!(
+                            "bootstrap-peers: {a:?} does not end in /p2p/<peer id>"
+                        ))
                     }
                     Ok(_) => {}
                 }
@@ -373,7 +381,9 @@ impl DaemonConfig {
                 .map(|url| matches!(url.scheme(), "http" | "https") && url.has_host())
                 .unwrap_or(false);
             if !ok {
-                problems.push(format!("upstream: {u:?} is not an http:// or https:// URL"));
+                problems.push(format!(
+                    "upstreams: {u:?} is not an http:// or https:// URL"
+                ));
             }
         }
         if self.role == Role::Seed && self.max_cache_size.is_some() {
@@ -382,7 +392,7 @@ impl DaemonConfig {
         }
         if self.role == Role::Seed && !self.upstream.is_empty() {
             problems.push(
-                "upstream: a seed falls back on nothing (it is the source); drop upstream or use role = \"peer\"".into(),
+                "upstreams: a seed falls back on nothing (it is the source); drop upstreams or use role = \"peer\"".into(),
             );
         }
         if self.compact_level.is_some_and(|l| l > 22) {
@@ -399,7 +409,8 @@ impl DaemonConfig {
         }
         problems.extend(self.timers.problems());
         if self.p2p_listen.is_empty() && !self.bootstrap.is_empty() {
-            problems.push("bootstrap: peers given but p2p-listen is empty (P2P is off)".into());
+            problems
+                .push("bootstrap-peers: peers given but p2p-listen is empty (P2P is off)".into());
         }
         if problems.is_empty() {
             Ok(())
@@ -427,12 +438,17 @@ impl DaemonConfig {
 
 /// `$XDG_DATA_HOME/nix-p2p-cache`, else `~/.local/share/nix-p2p-cache`.
 pub fn default_data_dir() -> PathBuf {
-    std::env::var_os("XDG_DATA_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+    xdg_dir("XDG_DATA_HOME", ".local/share")
         .unwrap_or_else(|| PathBuf::from("."))
         .join("nix-p2p-cache")
+}
+
+/// An XDG base directory: `$var` if set and not empty, else `$HOME/<under_home>`.
+pub fn xdg_dir(var: &str, under_home: &str) -> Option<PathBuf> {
+    std::env::var_os(var)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(under_home)))
 }
 
 #[cfg(test)]
@@ -461,6 +477,31 @@ mod tests {
     }
 
     #[test]
+    fn old_key_spellings_are_accepted_and_printed_with_the_current_names() {
+        let old: DaemonConfig = toml::from_str(
+            "upstream = [\"http://x\"]\nbootstrap = [\"/ip4/10.0.0.1/tcp/1/p2p/x\"]\ntrusted-public-key = [\"a:b\"]\n",
+        )
+        .unwrap();
+        let new: DaemonConfig = toml::from_str(
+            "upstreams = [\"http://x\"]\nbootstrap-peers = [\"/ip4/10.0.0.1/tcp/1/p2p/x\"]\ntrusted-public-keys = [\"a:b\"]\n",
+        )
+        .unwrap();
+        assert_eq!(old.upstream, new.upstream);
+        assert_eq!(old.bootstrap, new.bootstrap);
+        assert_eq!(old.trusted_public_keys, new.trusted_public_keys);
+        let printed = toml::to_string(&old).unwrap();
+        for key in [
+            "upstreams = ",
+            "bootstrap-peers = ",
+            "trusted-public-keys = ",
+        ] {
+            assert!(printed.contains(key), "{key} missing from {printed}");
+        }
+        // Both spellings of one key at once: an error, not a silent pick.
+        assert!(toml::from_str::<DaemonConfig>("upstream = []\nupstreams = []\n").is_err());
+    }
+
+    #[test]
     fn sizes_roles_and_validation() {
         let c: DaemonConfig = toml::from_str(
             "role = \"peer\"\nshare = \"lan\"\nannounce = \"all\"\nmax-cache-size = \"50GiB\"\nupload-rate-limit = 1000000\n",
@@ -480,7 +521,7 @@ mod tests {
         let back: DaemonConfig = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
         assert_eq!(back.max_cache_size, c.max_cache_size);
         let bad: DaemonConfig = toml::from_str(
-            "role = \"seed\"\nmax-cache-size = 5\nbootstrap = [\"/ip4/1.2.3.4/tcp/1\"]\nupstream = [\"ftp://x\"]\ntrusted-public-keys = [\"nope\"]\n",
+            "role = \"seed\"\nmax-cache-size = 5\nbootstrap-peers = [\"/ip4/1.2.3.4/tcp/1\"]\nupstreams = [\"ftp://x\"]\ntrusted-public-keys = [\"nope\"]\n",
         )
         .unwrap();
         let e = bad.validate().unwrap_err().to_string();

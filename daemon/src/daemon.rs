@@ -143,11 +143,16 @@ async fn start_p2p(
         net::new_with_store(key, &net_config, responder, Some(dht)).map_err(|e| p2p(&e))?;
     tokio::spawn(event_loop.run());
     let me = client.local_peer_id();
+    // Every address peers can dial (a 0.0.0.0 listener: each interface's), loopback last.
+    let interfaces = net::addrs::interface_addresses();
     let mut addrs = Vec::new();
     for a in listen {
-        let mut bound = client.listen(a).await.map_err(|e| p2p(&e))?;
-        bound.push(Protocol::P2p(me));
-        addrs.push(bound);
+        let bound = client.listen(a.clone()).await.map_err(|e| p2p(&e))?;
+        addrs.extend(net::addrs::reachable_at(&a, &bound, &interfaces));
+    }
+    net::addrs::sort_loopback_last(&mut addrs);
+    for a in &mut addrs {
+        a.push(Protocol::P2p(me));
     }
     for b in &bootstrap {
         // A dead bootstrap peer is not fatal: the DHT and mDNS may still find others.
@@ -372,6 +377,7 @@ pub async fn run(
         Err(e) => tracing::warn!(error = %e, "sweeping the upload staging dir"),
     }
     let store_for_stop = store.clone();
+    let trusted_names = trusted.iter().map(ToString::to_string).collect();
     let state = Arc::new(HttpState {
         store,
         metrics,
@@ -392,6 +398,8 @@ pub async fn run(
                 .as_ref()
                 .map(|p| p.client().local_peer_id().to_string()),
             p2p_addresses: p2p_addrs.iter().map(|a| a.to_string()).collect(),
+            trusted_public_keys: trusted_names,
+            data_dir: config.data_dir.clone(),
         },
         started: std::time::Instant::now(),
         announcer,

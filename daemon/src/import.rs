@@ -504,9 +504,14 @@ pub enum Selection {
 /// Result of an import run.
 #[derive(Debug, Default)]
 pub struct ImportReport {
+    /// Paths stored by this run.
     pub imported: u64,
+    /// Paths the store held already (same narinfo): not read again, not counted as imported.
     pub already_present: u64,
+    /// NAR bytes of the imported paths.
     pub nar_bytes: u64,
+    /// NAR bytes of the paths already present.
+    pub already_present_nar_bytes: u64,
     pub new_chunk_bytes: u64,
     pub new_compressed_bytes: u64,
     pub failed: Vec<ImportError>,
@@ -650,10 +655,11 @@ fn job(
                 Ok((_, outcome)) => {
                     if outcome.already_present {
                         r.already_present += 1;
+                        r.already_present_nar_bytes += outcome.nar_size;
                     } else {
                         r.imported += 1;
+                        r.nar_bytes += outcome.nar_size;
                     }
-                    r.nar_bytes += outcome.nar_size;
                     r.new_chunk_bytes += outcome.new_chunk_bytes;
                     r.new_compressed_bytes += outcome.new_compressed_bytes;
                 }

@@ -7,6 +7,7 @@ pub mod compactor;
 pub mod config;
 pub mod core;
 pub mod daemon;
+pub mod doctor;
 pub mod fetch;
 pub mod gc_policy;
 pub mod http;

@@ -37,6 +37,7 @@ use clap::{Args, CommandFactory as _, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use nix_p2p_cache::config::{default_data_dir, Announce, ByteSize, DaemonConfig, Role, Share};
+use nix_p2p_cache::core::human_bytes as human;
 use nix_p2p_cache::core::store_path::parse_hash_or_path;
 use nix_p2p_cache::daemon::trusted_keys;
 use nix_p2p_cache::import::{self, BinaryCache, Selection};
@@ -116,7 +117,7 @@ struct ApiArgs {
     /// The daemon's config file (its `listen` address is used).
     #[arg(long, env = "NIX_P2P_CACHE_CONFIG")]
     config: Option<PathBuf>,
-    /// Print the daemon's JSON.
+    /// Print JSON (status, peers: the daemon's answer; doctor: the checks).
     #[arg(long)]
     json: bool,
 }
@@ -133,14 +134,18 @@ impl ApiArgs {
         Ok(ExitCode::SUCCESS)
     }
 
-    /// GETs `path` from the daemon's API and parses the JSON.
-    fn get(&self, path: &str) -> Result<serde_json::Value> {
-        let base = match (&self.url, &self.config) {
+    /// The daemon's base URL: --url, else `listen` of --config, else the default address.
+    fn base(&self) -> Result<String> {
+        Ok(match (&self.url, &self.config) {
             (Some(u), _) => base_url(u),
             (None, Some(f)) => format!("http://{}", DaemonConfig::from_file(f)?.listen),
             (None, None) => format!("http://{}", nix_p2p_cache::config::DEFAULT_LISTEN),
-        };
-        let url = format!("{base}{path}");
+        })
+    }
+
+    /// GETs `path` from the daemon's API and parses the JSON.
+    fn get(&self, path: &str) -> Result<serde_json::Value> {
+        let url = format!("{}{path}", self.base()?);
         block_on(async {
             let resp = reqwest::Client::new()
                 .get(&url)
@@ -187,7 +192,7 @@ struct LiveArgs {
     config: Option<PathBuf>,
     /// File holding the daemon's upload token, needed to act through a running daemon
     /// [default: upload_token_file of --config].
-    #[arg(long)]
+    #[arg(long, env = "NIX_P2P_CACHE_UPLOAD_TOKEN_FILE")]
     upload_token_file: Option<PathBuf>,
     /// [default: storage of --config]
     #[command(flatten)]
@@ -315,8 +320,13 @@ struct DaemonArgs {
     /// HTTP listen address [default: 127.0.0.1:7420].
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
-    /// A trusted public key (name:base64); cache.nixos.org-1 is always trusted.
-    #[arg(long = "trusted-public-key")]
+    /// A trusted public key (name:base64), repeatable; cache.nixos.org-1 is always trusted.
+    /// (`--trusted-public-key`: deprecated spelling.)
+    #[arg(
+        long = "trusted-public-keys",
+        alias = "trusted-public-key",
+        value_name = "KEY"
+    )]
     trusted_public_keys: Vec<String>,
     /// File holding the upload token (the HTTP basic password Nix sends from its netrc).
     #[arg(long)]
@@ -325,14 +335,15 @@ struct DaemonArgs {
     #[arg(long)]
     max_upload_size: Option<ByteSize>,
     /// An upstream HTTP binary cache asked for what the store lacks (repeatable; tried in
-    /// order), e.g. https://cache.nixos.org.
-    #[arg(long = "upstream")]
+    /// order), e.g. https://cache.nixos.org. (`--upstream`: deprecated spelling.)
+    #[arg(long = "upstreams", alias = "upstream", value_name = "URL")]
     upstream: Vec<String>,
     /// libp2p listen multiaddrs, e.g. /ip4/0.0.0.0/tcp/7421; none: P2P off.
     #[arg(long = "p2p-listen", num_args = 1..)]
     p2p_listen: Vec<String>,
-    /// Bootstrap peers: multiaddrs ending in /p2p/<peer id>.
-    #[arg(long = "bootstrap", num_args = 1..)]
+    /// Bootstrap peers: multiaddrs ending in /p2p/<peer id>. (`--bootstrap`: deprecated
+    /// spelling.)
+    #[arg(long = "bootstrap-peers", alias = "bootstrap", num_args = 1..)]
     bootstrap: Vec<String>,
     /// Do not discover peers on the LAN with mDNS.
     #[arg(long)]
@@ -441,10 +452,13 @@ enum Command {
         args: DaemonArgs,
     },
     /// Check a daemon config file (and daemon flags given after it) without starting anything;
-    /// prints the effective configuration as TOML.
+    /// prints the effective configuration as TOML (JSON with --json).
     CheckConfig {
         /// The TOML config file.
         file: PathBuf,
+        /// Print the effective configuration as JSON instead of TOML.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         args: DaemonArgs,
     },
@@ -457,8 +471,13 @@ enum Command {
         /// Binary cache to read: file:///var/cache/nix, http://… or https://cache.nixos.org.
         #[arg(long)]
         from: String,
-        /// A trusted public key (name:base64); cache.nixos.org-1 is always trusted.
-        #[arg(long = "trusted-public-key")]
+        /// A trusted public key (name:base64), repeatable; cache.nixos.org-1 is always
+        /// trusted. (`--trusted-public-key`: deprecated spelling.)
+        #[arg(
+            long = "trusted-public-keys",
+            alias = "trusted-public-key",
+            value_name = "KEY"
+        )]
         trusted_public_keys: Vec<String>,
         /// A store-paths list to import: a file or an http(s) URL, plain or xz (a channel's
         /// store-paths.xz), one store path (or hash) per line. Repeatable.
@@ -509,6 +528,14 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Check what usually keeps Nix from using the daemon — is it running, is it in Nix's
+    /// substituters (first), are its keys trusted, is Nix's narinfo cache hiding it, ports,
+    /// clock, disk space, open-files limit — and say what to change. Exit status: 0 all ok,
+    /// 1 a check failed, 3 only warnings.
+    Doctor {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Re-read and re-hash every chunk, manifest and narinfo; exit non-zero on damage.
     Verify {
         #[command(flatten)]
@@ -518,6 +545,9 @@ enum Command {
         /// stopped.
         #[arg(long)]
         repair: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Pin store paths: their NARs are never evicted (uploads and imports are pinned already).
     /// With the daemon running, goes through its API (needs the upload token).
@@ -913,6 +943,68 @@ struct ImportArgs {
     store_paths: Vec<String>,
 }
 
+/// An import's counts as it goes, for its progress line.
+struct ImportTally {
+    /// Paths known (grows while a closure is walked).
+    total: u64,
+    new: u64,
+    present: u64,
+    failed: u64,
+    /// NAR bytes of the new paths.
+    nar_bytes: u64,
+    last_log: std::time::Instant,
+}
+
+impl Default for ImportTally {
+    fn default() -> Self {
+        Self {
+            total: 0,
+            new: 0,
+            present: 0,
+            failed: 0,
+            nar_bytes: 0,
+            last_log: std::time::Instant::now(),
+        }
+    }
+}
+
+impl ImportTally {
+    fn done(&self) -> u64 {
+        self.new + self.present + self.failed
+    }
+
+    /// "12 new, 3 already present, 1 failed, 1.2 GiB of NARs, 400.0 MiB read".
+    fn counts(&self, read: u64) -> String {
+        let failed = if self.failed > 0 {
+            format!(", {} failed", self.failed)
+        } else {
+            String::new()
+        };
+        format!(
+            "{} new, {} already present{failed}, {} of NARs, {} read",
+            self.new,
+            self.present,
+            human(self.nar_bytes),
+            human(read)
+        )
+    }
+
+    /// "16 of 40 paths, eta 1m05s" (the ETA at the rate so far; "of at least" while a
+    /// closure grows).
+    fn progress(&self, elapsed: std::time::Duration, growing: bool) -> String {
+        let done = self.done();
+        let of = if growing { "of at least" } else { "of" };
+        let eta = if done == 0 || self.total <= done {
+            String::new()
+        } else {
+            let left = elapsed.as_secs_f64() * (self.total - done) as f64 / done as f64;
+            let s = left.round() as u64;
+            format!(", eta {}m{:02}s", s / 60, s % 60)
+        };
+        format!("{done} {of} {} paths{eta}", self.total)
+    }
+}
+
 /// `import --from URL [--store-paths F] [--closure] [--jobs N] [PATH…]`.
 fn import_command(a: ImportArgs) -> Result<ExitCode> {
     use std::io::IsTerminal as _;
@@ -961,26 +1053,42 @@ fn import_command(a: ImportArgs) -> Result<ExitCode> {
     } else {
         ProgressBar::hidden()
     };
-    let tally = std::sync::Mutex::new((0u64, 0u64, std::time::Instant::now())); // done, NAR bytes, last log
-    let report = import::import_with(&store, &cache, selection, &trusted, a.jobs, &|e| match e {
-        import::Event::Total(n) => pb.set_length(n),
-        import::Event::Done { outcome, .. } => {
-            let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
-            t.0 += 1;
-            t.1 += outcome.nar_size;
-            let msg = format!("{} of NARs, {} read", human(t.1), human(cache.read_bytes()));
-            pb.inc(1);
-            pb.set_message(msg.clone());
-            if !tty && t.2.elapsed() >= std::time::Duration::from_secs(10) {
-                t.2 = std::time::Instant::now();
-                eprintln!(
-                    "import: {} of {} paths, {msg}",
-                    t.0,
-                    pb.length().unwrap_or(0)
-                );
+    let start = std::time::Instant::now();
+    // Without a terminal: a progress line this often (NIX_P2P_CACHE_PROGRESS_SECS, tests).
+    let log_every = std::time::Duration::from_secs(
+        std::env::var("NIX_P2P_CACHE_PROGRESS_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10),
+    );
+    // Whether more paths may still join the total (a closure being walked).
+    let growing = a.closure;
+    let tally = std::sync::Mutex::new(ImportTally::default());
+    let report = import::import_with(&store, &cache, selection, &trusted, a.jobs, &|e| {
+        let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
+        match e {
+            import::Event::Total(n) => {
+                t.total = n;
+                pb.set_length(n);
+                return;
             }
+            import::Event::Done { outcome, .. } if outcome.already_present => t.present += 1,
+            import::Event::Done { outcome, .. } => {
+                t.new += 1;
+                t.nar_bytes += outcome.nar_size;
+            }
+            import::Event::Failed(_) => t.failed += 1,
         }
-        import::Event::Failed(_) => pb.inc(1),
+        pb.inc(1);
+        pb.set_message(t.counts(cache.read_bytes()));
+        if !tty && t.last_log.elapsed() >= log_every {
+            t.last_log = std::time::Instant::now();
+            eprintln!(
+                "import: {}, {}",
+                t.progress(start.elapsed(), growing),
+                t.counts(cache.read_bytes())
+            );
+        }
     })?;
     pb.finish_and_clear();
     upload_all(&store)?;
@@ -1000,6 +1108,7 @@ fn import_command(a: ImportArgs) -> Result<ExitCode> {
             "already_present": report.already_present,
             "failed": report.failed.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "nar_bytes": report.nar_bytes,
+            "already_present_nar_bytes": report.already_present_nar_bytes,
             "new_chunk_bytes": report.new_chunk_bytes,
             "new_compressed_bytes": report.new_compressed_bytes,
             "nars_read": cache.nars_opened(),
@@ -1010,20 +1119,21 @@ fn import_command(a: ImportArgs) -> Result<ExitCode> {
         outln!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         outln!(
-            "imported {} paths ({} already present), {} of NARs ({} NAR files read, {}), {} of new chunks stored as {}",
+            "imported {} paths, {} of NARs ({} NAR files read, {}), {} of new chunks stored as {}; {} paths already present ({} of NARs, not read again)",
             report.imported,
-            report.already_present,
             human(report.nar_bytes),
             cache.nars_opened(),
             human(cache.read_bytes()),
             human(report.new_chunk_bytes),
             human(report.new_compressed_bytes),
+            report.already_present,
+            human(report.already_present_nar_bytes),
         );
         if untrusted > 0 {
             outln!(
                 "{untrusted} stored paths are untrusted (no signature by a trusted key): kept, but \
                  never announced nor shared with peers; a daemon started with their \
-                 --trusted-public-key trusts them"
+                 --trusted-public-keys trusts them"
             );
         }
     }
@@ -1071,6 +1181,57 @@ fn print_repair(r: &nix_p2p_cache::store::RepairReport) {
     }
 }
 
+/// `verify [--repair] [--json]`: exit 1 on damage.
+fn verify_command(data: &DataDir, repair: bool, json: bool) -> Result<ExitCode> {
+    let repaired = if repair {
+        let r = nix_p2p_cache::store::repair(&data.data_dir, &data.storage_options())
+            .with_context(|| format!("repairing {}", data.data_dir.display()))?;
+        if !json {
+            print_repair(&r);
+        }
+        Some(r)
+    } else {
+        None
+    };
+    let store = open_existing(&data.data_dir, &data.storage_options())?;
+    let pb = ProgressBar::new(store.stats()?.chunk_compressed_bytes);
+    pb.set_style(
+        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} chunks read")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let problems = store.verify(|n| pb.inc(n))?;
+    pb.finish_and_clear();
+    let s = store.stats()?;
+    if json {
+        let v = serde_json::json!({
+            "ok": problems.is_empty(),
+            "chunks": s.chunks,
+            "nars": s.nars,
+            "narinfos": s.narinfos,
+            "problems": problems,
+            "repair": repaired,
+        });
+        outln!("{}", serde_json::to_string_pretty(&v)?);
+    } else if problems.is_empty() {
+        outln!(
+            "ok: {} chunks, {} NARs, {} narinfos verified",
+            s.chunks,
+            s.nars,
+            s.narinfos
+        );
+    } else {
+        for p in &problems {
+            outln!("DAMAGED: {p}");
+        }
+    }
+    if problems.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("{} problems found", problems.len());
+        Ok(ExitCode::FAILURE)
+    }
+}
+
 /// With remote storage: seals the open pack and uploads every sealed one, so the bucket
 /// alone holds what this command stored (and deletes what it collected).
 fn upload_all(store: &Store) -> Result<()> {
@@ -1109,17 +1270,6 @@ fn open_existing(dir: &std::path::Path, opts: &StorageOptions) -> Result<Store> 
     }
     Store::open_with_storage(dir, DEFAULT_ZSTD_LEVEL, opts)
         .with_context(|| format!("opening store {}", dir.display()))
-}
-
-fn human(bytes: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < units.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    format!("{v:.1} {}", units[u])
 }
 
 fn u(v: &serde_json::Value, k: &str) -> u64 {
@@ -1250,6 +1400,37 @@ fn print_peers(v: &serde_json::Value) {
     }
 }
 
+/// `doctor [--url URL] [--config F] [--json]`: one line per check (or a JSON array); the exit
+/// status says the worst.
+fn doctor_command(api: &ApiArgs) -> Result<ExitCode> {
+    use nix_p2p_cache::doctor;
+    let config = match &api.config {
+        Some(f) => Some(DaemonConfig::from_file(f)?),
+        None => None,
+    };
+    let opts = doctor::Options {
+        url: api.base()?,
+        config,
+    };
+    let checks = block_on(async { Ok(doctor::diagnose(&opts).await) })?;
+    if api.json {
+        outln!("{}", serde_json::to_string_pretty(&checks)?);
+    } else {
+        for c in &checks {
+            match &c.fix {
+                Some(fix) => outln!(
+                    "{:<4} {}: {} — fix: {fix}",
+                    c.status.label(),
+                    c.check,
+                    c.detail
+                ),
+                None => outln!("{:<4} {}: {}", c.status.label(), c.check, c.detail),
+            }
+        }
+    }
+    Ok(ExitCode::from(doctor::exit_code(&checks)))
+}
+
 /// The store numbers of the daemon at `url` (`/api/status`'s `store`).
 fn daemon_stats(url: &str) -> Result<serde_json::Value> {
     let api = ApiArgs {
@@ -1365,6 +1546,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
                             data_dir.display()
                         );
                     }
+                    if !p2p.is_empty() {
+                        let list: Vec<String> = p2p.iter().map(ToString::to_string).collect();
+                        if json_logs {
+                            tracing::info!(
+                                addresses = ?list,
+                                "P2P node reachable at these addresses (other nodes' --bootstrap-peers)"
+                            );
+                        } else {
+                            eprintln!(
+                                "nix-p2p-cache: P2P node reachable at {} (give one to other nodes' \
+                                 --bootstrap-peers)",
+                                list.join(" ")
+                            );
+                        }
+                    }
                     notify_systemd("READY=1\nSTATUS=serving");
                 })
                 .await
@@ -1387,7 +1583,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             out!("{}", String::from_utf8_lossy(&out));
             Ok(ExitCode::SUCCESS)
         }
-        Command::CheckConfig { file, mut args } => {
+        Command::CheckConfig {
+            file,
+            json,
+            mut args,
+        } => {
             if args.config.is_some() {
                 bail!("give the config file once, as the argument");
             }
@@ -1395,10 +1595,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let cfg = args.into_config()?;
             cfg.validate()
                 .with_context(|| format!("{} is not a valid configuration", file.display()))?;
-            out!(
-                "{}",
-                toml::to_string(&cfg).context("printing the configuration")?
-            );
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&cfg)?);
+            } else {
+                out!(
+                    "{}",
+                    toml::to_string(&cfg).context("printing the configuration")?
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Import {
@@ -1509,6 +1713,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Status { api } => api.show("/api/status", print_status),
         Command::Peers { api } => api.show("/api/peers", print_peers),
+        Command::Doctor { api } => doctor_command(&api),
         Command::Pin {
             live,
             json,
@@ -1544,36 +1749,34 @@ fn run(cli: Cli) -> Result<ExitCode> {
             min_age_secs,
             json,
         } => compact_command(&data, level, min_age_secs, json),
-        Command::Verify { data, repair } => {
-            if repair {
-                let r = nix_p2p_cache::store::repair(&data.data_dir, &data.storage_options())
-                    .with_context(|| format!("repairing {}", data.data_dir.display()))?;
-                print_repair(&r);
-            }
-            let store = open_existing(&data.data_dir, &data.storage_options())?;
-            let pb = ProgressBar::new(store.stats()?.chunk_compressed_bytes);
-            pb.set_style(
-                ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} chunks read")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            );
-            let problems = store.verify(|n| pb.inc(n))?;
-            pb.finish_and_clear();
-            if problems.is_empty() {
-                let s = store.stats()?;
-                outln!(
-                    "ok: {} chunks, {} NARs, {} narinfos verified",
-                    s.chunks,
-                    s.nars,
-                    s.narinfos
-                );
-                Ok(ExitCode::SUCCESS)
-            } else {
-                for p in &problems {
-                    outln!("DAMAGED: {p}");
-                }
-                eprintln!("{} problems found", problems.len());
-                Ok(ExitCode::FAILURE)
-            }
-        }
+        Command::Verify { data, repair, json } => verify_command(&data, repair, json),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ImportTally;
+    use std::time::Duration;
+
+    #[test]
+    fn import_progress_says_the_total_and_an_eta() {
+        let t = ImportTally {
+            total: 40,
+            new: 8,
+            present: 2,
+            ..ImportTally::default()
+        };
+        // 10 paths in 20 s: 30 more take 60 s.
+        assert_eq!(
+            t.progress(Duration::from_secs(20), false),
+            "10 of 40 paths, eta 1m00s"
+        );
+        assert_eq!(
+            t.progress(Duration::from_secs(20), true),
+            "10 of at least 40 paths, eta 1m00s"
+        );
+        assert!(t.counts(0).starts_with("8 new, 2 already present, "));
+        let none = ImportTally::default();
+        assert_eq!(none.progress(Duration::from_secs(1), false), "0 of 0 paths");
     }
 }

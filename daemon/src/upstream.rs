@@ -1,4 +1,4 @@
-//! Upstream HTTP binary caches (design §4, the last step of both paths): `--upstream URL…`,
+//! Upstream HTTP binary caches (design §4, the last step of both paths): `--upstreams URL…`,
 //! each one a [`Source`] of the resolver (which asks them in order).
 //!
 //! narinfo: short timeouts (2 s connect, 5 s total); a narinfo that parses, is for the asked
@@ -82,7 +82,7 @@ pub enum UpstreamError {
     Read(String),
 }
 
-/// One upstream binary cache (`--upstream URL`), a [`Source`] of its own: a NAR one upstream
+/// One upstream binary cache (`--upstreams URL`), a [`Source`] of its own: a NAR one upstream
 /// failed is then fetched from the next. All of them share one HTTP client (one pool).
 pub struct Upstream {
     client: reqwest::Client,

@@ -29,9 +29,21 @@ impl Daemon {
 
     /// [`Daemon::start`] with extra environment variables.
     pub fn start_with_env(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
+        Self::spawn(cmd(), data, extra, env)
+    }
+
+    /// [`Daemon::start`] run through `wrapper` (a program and its arguments, e.g.
+    /// `["prlimit", "--nofile=1024:1024", "--"]`), which runs the daemon binary.
+    pub fn start_under(wrapper: &[&str], data: &Path, extra: &[&str]) -> Daemon {
+        let mut c = Command::new(wrapper[0]);
+        c.args(&wrapper[1..]).arg(crate::bin());
+        Self::spawn(c, data, extra, &[])
+    }
+
+    fn spawn(mut command: Command, data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         fs::create_dir_all(data).unwrap();
         let stderr = data.with_extension(format!("stderr-{}", unique()));
-        let mut child = cmd()
+        let mut child = command
             .envs(env.iter().copied())
             .args(["daemon", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data)

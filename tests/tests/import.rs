@@ -456,3 +456,68 @@ fn a_damaged_or_lost_index_is_rebuilt_from_the_packs() {
         );
     }
 }
+
+/// Issue 15: an import counts paths the store already holds apart from those it imports —
+/// in the text, in `--json` (paths and NAR bytes) and in its progress lines, which say the
+/// total and an ETA.
+#[test]
+fn already_present_paths_are_counted_apart_with_a_total_and_an_eta() {
+    let corpus = Corpus::small();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let paths: Vec<String> = corpus.paths(1).into_iter().take(3).collect();
+    let nar_size = |p: &str| -> u64 {
+        let hash = &p["/nix/store/".len().."/nix/store/".len() + 32];
+        let text =
+            fs::read_to_string(corpus.dir.join(format!("cache-none/{hash}.narinfo"))).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("NarSize: "))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let import = |paths: &[String], json: bool| {
+        let mut c = cmd();
+        c.args(["import", "--data-dir"])
+            .arg(&data)
+            .args(["--from", &corpus.none_url()])
+            .args(paths)
+            .env("NIX_P2P_CACHE_PROGRESS_SECS", "0");
+        if json {
+            c.arg("--json");
+        }
+        run_ok(&mut c)
+    };
+    import(&paths[..1], false);
+
+    let out = import(&paths, true);
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["imported"], 2, "{r}");
+    assert_eq!(r["already_present"], 1, "{r}");
+    assert_eq!(
+        r["nar_bytes"],
+        nar_size(&paths[1]) + nar_size(&paths[2]),
+        "{r}"
+    );
+    assert_eq!(r["already_present_nar_bytes"], nar_size(&paths[0]), "{r}");
+    // Progress (no terminal: a line per path here): the total, the counts apart, an ETA
+    // while paths are left.
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("import: ")).collect();
+    assert_eq!(lines.len(), 3, "{err}");
+    assert!(lines.iter().all(|l| l.contains(" of 3 paths")), "{err}");
+    assert!(lines[..2].iter().all(|l| l.contains(", eta ")), "{err}");
+    assert!(
+        lines[2].contains("2 new, 1 already present") && !lines[2].contains("eta"),
+        "{err}"
+    );
+
+    // All present now: nothing imported, nothing read.
+    let out = import(&paths, false);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.starts_with("imported 0 paths, 0.0 B of NARs (0 NAR files read")
+            && text.contains("3 paths already present"),
+        "{text}"
+    );
+}

@@ -107,12 +107,7 @@ fn check(g: &Value) -> Result<toml::Table, String> {
         toml::to_string(&g["settings"]).expect("settings as TOML"),
     )
     .unwrap();
-    let flags: Vec<&str> = g["flags"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f.as_str().unwrap())
-        .collect();
+    let flags = json_strs(&g["flags"]);
     let out = cmd()
         .arg("check-config")
         .arg(&file)
@@ -134,6 +129,15 @@ fn accepted(opts: &str) -> (Value, toml::Table) {
     (g, eff)
 }
 
+/// The strings of a JSON array.
+fn json_strs(v: &Value) -> Vec<&str> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("{v} is not an array"))
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect()
+}
+
 fn strs(v: &toml::Value) -> Vec<&str> {
     v.as_array()
         .unwrap_or_else(|| panic!("{v} is not an array"))
@@ -148,13 +152,13 @@ fn peer_defaults_are_accepted() {
     assert_eq!(eff["role"].as_str(), Some("peer"));
     assert_eq!(eff["data-dir"].as_str(), Some("/var/lib/nix-p2p-cache"));
     assert_eq!(eff["listen"].as_str(), Some("127.0.0.1:7420"));
-    assert_eq!(strs(&eff["upstream"]), ["https://cache.nixos.org"]);
+    assert_eq!(strs(&eff["upstreams"]), ["https://cache.nixos.org"]);
     assert_eq!(strs(&eff["trusted-public-keys"]), [CACHE_KEY]);
     assert_eq!(
         strs(&eff["p2p-listen"]),
         ["/ip4/0.0.0.0/tcp/7421", "/ip6/::/tcp/7421"]
     );
-    assert!(strs(&eff["bootstrap"]).is_empty());
+    assert!(strs(&eff["bootstrap-peers"]).is_empty());
     assert_eq!(eff["share"].as_str(), Some("all"));
     assert_eq!(eff["no-mdns"].as_bool(), Some(false));
     assert!(!eff.contains_key("upload-token-file"));
@@ -177,10 +181,10 @@ fn seed_with_upload_token_is_accepted() {
     ));
     assert_eq!(eff["role"].as_str(), Some("seed"));
     // A seed falls back on nothing.
-    assert!(strs(&eff["upstream"]).is_empty());
+    assert!(strs(&eff["upstreams"]).is_empty());
     assert_eq!(strs(&eff["trusted-public-keys"]), [CACHE_KEY, TEST_KEY]);
     assert_eq!(g["nixTrustedKeys"], json!([TEST_KEY]));
-    assert_eq!(strs(&eff["bootstrap"]), [PEER]);
+    assert_eq!(strs(&eff["bootstrap-peers"]), [PEER]);
     // The token's path is the credential systemd hands in, given as a flag (%d is expanded
     // by systemd; check-config does not read the file).
     assert_eq!(
@@ -251,7 +255,8 @@ fn settings_override_generated_keys() {
     assert_eq!(eff["announce"].as_str(), Some("all"));
     assert_eq!(eff["no-mdns"].as_bool(), Some(true));
     assert_eq!(eff["max-upload-size"].as_integer(), Some(1 << 30));
-    assert_eq!(strs(&eff["upstream"]), ["https://example.org/cache"]);
+    // `upstream` is the deprecated spelling of `upstreams`: it replaces the generated key.
+    assert_eq!(strs(&eff["upstreams"]), ["https://example.org/cache"]);
     assert_eq!(eff["listen"].as_str(), Some("[::1]:8080"));
     assert_eq!(g["substituter"], json!("http://[::1]:8080"));
     // mDNS off: only the P2P port would be opened.
@@ -372,4 +377,74 @@ fn contrib_unit_and_sample_config_are_accepted() {
             .arg(root().join("contrib/config.toml"))
             .args(["--upload-token-file", "%d/upload-token"]),
     );
+}
+
+/// `nix-p2p-cache-admin` (issue 15): the transient unit it asks `systemd-run` for runs as the
+/// service's dynamic user, with its state directory and the same credentials; and the CLI finds
+/// the data dir, config and upload token where that unit's environment points, so `gc` run
+/// through it while the daemon holds the store acts through the daemon's API.
+#[test]
+fn the_admin_wrapper_runs_the_cli_as_the_service() {
+    let g = generate(
+        r#"{ role = "seed"; uploadTokenFile = "/run/keys/upload-token";
+             storage = "s3://nix-cache/seed"; s3CredentialsFile = "/run/keys/s3"; }"#,
+    );
+    let props = json_strs(&g["adminProperties"]);
+    for p in [
+        "DynamicUser=yes",
+        "User=nix-p2p-cache",
+        "StateDirectory=nix-p2p-cache",
+    ] {
+        assert!(props.contains(&p), "{p} missing: {props:?}");
+    }
+    for c in g["credentials"].as_array().unwrap() {
+        let p = format!("LoadCredential={}", c.as_str().unwrap());
+        assert!(props.contains(&p.as_str()), "{p} missing: {props:?}");
+    }
+    assert_eq!(
+        g["adminEnvironment"],
+        json!({ "NIX_P2P_CACHE_DATA_DIR": "/var/lib/nix-p2p-cache" })
+    );
+    let cred_env = g["adminCredentialEnvironment"].clone();
+    assert_eq!(
+        cred_env,
+        json!({ "NIX_P2P_CACHE_UPLOAD_TOKEN_FILE": "upload-token",
+                "AWS_SHARED_CREDENTIALS_FILE": "s3-credentials" })
+    );
+    let g = generate("{ }");
+    assert_eq!(g["adminCredentialEnvironment"], json!({}));
+
+    // That environment (a temp dir standing in for the unit's credentials directory and the
+    // state directory): `gc` while the daemon runs goes through its API with the token.
+    let tmp = tempfile::tempdir().unwrap();
+    let creds = tmp.path().join("credentials");
+    fs::create_dir_all(&creds).unwrap();
+    fs::write(creds.join("upload-token"), "admin-token\n").unwrap();
+    let data = tmp.path().join("data");
+    let d = nix_p2p_cache_tests::harness::Daemon::start(
+        &data,
+        &[
+            "--upload-token-file",
+            creds.join("upload-token").to_str().unwrap(),
+        ],
+    );
+    let config = tmp.path().join("config.toml");
+    fs::write(&config, format!("listen = \"127.0.0.1:{}\"\n", d.port)).unwrap();
+    let mut c = cmd();
+    c.args(["gc", "--json"])
+        .env("NIX_P2P_CACHE_CONFIG", &config)
+        .env("NIX_P2P_CACHE_DATA_DIR", &data)
+        .env(
+            "NIX_P2P_CACHE_UPLOAD_TOKEN_FILE",
+            creds.join(
+                cred_env["NIX_P2P_CACHE_UPLOAD_TOKEN_FILE"]
+                    .as_str()
+                    .unwrap(),
+            ),
+        );
+    let out = run_ok(&mut c);
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Through the daemon: it holds the index, so the index is not compacted.
+    assert_eq!(r["index_compacted"], json!(false), "{r}");
+    d.stop();
 }

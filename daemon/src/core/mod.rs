@@ -37,3 +37,15 @@ pub fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
     }
     out
 }
+
+/// A byte count for people: `1.5 GiB` (binary units, one decimal).
+pub fn human_bytes(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", units[u])
+}

@@ -34,6 +34,11 @@ pub struct NodeInfo {
     pub upstreams: Vec<String>,
     pub peer_id: Option<String>,
     pub p2p_addresses: Vec<String>,
+    /// The keys that make a narinfo trusted (cache.nixos.org-1's and the configured ones):
+    /// Nix needs them in its `trusted-public-keys` (`doctor` checks).
+    pub trusted_public_keys: Vec<String>,
+    /// The data directory (`doctor` checks its free space).
+    pub data_dir: std::path::PathBuf,
 }
 
 #[derive(Serialize)]
@@ -41,6 +46,8 @@ struct Status<'a> {
     #[serde(flatten)]
     node: &'a NodeInfo,
     uptime_secs: u64,
+    /// The process's soft open-files limit (`doctor` checks it), if known.
+    open_files_limit: Option<u64>,
     store: Stats,
     p2p: Option<P2pStatus>,
 }
@@ -98,6 +105,7 @@ pub async fn status(State(state): State<Arc<HttpState>>) -> Response {
         json(&Status {
             node: &state.node,
             uptime_secs: state.started.elapsed().as_secs(),
+            open_files_limit: super::listener::open_files_limit(),
             store: stats,
             p2p,
         })

@@ -32,14 +32,21 @@ pub fn max_connections() -> usize {
     {
         return n;
     }
+    open_files_limit().map_or(MAX_CONNECTIONS, |soft| {
+        usize::try_from(soft / 2).map_or(4096, |n| n.clamp(64, 4096))
+    })
+}
+
+/// This process's soft open-files limit (`RLIMIT_NOFILE`), from `/proc/self/limits`; `None`
+/// when unknown or unlimited.
+pub fn open_files_limit() -> Option<u64> {
     std::fs::read_to_string("/proc/self/limits")
         .ok()
         .and_then(|t| soft_open_files(&t))
-        .map_or(MAX_CONNECTIONS, |soft| (soft / 2).clamp(64, 4096))
 }
 
 /// The soft "Max open files" of a `/proc/<pid>/limits` text.
-fn soft_open_files(limits: &str) -> Option<usize> {
+fn soft_open_files(limits: &str) -> Option<u64> {
     let rest = limits
         .lines()
         .find_map(|l| l.strip_prefix("Max open files"))?;

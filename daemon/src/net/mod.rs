@@ -10,6 +10,7 @@
 //! where a NAR comes from (that is `fetch`) and does not check what peers send: callers check
 //! every block against its id and every NAR against its NarHash.
 
+pub mod addrs;
 pub mod behaviour;
 pub mod codec;
 pub mod rate;
