@@ -136,7 +136,15 @@ pub struct Peers {
     metrics: Arc<Metrics>,
     /// Connected peers' path summaries (generation, filter); see [`Peers::refresh_summaries`].
     summaries: Mutex<HashMap<PeerId, (u64, PathFilter)>>,
+    /// Peers that could not be dialled, until when they are not asked again (DHT records of
+    /// peers gone, or back under a new identity, outlive them by up to a record lifetime).
+    unreachable: Mutex<HashMap<PeerId, std::time::Instant>>,
 }
+
+/// How long a peer that could not be dialled is left out of the providers.
+pub const UNREACHABLE_FOR: Duration = Duration::from_secs(10 * 60);
+/// Unreachable peers remembered at most (then the expired ones go, or all).
+const UNREACHABLE_ENTRIES: usize = 4096;
 
 impl Peers {
     pub fn new(client: Client, trusted: Vec<PublicKey>, metrics: Arc<Metrics>) -> Self {
@@ -146,7 +154,28 @@ impl Peers {
             lookups: Mutex::new(HashMap::new()),
             metrics,
             summaries: Mutex::new(HashMap::new()),
+            unreachable: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Leaves `peer` out of the providers for [`UNREACHABLE_FOR`].
+    fn mark_unreachable(&self, peer: PeerId) {
+        let now = std::time::Instant::now();
+        let mut m = self.unreachable.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() >= UNREACHABLE_ENTRIES {
+            m.retain(|_, until| *until > now);
+            if m.len() >= UNREACHABLE_ENTRIES {
+                m.clear(); // a hint only: forgetting costs one more failed dial each
+            }
+        }
+        m.insert(peer, now + UNREACHABLE_FOR);
+    }
+
+    /// Whether `peer` failed a dial less than [`UNREACHABLE_FOR`] ago.
+    fn is_unreachable(&self, peer: &PeerId) -> bool {
+        let m = self.unreachable.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(peer)
+            .is_some_and(|until| *until > std::time::Instant::now())
     }
 
     /// Asks every connected peer for its path summary (only the changed ones send their
@@ -370,6 +399,15 @@ impl Peers {
         let mut seen = HashSet::new();
         out.retain(|p| *p != me && seen.insert(*p));
         let connected = self.client.connected_peers().await.unwrap_or_default();
+        // A peer that could not be dialled lately is not asked again (unless connected since).
+        let before = out.len();
+        out.retain(|p| connected.contains(p) || !self.is_unreachable(p));
+        if out.len() < before {
+            tracing::debug!(
+                skipped = before - out.len(),
+                "providers left out: unreachable lately"
+            );
+        }
         out.extend(
             connected
                 .into_iter()
@@ -508,6 +546,9 @@ impl Peers {
                 })) => Some(b),
                 Ok(Ok(_)) => None, // does not share it
                 Ok(Err(e)) => {
+                    if matches!(e, crate::net::NetError::Unreachable { .. }) {
+                        self.mark_unreachable(peer);
+                    }
                     tracing::debug!(%peer, error = %e, "manifest request failed");
                     None
                 }
@@ -666,7 +707,7 @@ impl Source for Peers {
         found: &Found,
         flight: &Arc<Flight>,
     ) -> Result<(), FetchError> {
-        let span = tracing::info_span!("peer_fetch", nar = %found.info.nar_hash);
+        let span = tracing::warn_span!("peer_fetch", nar = %found.info.nar_hash);
         match self
             .fetch_from_peers(store, found, flight)
             .instrument(span)

@@ -522,3 +522,74 @@ async fn narinfos_are_asked_only_of_peers_whose_summary_may_hold_them() {
     a.peers.refresh_summaries().await;
     assert!(b.client.stats().bytes_up.load(Relaxed) - up < 1024);
 }
+
+/// A provider record of a peer that went away is followed once: the failed dial leaves that
+/// peer out of the providers of every later NAR (for `UNREACHABLE_FOR`), unless it connects
+/// again. Before, every NAR asked it again (231 failed requests in one closure, issue 15).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_cannot_be_dialled_is_not_asked_again() {
+    let key = SecretKey::generate("test-1", [5; 32]);
+    let nar = big_nar(71, 1);
+    let live = provider(&nar, &key, None, memory_config()).await;
+    let gone = provider(&nar, &key, None, memory_config()).await;
+    let f = fetcher(&key).await;
+    f.connect(&live).await;
+    f.connect(&gone).await;
+    gone.client.dial(live.addr.clone()).await.unwrap();
+    let gone_id = gone.client.local_peer_id();
+    let nar_key = NarHash::digest(&nar).nar_key();
+    // The record of `gone` is stored at the fetcher and at `live`.
+    gone.client.start_providing(nar_key).await.unwrap();
+    let found = f.narinfo().await;
+    let started = Instant::now();
+    while !f
+        .peers
+        .providers(None, found.info.nar_hash)
+        .await
+        .contains(&gone_id)
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no record of the peer"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // It goes away (its listener with it); its record stays behind.
+    drop(gone);
+    let started = Instant::now();
+    while f
+        .node
+        .client
+        .connected_peers()
+        .await
+        .unwrap()
+        .contains(&gone_id)
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "still connected"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(f
+        .peers
+        .providers(None, found.info.nar_hash)
+        .await
+        .contains(&gone_id));
+
+    // The fetch asks it (first two providers at once), fails to dial it, and succeeds from
+    // the live one.
+    let found = Found {
+        source: crate::resolve::Origin::Peer(gone_id),
+        ..found
+    };
+    let (r, _flight) = f.fetch_found(&found).await;
+    assert!(r.is_ok(), "{r:?}");
+    assert!(f.peers.is_unreachable(&gone_id));
+    let providers = f.peers.providers(Some(gone_id), found.info.nar_hash).await;
+    assert!(
+        !providers.contains(&gone_id),
+        "an undialable peer is left out: {providers:?}"
+    );
+    assert!(providers.contains(&live.client.local_peer_id()));
+}

@@ -172,6 +172,9 @@ pub enum NetError {
     Dial { peer: PeerId, reason: String },
     #[error("request to {peer}: {reason}")]
     Request { peer: PeerId, reason: String },
+    /// The peer could not be dialled (gone, or a stale address).
+    #[error("{peer} is unreachable: {reason}")]
+    Unreachable { peer: PeerId, reason: String },
     #[error("DHT: {0}")]
     Kad(String),
     #[error("transport setup: {0}")]
@@ -937,10 +940,14 @@ impl EventLoop {
             } => {
                 if let Some((peer, reply)) = self.pending_requests.remove(&request_id) {
                     self.peers.entry(peer).or_default().failures += 1;
-                    let _ = reply.send(Err(NetError::Request {
-                        peer,
-                        reason: crate::core::error_text(&error),
-                    }));
+                    let reason = crate::core::error_text(&error);
+                    let e = match error {
+                        request_response::OutboundFailure::DialFailure => {
+                            NetError::Unreachable { peer, reason }
+                        }
+                        _ => NetError::Request { peer, reason },
+                    };
+                    let _ = reply.send(Err(e));
                 }
             }
             Event::InboundFailure { peer, error, .. } => {
