@@ -139,6 +139,7 @@ async fn start_p2p(
         .dht()
         .map_err(|e| DaemonError::Store(Box::new(e)))?
         .clone();
+    let dht_store = dht.clone();
     let (client, event_loop) =
         net::new_with_store(key, &net_config, responder, Some(dht)).map_err(|e| p2p(&e))?;
     tokio::spawn(event_loop.run());
@@ -163,6 +164,22 @@ async fn start_p2p(
     }
     if !bootstrap.is_empty() {
         tokio::spawn(redial(client.clone(), bootstrap));
+    }
+    // A node that no longer serves everyone (restarted with `share` lan or none) stops
+    // providing what it announced: its DHT server no longer names itself, nothing is
+    // reprovided, and the records other nodes hold expire within their lifetime.
+    if config.share != Share::All {
+        let dht = dht_store.clone();
+        match tokio::task::spawn_blocking(move || dht.dht_unprovide_all()).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(
+                keys = n,
+                share = ?config.share,
+                "no longer providing what this node announced when it shared with everyone"
+            ),
+            Ok(Err(e)) => tracing::warn!(error = %e, "withdrawing provided DHT keys"),
+            Err(e) => tracing::warn!(error = %e, "withdrawing provided DHT keys"),
+        }
     }
     // Only a node that serves everyone says so in the DHT; LAN peers find a `lan` node by mDNS.
     let announcer = (config.share == Share::All).then(|| {

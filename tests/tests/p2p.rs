@@ -99,7 +99,8 @@ fn api(d: &Daemon, what: &str) -> serde_json::Value {
 }
 
 /// `--share none` and `--share lan` serve nothing to a peer that came through the DHT /
-/// bootstrap (not mDNS); `--share all` does. `status` and `peers` report the exchange.
+/// bootstrap (not mDNS), and withdraw what `--share all` provided; `--share all` serves.
+/// `status` and `peers` report the exchange.
 #[test]
 fn sharing_modes_status_and_peers() {
     let corpus = Corpus::small();
@@ -115,6 +116,17 @@ fn sharing_modes_status_and_peers() {
     let s = start(&data_s, &pk, &s_args);
     let up = env.upload(&src, &s.url(), &out);
     assert!(up.status.success(), "upload to S: {}", text(&up));
+    // Sharing with everyone, S provides what it was given.
+    let provided = |d: &Daemon| api(d, "status")["p2p"]["dht_records"]["provided"].as_u64();
+    let started = std::time::Instant::now();
+    while provided(&s).unwrap_or(0) == 0 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "S never provided its paths: {:?}",
+            provided(&s)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     s.stop();
     let root = hash_part(&out).to_string();
 
@@ -139,6 +151,9 @@ fn sharing_modes_status_and_peers() {
         assert_eq!(s.metric("p2p_requests_in_total"), 0, "--share {share}");
         let st = api(&s, "status");
         assert_eq!(st["share"], share);
+        // Restarted without sharing with everyone, it no longer provides anything: its DHT
+        // server stops naming it and nothing is reprovided (issue 15).
+        assert_eq!(st["p2p"]["dht_records"]["provided"], 0, "--share {share}");
         a.stop();
         s.stop();
     }

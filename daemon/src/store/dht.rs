@@ -288,6 +288,20 @@ impl DhtStore {
         self.dht_delete(DHT_PROVIDED, key)
     }
 
+    /// Stops providing every key (a node that no longer shares with everyone); answers how
+    /// many were provided.
+    pub fn dht_unprovide_all(&self) -> Result<u64, StoreError> {
+        let txn = self.begin_write(true)?;
+        let n = {
+            let mut t = txn.open_table(DHT_PROVIDED)?;
+            let n = t.len()?;
+            t.retain(|_, _| false)?;
+            n
+        };
+        txn.commit()?;
+        Ok(n)
+    }
+
     pub fn dht_is_provided(&self, key: &[u8]) -> Result<bool, StoreError> {
         let txn = self.db.begin_read()?;
         let Some(t) = read_table(&txn, DHT_PROVIDED)? else {
@@ -678,6 +692,14 @@ mod tests {
         assert_eq!(all, expected);
         assert!(store.dht_is_provided(&key(2499)).unwrap());
         assert!(!store.dht_is_provided(&key(7)).unwrap());
+
+        // A node that stops sharing with everyone provides nothing any more, after a reopen too.
+        assert_eq!(store.dht_unprovide_all().unwrap(), 2499);
+        drop(store);
+        let store = open(dir.path());
+        assert_eq!(store.dht_counts().unwrap().provided, 0);
+        assert!(!store.dht_is_provided(&key(2499)).unwrap());
+        assert_eq!(store.dht_unprovide_all().unwrap(), 0);
     }
 
     #[test]
