@@ -380,7 +380,7 @@ impl Source for Upstream {
         flight: &Arc<Flight>,
     ) -> Result<(), FetchError> {
         let info = self.locate(found).await?;
-        let span = tracing::info_span!("upstream_nar", upstream = %self.url);
+        let span = tracing::warn_span!("upstream_nar", upstream = %self.url);
         self.download(store, &self.url, info, found, flight)
             .instrument(span)
             .await?;

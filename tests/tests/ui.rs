@@ -127,6 +127,17 @@ fn the_dashboard_shows_the_node_and_follows_a_transfer() {
     assert!(r.status == 200 && r.body == fast[0].nar);
     let r = http(d.port, &get(&lost.nar_path()));
     assert!(r.status >= 400, "{r:?}");
+    // The warning names the path and the NAR, not only the NarHash (the flight's span is on
+    // at the default log level).
+    let stderr = d.stderr();
+    let warned = stderr
+        .lines()
+        .find(|l| l.contains("fetching the NAR failed"))
+        .unwrap_or_else(|| panic!("no warning: {stderr}"));
+    assert!(
+        warned.contains(&format!("/nix/store/{}-lost", lost.hash)) && warned.contains("nar="),
+        "{warned}"
+    );
 
     let profile = env.path("chromium-profile");
     std::fs::create_dir_all(&profile).unwrap();

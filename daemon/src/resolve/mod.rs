@@ -353,7 +353,7 @@ impl Resolver {
             })?;
         flights.insert(*nar_hash, flight.clone());
         drop(flights);
-        let span = tracing::info_span!("flight", nar = %nar_hash,
+        let span = tracing::warn_span!("flight", nar = %nar_hash,
             path = %found.info.store_path.to_absolute());
         let me = self.clone();
         let f = flight.clone();
