@@ -2,7 +2,9 @@
 //! peers within a short budget, NARs as chunks from several providers at once, streamed into
 //! the flight as they are verified and stored as received.
 //!
-//! narinfo path: on a local miss, every connected peer is asked at once (`NarInfoRequest`);
+//! narinfo path: on a local miss, up to [`MAX_NARINFO_ASKS`] connected peers are asked at once
+//! (`NarInfoRequest`): LAN peers first, then those whose path summary may hold the path, then
+//! those with no summary yet, never one whose summary lacks it;
 //! the first answer that passes [`check_narinfo`] with a trusted signature wins. What has not
 //! come within [`NARINFO_BUDGET`] is handed to the resolver as a late answer (the asks go on
 //! for up to [`LATE_ASK`]), so a busy peer is waited for instead of turning into a 404. A DHT
@@ -63,6 +65,8 @@ pub const LATE_ASK: Duration = Duration::from_secs(3);
 pub const PROVIDERS_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connected peers without a provider record tried as providers too.
 const EXTRA_CONNECTED: usize = 8;
+/// Connected peers asked for one narinfo at most (LAN first, then the likeliest).
+pub const MAX_NARINFO_ASKS: usize = 8;
 /// Longest wait for a manifest from one provider.
 const MANIFEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a second provider's manifest is waited for once the first one is in.
@@ -236,15 +240,13 @@ impl Peers {
         self.summaries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The connected peers worth asking for `hash`: LAN peers always, others unless their
-    /// summary says they lack it.
+    /// The connected peers worth asking for `hash`, at most [`MAX_NARINFO_ASKS`]: LAN peers
+    /// first, then peers whose summary says they may hold it, then peers with no summary yet;
+    /// never one whose summary says it lacks it. The fan-out does not grow with the network.
     async fn narinfo_candidates(&self, hash: &StorePathHash) -> Vec<PeerId> {
         let Ok(peers) = self.client.connected_peers().await else {
             return Vec::new();
         };
-        if self.lock_summaries().is_empty() {
-            return peers; // nothing to rule anyone out with: every peer is asked
-        }
         let lan: HashSet<PeerId> = self
             .client
             .lan_peers()
@@ -252,23 +254,31 @@ impl Peers {
             .unwrap_or_default()
             .into_iter()
             .collect();
-        let summaries = self.lock_summaries();
         let before = peers.len();
-        let out: Vec<PeerId> = peers
-            .into_iter()
-            .filter(|p| {
-                lan.contains(p)
-                    || match summaries.get(p) {
-                        Some(s) => s.1.may_contain(hash),
-                        None => true,
+        // Rank: 0 LAN, 1 summary says maybe, 2 no summary; lacking it: left out.
+        let mut ranked: Vec<(u8, PeerId)> = {
+            let summaries = self.lock_summaries();
+            peers
+                .into_iter()
+                .filter_map(|p| {
+                    if lan.contains(&p) {
+                        return Some((0, p));
                     }
-            })
-            .collect();
+                    match summaries.get(&p) {
+                        Some(s) if s.1.may_contain(hash) => Some((1, p)),
+                        Some(_) => None,
+                        None => Some((2, p)),
+                    }
+                })
+                .collect()
+        };
+        ranked.sort_by_key(|(rank, _)| *rank);
+        ranked.truncate(MAX_NARINFO_ASKS);
         Metrics::inc(
             &self.metrics.p2p_narinfo_asks_skipped,
-            (before - out.len()) as u64,
+            (before - ranked.len()) as u64,
         );
-        out
+        ranked.into_iter().map(|(_, p)| p).collect()
     }
 
     pub fn client(&self) -> &Client {

@@ -593,3 +593,52 @@ async fn a_provider_that_cannot_be_dialled_is_not_asked_again() {
     );
     assert!(providers.contains(&live.client.local_peer_id()));
 }
+
+/// A narinfo miss asks at most `MAX_NARINFO_ASKS` connected peers, whatever their number, and
+/// the ones whose summary may hold the path before those with none (issue 13: the fan-out
+/// grew with the network).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_narinfo_miss_asks_a_bounded_number_of_peers() {
+    use super::MAX_NARINFO_ASKS;
+    let key = SecretKey::generate("test-1", [18; 32]);
+    let nar = big_nar(18, 1);
+    let holder = provider(&nar, &key, None, memory_config()).await;
+    let a = fetcher(&key).await;
+    let mut empty = Vec::new();
+    for _ in 0..12 {
+        let e = fetcher(&key).await;
+        a.connect(&e.node).await;
+        empty.push(e);
+    }
+    let asked = |n: &Node| n.client.stats().requests_in.load(Relaxed);
+    let total = |empty: &[Fetcher]| empty.iter().map(|e| asked(&e.node)).sum::<u64>();
+    // No summaries yet: a path nobody holds is asked of MAX_NARINFO_ASKS peers, not 12.
+    let missing = StorePathHash::parse("1123456789abcdfghijklmnpqrsvwxyz").unwrap();
+    let l = a.peers.narinfo(&missing).await;
+    let l = match l {
+        Lookup::Late(f) => f.await,
+        l => l,
+    };
+    assert!(matches!(l, Lookup::Missing), "nobody holds it");
+    let started = Instant::now();
+    while total(&empty) < MAX_NARINFO_ASKS as u64 && started.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        total(&empty),
+        MAX_NARINFO_ASKS as u64,
+        "asks of 12 connected peers"
+    );
+    // With summaries, the holder (whose summary may hold it) is asked and the others, whose
+    // summaries lack it, are not.
+    a.connect(&holder).await;
+    a.peers.refresh_summaries().await;
+    let before = total(&empty);
+    let found = a.narinfo().await;
+    assert_eq!(found.info.nar_hash, NarHash::digest(&nar));
+    assert_eq!(
+        total(&empty),
+        before,
+        "peers whose summary lacks it were asked"
+    );
+}
