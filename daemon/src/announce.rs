@@ -51,8 +51,15 @@ pub const QUEUE: usize = 1024;
 pub const REPROVIDE_INTERVAL: Duration = Duration::from_secs(12 * 60 * 60);
 /// NARs whose keys are gathered and provided together in one reprovide batch.
 pub const BATCH_NARS: usize = 64;
-/// `start_providing` queries in flight at once, over everything the announcer does.
+/// `start_providing` queries in flight at once, over everything the announcer does. Each opens
+/// a FIND_NODE and an ADD_PROVIDER stream to the closest peers; with few peers one of them gets
+/// both of every query, and libp2p's kad drops inbound streams past 32 per connection when the
+/// receiver is busy (the ADD_PROVIDER is then lost: it has no answer to miss). So at most 16.
 pub const CONCURRENCY: usize = 16;
+const _: () = assert!(
+    2 * CONCURRENCY <= 32,
+    "kad's inbound stream limit per connection"
+);
 /// How often expired DHT records are deleted from the store.
 pub const PURGE_INTERVAL: Duration = Duration::from_secs(60 * 60);
 
