@@ -122,6 +122,7 @@ fn main() -> Result<()> {
     if std::env::var_os("RUST_LOG").is_some() {
         tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_thread_names(true) // real mode: each node's threads are named after it
             .with_writer(std::io::stderr)
             .init();
     }
