@@ -53,6 +53,10 @@ pub struct RealCfg {
     pub parallel_nars: usize,
     /// Wall-clock seconds given to fetches still running at `sim_hours`.
     pub grace_secs: f64,
+    /// Non-seed nodes have the first seed's HTTP substituter as their upstream, as a real
+    /// deployment has cache.nixos.org: what no connected peer answers comes from there (and
+    /// counts as seed egress).
+    pub upstream: bool,
 }
 
 impl Default for RealCfg {
@@ -63,6 +67,7 @@ impl Default for RealCfg {
             max_nars_per_closure: 8,
             parallel_nars: 4,
             grace_secs: 120.0,
+            upstream: false,
         }
     }
 }
@@ -78,6 +83,8 @@ struct NodeHandle {
     class: usize,
     kind: Kind,
     http: SocketAddr,
+    /// Also read `/metrics` (HTTP bytes: a seed's served, a peer's from its upstream).
+    http_bytes: bool,
 }
 
 /// What one node's `/api/status` says (the fields real mode reads).
@@ -292,6 +299,23 @@ async fn status_json(client: &reqwest::Client, http: SocketAddr) -> Option<serde
     serde_json::from_slice(&r.bytes().await.ok()?).ok()
 }
 
+/// A counter of the node's `/metrics` (0 if absent).
+async fn metric(client: &reqwest::Client, http: SocketAddr, name: &str) -> Option<u64> {
+    let r = client
+        .get(format!("http://{http}/metrics"))
+        .send()
+        .await
+        .ok()?;
+    let text = String::from_utf8(r.bytes().await.ok()?.to_vec()).ok()?;
+    let want = format!("nix_p2p_cache_{name} ");
+    Some(
+        text.lines()
+            .find_map(|l| l.strip_prefix(&want))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0),
+    )
+}
+
 async fn status(client: &reqwest::Client, node: &NodeHandle) -> Option<NodeNumbers> {
     let v = status_json(client, node.http).await?;
     let n = |p: &str| {
@@ -299,9 +323,19 @@ async fn status(client: &reqwest::Client, node: &NodeHandle) -> Option<NodeNumbe
             .and_then(serde_json::Value::as_u64)
             .unwrap_or(0)
     };
+    // With an upstream: a seed's NAR bytes served over HTTP are sent, a peer's NAR bytes from
+    // its upstream received.
+    let (http_up, http_down) = match (node.http_bytes, node.kind) {
+        (false, _) => (0, 0),
+        (true, Kind::Seed) => (
+            metric(client, node.http, "nar_bytes_served_total").await?,
+            0,
+        ),
+        (true, _) => (0, metric(client, node.http, "upstream_bytes_total").await?),
+    };
     Some(NodeNumbers {
-        bytes_up: n("/p2p/bytes_up"),
-        bytes_down: n("/p2p/bytes_down"),
+        bytes_up: n("/p2p/bytes_up") + http_up,
+        bytes_down: n("/p2p/bytes_down") + http_down,
         nar_bytes: n("/store/nar_bytes"),
         remote_providers: n("/p2p/dht_records/remote_providers"),
         in_get_providers: n("/p2p/dht_calls/in_get_providers"),
@@ -453,6 +487,7 @@ async fn run_async(sc: &Scenario, seed: u64, work: &Path) -> Result<Outcome, Err
     let mut nodes: Vec<NodeHandle> = Vec::new();
     let mut tasks = Vec::new();
     let mut bootstrap: Vec<String> = Vec::new();
+    let mut upstream: Option<String> = None;
     let order: Vec<usize> = (0..classes.len())
         .filter(|&i| classes[i].cfg.kind == Kind::Seed)
         .chain((0..classes.len()).filter(|&i| classes[i].cfg.kind != Kind::Seed))
@@ -492,6 +527,10 @@ async fn run_async(sc: &Scenario, seed: u64, work: &Path) -> Result<Outcome, Err
                 upload_rate_limit: Some(ByteSize(scaled_rate(uplinks[i], &cfg))),
                 compact_level: Some(0),
                 timers,
+                upstream: match (&upstream, kind) {
+                    (Some(u), Kind::Peer | Kind::Ci) => vec![u.clone()],
+                    _ => Vec::new(),
+                },
                 p2p_transport: Transport::Memory,
                 ..DaemonConfig::default()
             };
@@ -501,12 +540,16 @@ async fn run_async(sc: &Scenario, seed: u64, work: &Path) -> Result<Outcome, Err
             let (http, p2p, task) = s.await.map_err(real_err)??;
             if kind == Kind::Seed {
                 bootstrap.extend(p2p.iter().cloned());
+                if cfg.upstream && upstream.is_none() {
+                    upstream = Some(format!("http://{http}"));
+                }
             }
             tasks.push(task);
             nodes.push(NodeHandle {
                 class: ci,
                 kind,
                 http,
+                http_bytes: cfg.upstream,
             });
         }
     }
