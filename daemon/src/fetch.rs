@@ -143,7 +143,15 @@ pub struct Peers {
     /// Peers that could not be dialled, until when they are not asked again (DHT records of
     /// peers gone, or back under a new identity, outlive them by up to a record lifetime).
     unreachable: Mutex<HashMap<PeerId, std::time::Instant>>,
+    /// Providers' consecutive "does not share it" answers to manifest requests; at
+    /// [`EMPTY_ANSWERS_LIMIT`] the peer is left out like an unreachable one (its provider
+    /// records outlive its sharing: restarted with `share` lan or none, or evicted).
+    empty_answers: Mutex<HashMap<PeerId, u32>>,
 }
+
+/// Consecutive empty manifest answers after which a provider is left out for
+/// [`UNREACHABLE_FOR`].
+const EMPTY_ANSWERS_LIMIT: u32 = 3;
 
 /// How long a peer that could not be dialled is left out of the providers.
 pub const UNREACHABLE_FOR: Duration = Duration::from_secs(10 * 60);
@@ -159,10 +167,38 @@ impl Peers {
             metrics,
             summaries: Mutex::new(HashMap::new()),
             unreachable: Mutex::new(HashMap::new()),
+            empty_answers: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Leaves `peer` out of the providers for [`UNREACHABLE_FOR`].
+    /// Counts a provider's answer to a manifest request: `empty` (it does not share the NAR)
+    /// or not; the [`EMPTY_ANSWERS_LIMIT`]-th empty one in a row leaves the peer out.
+    fn note_manifest_answer(&self, peer: PeerId, empty: bool) {
+        let limit_reached = {
+            let mut m = self.empty_answers.lock().unwrap_or_else(|e| e.into_inner());
+            if !empty {
+                m.remove(&peer);
+                return;
+            }
+            if m.len() >= UNREACHABLE_ENTRIES && !m.contains_key(&peer) {
+                m.clear(); // a hint only
+            }
+            let n = m.entry(peer).or_insert(0);
+            *n += 1;
+            let reached = *n >= EMPTY_ANSWERS_LIMIT;
+            if reached {
+                m.remove(&peer);
+            }
+            reached
+        };
+        if limit_reached {
+            tracing::debug!(%peer, "provider shares none of the NARs asked lately: left out");
+            self.mark_unreachable(peer);
+        }
+    }
+
+    /// Leaves `peer` out of the providers for [`UNREACHABLE_FOR`] (it could not be dialled,
+    /// or shares nothing it is asked for).
     fn mark_unreachable(&self, peer: PeerId) {
         let now = std::time::Instant::now();
         let mut m = self.unreachable.lock().unwrap_or_else(|e| e.into_inner());
@@ -553,8 +589,14 @@ impl Peers {
             let bytes = match r {
                 Ok(Ok(pb::Response {
                     manifest: Some(b), ..
-                })) => Some(b),
-                Ok(Ok(_)) => None, // does not share it
+                })) => {
+                    self.note_manifest_answer(peer, false);
+                    Some(b)
+                }
+                Ok(Ok(_)) => {
+                    self.note_manifest_answer(peer, true); // does not share it
+                    None
+                }
                 Ok(Err(e)) => {
                     if matches!(e, crate::net::NetError::Unreachable { .. }) {
                         self.mark_unreachable(peer);

@@ -642,3 +642,24 @@ async fn a_narinfo_miss_asks_a_bounded_number_of_peers() {
         "peers whose summary lacks it were asked"
     );
 }
+
+/// A provider that answers "does not share it" to three manifest requests in a row (restarted
+/// with `share` lan or none, its old provider records still out) is left out like an
+/// unreachable one; an answer with a manifest in between resets the count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_shares_nothing_it_is_asked_for_is_left_out() {
+    let key = SecretKey::generate("test-1", [19; 32]);
+    let f = fetcher(&key).await;
+    let p = PeerId::random();
+    f.peers.note_manifest_answer(p, true);
+    f.peers.note_manifest_answer(p, true);
+    f.peers.note_manifest_answer(p, false);
+    f.peers.note_manifest_answer(p, true);
+    f.peers.note_manifest_answer(p, true);
+    assert!(
+        !f.peers.is_unreachable(&p),
+        "the count restarts after a manifest"
+    );
+    f.peers.note_manifest_answer(p, true);
+    assert!(f.peers.is_unreachable(&p));
+}
