@@ -8,6 +8,9 @@ pub mod config;
 pub mod core;
 pub mod daemon;
 pub mod fetch;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gc_policy;
 pub mod http;
 pub mod import;
