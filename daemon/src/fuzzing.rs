@@ -118,7 +118,9 @@ pub fn narinfo(data: &[u8]) {
         info.fingerprint(),
         "serving changed what is signed"
     );
-    assert_eq!(served.sigs, again.sigs, "serving changed the signatures");
+    if !exception {
+        assert_eq!(served.sigs, info.sigs, "serving changed the signatures");
+    }
     assert_eq!(served.url, crate::http::nar_url(&info));
     assert_eq!(served.file_size, Some(info.nar_size));
     assert_eq!(served.compression.as_deref(), Some("none"));
