@@ -9,6 +9,9 @@ pub mod core;
 pub mod daemon;
 pub mod doctor;
 pub mod fetch;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gc_policy;
 pub mod http;
 pub mod import;

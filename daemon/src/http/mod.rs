@@ -36,6 +36,8 @@ use crate::resolve::NarinfoAnswer;
 use crate::store::Store;
 pub use api::NodeInfo;
 pub use error::HttpError;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) use nar::{parse_nar_file, parse_range, NarFile};
 pub use upload::sweep_staging;
 
 /// Everything the handlers share.

@@ -1,0 +1,4 @@
+//! Fuzz target `codec`: the properties are asserted in `nix_p2p_cache::fuzzing::codec`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| nix_p2p_cache::fuzzing::codec(data));

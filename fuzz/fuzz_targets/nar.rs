@@ -1,0 +1,4 @@
+//! Fuzz target `nar`: the properties are asserted in `nix_p2p_cache::fuzzing::nar`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| nix_p2p_cache::fuzzing::nar(data));
