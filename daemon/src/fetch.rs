@@ -140,23 +140,29 @@ pub struct Peers {
     metrics: Arc<Metrics>,
     /// Connected peers' path summaries (generation, filter); see [`Peers::refresh_summaries`].
     summaries: Mutex<HashMap<PeerId, (u64, PathFilter)>>,
-    /// Peers that could not be dialled, until when they are not asked again (DHT records of
-    /// peers gone, or back under a new identity, outlive them by up to a record lifetime).
-    unreachable: Mutex<HashMap<PeerId, std::time::Instant>>,
-    /// Providers' consecutive "does not share it" answers to manifest requests; at
-    /// [`EMPTY_ANSWERS_LIMIT`] the peer is left out like an unreachable one (its provider
-    /// records outlive its sharing: restarted with `share` lan or none, or evicted).
-    empty_answers: Mutex<HashMap<PeerId, u32>>,
+    /// Providers left out for a while: stale provider records (peers gone, back under a new
+    /// identity, restarted with `share` lan or none) outlive them by up to a record lifetime.
+    left_out: Mutex<HashMap<PeerId, Standing>>,
 }
 
 /// Consecutive empty manifest answers after which a provider is left out for
 /// [`UNREACHABLE_FOR`].
 const EMPTY_ANSWERS_LIMIT: u32 = 3;
 
-/// How long a peer that could not be dialled is left out of the providers.
+/// How long a provider that could not be dialled (or shared nothing) is left out.
 pub const UNREACHABLE_FOR: Duration = Duration::from_secs(10 * 60);
-/// Unreachable peers remembered at most (then the expired ones go, or all).
+/// Providers' standings remembered at most (then the expired ones go, or all: a hint only,
+/// forgetting costs one more failed request each).
 const UNREACHABLE_ENTRIES: usize = 4096;
+
+/// What the fetcher remembers of a provider between NARs.
+#[derive(Default)]
+struct Standing {
+    /// Consecutive "does not share it" answers to manifest requests.
+    empty_answers: u32,
+    /// Left out of the providers until then.
+    out_until: Option<std::time::Instant>,
+}
 
 impl Peers {
     pub fn new(client: Client, trusted: Vec<PublicKey>, metrics: Arc<Metrics>) -> Self {
@@ -166,56 +172,56 @@ impl Peers {
             lookups: Mutex::new(HashMap::new()),
             metrics,
             summaries: Mutex::new(HashMap::new()),
-            unreachable: Mutex::new(HashMap::new()),
-            empty_answers: Mutex::new(HashMap::new()),
+            left_out: Mutex::new(HashMap::new()),
         }
     }
 
     /// Counts a provider's answer to a manifest request: `empty` (it does not share the NAR)
     /// or not; the [`EMPTY_ANSWERS_LIMIT`]-th empty one in a row leaves the peer out.
     fn note_manifest_answer(&self, peer: PeerId, empty: bool) {
-        let limit_reached = {
-            let mut m = self.empty_answers.lock().unwrap_or_else(|e| e.into_inner());
-            if !empty {
-                m.remove(&peer);
-                return;
+        let mut m = self.lock_left_out();
+        if !empty {
+            if let Some(s) = m.get_mut(&peer) {
+                s.empty_answers = 0;
             }
-            if m.len() >= UNREACHABLE_ENTRIES && !m.contains_key(&peer) {
-                m.clear(); // a hint only
-            }
-            let n = m.entry(peer).or_insert(0);
-            *n += 1;
-            let reached = *n >= EMPTY_ANSWERS_LIMIT;
-            if reached {
-                m.remove(&peer);
-            }
-            reached
-        };
-        if limit_reached {
+            return;
+        }
+        let s = m.entry(peer).or_default();
+        s.empty_answers += 1;
+        if s.empty_answers >= EMPTY_ANSWERS_LIMIT {
+            s.empty_answers = 0;
+            s.out_until = Some(std::time::Instant::now() + UNREACHABLE_FOR);
             tracing::debug!(%peer, "provider shares none of the NARs asked lately: left out");
-            self.mark_unreachable(peer);
         }
     }
 
-    /// Leaves `peer` out of the providers for [`UNREACHABLE_FOR`] (it could not be dialled,
-    /// or shares nothing it is asked for).
+    /// Leaves `peer` out of the providers for [`UNREACHABLE_FOR`] (it could not be dialled).
     fn mark_unreachable(&self, peer: PeerId) {
+        let until = std::time::Instant::now() + UNREACHABLE_FOR;
+        self.lock_left_out().entry(peer).or_default().out_until = Some(until);
+    }
+
+    /// Whether `peer` is left out of the providers now.
+    fn is_unreachable(&self, peer: &PeerId) -> bool {
         let now = std::time::Instant::now();
-        let mut m = self.unreachable.lock().unwrap_or_else(|e| e.into_inner());
+        self.lock_left_out()
+            .get(peer)
+            .and_then(|s| s.out_until)
+            .is_some_and(|until| until > now)
+    }
+
+    /// The providers' standings, bounded: full, the expired ones go (and all if that is not
+    /// enough).
+    fn lock_left_out(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, Standing>> {
+        let mut m = self.left_out.lock().unwrap_or_else(|e| e.into_inner());
         if m.len() >= UNREACHABLE_ENTRIES {
-            m.retain(|_, until| *until > now);
+            let now = std::time::Instant::now();
+            m.retain(|_, s| s.out_until.is_some_and(|u| u > now));
             if m.len() >= UNREACHABLE_ENTRIES {
-                m.clear(); // a hint only: forgetting costs one more failed dial each
+                m.clear();
             }
         }
-        m.insert(peer, now + UNREACHABLE_FOR);
-    }
-
-    /// Whether `peer` failed a dial less than [`UNREACHABLE_FOR`] ago.
-    fn is_unreachable(&self, peer: &PeerId) -> bool {
-        let m = self.unreachable.lock().unwrap_or_else(|e| e.into_inner());
-        m.get(peer)
-            .is_some_and(|until| *until > std::time::Instant::now())
+        m
     }
 
     /// Asks every connected peer for its path summary (only the changed ones send their
