@@ -15,11 +15,11 @@
 //! ```
 //!
 //! - [`Announcer::run`] announces every trusted NAR at start, then reprovides all of them every
-//!   [`REPROVIDE_INTERVAL`] (provider records live 48 h; both are `config::Timers`, set with
+//!   reprovide interval (12 h; provider records live 48 h; both are `config::Timers`, set with
 //!   [`Announcer::with_intervals`]), in batches of [`BATCH_NARS`] NARs with at most [`CONCURRENCY`] DHT queries in flight
 //!   over everything the announcer does; between batches the queue is served. It also deletes
 //!   expired DHT records from the store's DHT database ([`Store::dht`]) every
-//!   [`PURGE_INTERVAL`]. It runs until its task is
+//!   purge interval (1 h, `config::Timers` too). It runs until its task is
 //!   aborted or the network stops.
 //! - [`Announcer::announce`] queues one NAR (at most [`QUEUE`] waiting); when the queue is
 //!   full the NAR is dropped with a debug log — the next reprovide announces it.
@@ -47,8 +47,6 @@ use crate::store::{Store, StoreError};
 
 /// NarHashes waiting to be announced.
 pub const QUEUE: usize = 1024;
-/// How often every trusted NAR is provided again.
-pub const REPROVIDE_INTERVAL: Duration = Duration::from_secs(12 * 60 * 60);
 /// NARs whose keys are gathered and provided together in one reprovide batch.
 pub const BATCH_NARS: usize = 64;
 /// `start_providing` queries in flight at once, over everything the announcer does. Each opens
@@ -60,8 +58,6 @@ const _: () = assert!(
     2 * CONCURRENCY <= 32,
     "kad's inbound stream limit per connection"
 );
-/// How often expired DHT records are deleted from the store.
-pub const PURGE_INTERVAL: Duration = Duration::from_secs(60 * 60);
 
 /// What the announcer did since it started (see [`Announcer::stats`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -127,13 +123,13 @@ impl Announcer {
             rx: Mutex::new(Some(rx)),
             permits: Semaphore::new(CONCURRENCY),
             counters: Counters::default(),
-            reprovide_interval: REPROVIDE_INTERVAL,
-            purge_interval: PURGE_INTERVAL,
+            reprovide_interval: crate::config::Timers::default().reprovide_interval(),
+            purge_interval: crate::config::Timers::default().dht_purge_interval(),
         }
     }
 
     /// Reprovides every `reprovide` and purges expired DHT records every `purge` (instead of
-    /// [`REPROVIDE_INTERVAL`] and [`PURGE_INTERVAL`]).
+    /// the defaults of `config::Timers`).
     pub fn with_intervals(mut self, reprovide: Duration, purge: Duration) -> Self {
         self.reprovide_interval = reprovide;
         self.purge_interval = purge;
