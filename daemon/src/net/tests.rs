@@ -837,7 +837,7 @@ async fn dht_announcer_all_mode_makes_chunks_findable() {
 }
 
 /// The protocol timers come from the config: with a 2 s record lifetime and a 1 s reprovide
-/// interval, B's record of A expires when A stops reproviding and lives while it reprovides;
+/// interval, B's record of A is republished while A reprovides and expires when it stops;
 /// the DHT call counters count each side's calls by type.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dht_timers_come_from_config_and_calls_are_counted() {
@@ -895,20 +895,17 @@ async fn dht_timers_come_from_config_and_calls_are_counted() {
         async move { a.run().await }
     });
     eventually("B stores A's provider record", || b_holds_a(&b)).await;
-    // Reprovided every second: over 5 s (more than twice the lifetime) the record stays.
-    let started = Instant::now();
-    let mut gaps = 0;
-    while started.elapsed() < Duration::from_secs(5) {
-        if !b_holds_a(&b) {
-            gaps += 1;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(announcer.stats().reprovides >= 3, "{:?}", announcer.stats());
-    assert!(
-        gaps <= 10,
-        "the record lapsed {gaps} times in 5 s while reprovided"
-    );
+    let first_stored = Instant::now();
+    // Reprovided every second: once more than twice the lifetime has passed and three rounds
+    // are done, B still holds (or soon holds again) a live record, which only a republication
+    // after the first record expired can give. No deadline but the generous one of
+    // `eventually`: a loaded machine may delay rounds.
+    let ttl = timers.provider_record_ttl();
+    eventually("three reprovide rounds over twice the lifetime", || {
+        announcer.stats().reprovides >= 3 && first_stored.elapsed() > 2 * ttl
+    })
+    .await;
+    eventually("B holds a republished record", || b_holds_a(&b)).await;
     let p = find_provider(&b.client, nar_key.clone(), a.client.local_peer_id()).await;
     assert!(p.contains(&a.client.local_peer_id()));
 
