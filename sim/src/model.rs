@@ -265,7 +265,7 @@ pub fn catalogue(sc: &Scenario, r: &mut Rng) -> Result<(Vec<u64>, Vec<u64>), Err
 
 /// Nodes per class: seeds by `count`, the others by `share` of `nodes` (the last takes the
 /// rest).
-pub fn class_counts(sc: &Scenario) -> Result<Vec<u32>, Error> {
+pub fn class_counts(sc: &Scenario) -> Vec<u32> {
     let classes = &sc.classes;
     let mut counts = vec![0u32; classes.len()];
     let non_seed: Vec<usize> = (0..classes.len())
@@ -286,7 +286,18 @@ pub fn class_counts(sc: &Scenario) -> Result<Vec<u32>, Error> {
             counts[i] = cl.count;
         }
     }
-    Ok(counts)
+    counts
+}
+
+/// The classes in node order: seeds first, then the others in file order (each class's nodes
+/// are consecutive; model, trace and real mode number nodes this way).
+pub fn class_order(sc: &Scenario) -> Vec<usize> {
+    let seed = |i: &usize| sc.classes[*i].kind == Kind::Seed;
+    let n = sc.classes.len();
+    (0..n)
+        .filter(seed)
+        .chain((0..n).filter(|i| !seed(i)))
+        .collect()
 }
 
 /// The simulation state.
@@ -412,7 +423,7 @@ impl Model {
         let n_classes = classes.len();
         let mut r_init = Rng::stream(seed, "init");
 
-        let counts = class_counts(&sc)?;
+        let counts = class_counts(&sc);
         let total: usize = counts.iter().map(|&c| c as usize).sum();
         if total >= NONE as usize {
             return Err(Error::Scenario {
@@ -526,10 +537,7 @@ impl Model {
         };
 
         // Nodes: seeds first, then the other classes in file order.
-        let order: Vec<usize> = (0..m.classes.len())
-            .filter(|&i| m.classes[i].rc.cfg.kind == Kind::Seed)
-            .chain((0..m.classes.len()).filter(|&i| m.classes[i].rc.cfg.kind != Kind::Seed))
-            .collect();
+        let order = class_order(&m.sc);
         let mbit = 1e6 / 8.0;
         let mut server_ids = Vec::new();
         for &ci in &order {

@@ -15,7 +15,6 @@
 //! caps, channel generations (generation 0 only) and closures sharing NARs. Byte counts are
 //! the exchange's encoded response bytes (`p2p.bytes_up` of `/api/status`).
 
-use std::io::Cursor;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -103,23 +102,13 @@ fn real_err(msg: impl std::fmt::Display) -> Error {
     Error::Real(msg.to_string())
 }
 
-/// Nix base32 alphabet, for store-path hashes.
-const NIX32: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
-
-fn path_hash(seed: u64, closure: usize, nar: usize) -> String {
-    let mut h = blake3_like(seed, closure as u64, nar as u64);
-    (0..32)
-        .map(|_| {
-            let c = NIX32[(h % 32) as usize] as char;
-            h = crate::rng::splitmix64(&mut h);
-            c
-        })
-        .collect()
-}
-
-fn blake3_like(a: u64, b: u64, c: u64) -> u64 {
-    let mut s = a ^ b.rotate_left(21) ^ c.rotate_left(42) ^ 0x9e37_79b9_7f4a_7c15;
-    crate::rng::splitmix64(&mut s)
+/// A store-path hash: 20 pseudo-random bytes in Nix's base32, as Nix's own (160 bits).
+fn path_hash(r: &mut Rng) -> String {
+    let bytes: Vec<u8> = (0..3)
+        .flat_map(|_| r.next_u64().to_le_bytes())
+        .take(20)
+        .collect();
+    nix_p2p_cache::core::base32::encode(&bytes)
 }
 
 /// A valid NAR of one regular file holding `len` pseudo-random (incompressible) bytes.
@@ -148,13 +137,13 @@ fn catalogue(sc: &Scenario, seed: u64) -> Result<Vec<Vec<Nar>>, Error> {
     let (bytes, nars) = crate::model::catalogue(sc, &mut Rng::stream(seed, "init"))?;
     let mut r = Rng::stream(seed, "real-content");
     let mut out = Vec::new();
-    for (c, (&bytes, &nars)) in bytes.iter().zip(&nars).enumerate() {
+    for (&bytes, &nars) in bytes.iter().zip(&nars) {
         let nars = nars.clamp(1, u64::from(cfg.max_nars_per_closure.max(1)));
         let scaled = (bytes as f64 * cfg.bytes_scale).max(1024.0);
         let each = (scaled / nars as f64).ceil() as usize;
         let list = (0..nars as usize)
-            .map(|n| Nar {
-                hash: path_hash(seed, c, n),
+            .map(|_| Nar {
+                hash: path_hash(&mut r),
                 bytes: make_nar(&mut r, each),
             })
             .collect();
@@ -190,7 +179,7 @@ fn fill_seed(dir: &Path, key: &SecretKey, cat: &[Vec<Nar>]) -> Result<u64, Error
             let trust = verify_narinfo(&info, &trusted).map_err(real_err)?;
             store
                 .ingest_with(&info, &text, &trust, "sim", Retention::Pinned, || {
-                    Ok(Cursor::new(nar.bytes.clone()))
+                    Ok(&nar.bytes[..])
                 })
                 .map_err(real_err)?;
             bytes += nar.bytes.len() as u64;
@@ -354,6 +343,19 @@ async fn all_status(client: &reqwest::Client, nodes: &[NodeHandle]) -> Vec<NodeN
         .await
 }
 
+/// `GET url`, a 2xx response or why not.
+async fn get_ok(client: &reqwest::Client, url: &str) -> Result<reqwest::Response, String> {
+    let resp = client
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    if !resp.status().is_success() {
+        return Err(format!("{url}: HTTP {}", resp.status()));
+    }
+    Ok(resp)
+}
+
 /// Fetches one closure through `node`'s substituter, as Nix does (narinfo, then NAR); answers
 /// the NAR bytes received, or why it failed.
 async fn fetch_closure(
@@ -365,28 +367,17 @@ async fn fetch_closure(
     use futures_util::stream::{self, StreamExt as _, TryStreamExt as _};
     let sizes: Vec<u64> = stream::iter(nars.iter().cloned())
         .map(|(hash, size)| async move {
-            let text = client
-                .get(format!("http://{node}/{hash}.narinfo"))
-                .send()
+            let text = get_ok(client, &format!("http://{node}/{hash}.narinfo"))
+                .await?
+                .text()
                 .await
                 .map_err(|e| e.to_string())?;
-            if !text.status().is_success() {
-                return Err(format!("{hash}.narinfo: HTTP {}", text.status()));
-            }
-            let text = text.text().await.map_err(|e| e.to_string())?;
             let url = text
                 .lines()
                 .find_map(|l| l.strip_prefix("URL: "))
                 .ok_or_else(|| format!("{hash}.narinfo has no URL"))?
                 .to_string();
-            let resp = client
-                .get(format!("http://{node}/{url}"))
-                .send()
-                .await
-                .map_err(|e| e.to_string())?;
-            if !resp.status().is_success() {
-                return Err(format!("{url}: HTTP {}", resp.status()));
-            }
+            let resp = get_ok(client, &format!("http://{node}/{url}")).await?;
             let body = resp.bytes().await.map_err(|e| format!("{url}: {e}"))?;
             if body.len() as u64 != size {
                 return Err(format!("{url}: {} bytes, NarSize {size}", body.len()));
@@ -436,7 +427,7 @@ async fn run_async(sc: &Scenario, seed: u64, work: &Path) -> Result<Outcome, Err
         });
     }
     let classes = sc.resolve_classes()?;
-    let counts = crate::model::class_counts(sc)?;
+    let counts = crate::model::class_counts(sc);
     let key = SecretKey::generate("sim-1", [7; 32]);
     let pubkey = key.public_key().to_string();
 
@@ -452,25 +443,22 @@ async fn run_async(sc: &Scenario, seed: u64, work: &Path) -> Result<Outcome, Err
         .map(|c| c.iter().map(|n| n.bytes.len() as u64).sum())
         .collect();
     let seed_dir = work.join("seed-template");
-    let seed_stored = {
+    let (seed_stored_bytes, cat) = {
         let (dir, key) = (seed_dir.clone(), key.clone());
-        let cat = Arc::new(cat);
-        let c2 = cat.clone();
-        let stored = tokio::task::spawn_blocking(move || fill_seed(&dir, &key, &c2))
+        tokio::task::spawn_blocking(move || fill_seed(&dir, &key, &cat).map(|b| (b, cat)))
             .await
-            .map_err(real_err)??;
-        // What the trace asks for: (store-path hash, NarSize) per closure.
-        let wanted: Vec<Vec<(String, u64)>> = cat
-            .iter()
-            .map(|c| {
-                c.iter()
-                    .map(|n| (n.hash.clone(), n.bytes.len() as u64))
-                    .collect()
-            })
-            .collect();
-        (stored, wanted)
+            .map_err(real_err)??
     };
-    let (seed_stored_bytes, wanted) = seed_stored;
+    // What the trace asks for: (store-path hash, NarSize) per closure.
+    let wanted: Vec<Vec<(String, u64)>> = cat
+        .iter()
+        .map(|c| {
+            c.iter()
+                .map(|n| (n.hash.clone(), n.bytes.len() as u64))
+                .collect()
+        })
+        .collect();
+    drop(cat);
     eprintln!(
         "real mode: catalogue of {} closures, {} NARs, {:.1} MB, ingested in {:.1} s",
         wanted.len(),
@@ -488,18 +476,19 @@ async fn run_async(sc: &Scenario, seed: u64, work: &Path) -> Result<Outcome, Err
     let mut tasks = Vec::new();
     let mut bootstrap: Vec<String> = Vec::new();
     let mut upstream: Option<String> = None;
-    let order: Vec<usize> = (0..classes.len())
-        .filter(|&i| classes[i].cfg.kind == Kind::Seed)
-        .chain((0..classes.len()).filter(|&i| classes[i].cfg.kind != Kind::Seed))
-        .collect();
     let started = Instant::now();
-    for ci in order {
-        let class = &classes[ci];
+    // Seeds first (their addresses are the others' bootstrap), then the rest at once.
+    let node_classes = crate::trace::node_classes(sc);
+    let seeds = node_classes
+        .iter()
+        .take_while(|&&ci| classes[ci].cfg.kind == Kind::Seed)
+        .count();
+    for range in [0..seeds, seeds..node_classes.len()] {
         let mut starting = Vec::new();
-        for _ in 0..counts[ci] {
-            let i = nodes.len() + starting.len();
+        for i in range {
+            let ci = node_classes[i];
+            let kind = classes[ci].cfg.kind;
             let dir = work.join(format!("node-{i:04}"));
-            let kind = class.cfg.kind;
             if kind == Kind::Seed {
                 copy_dir(&seed_dir, &dir)?;
             }
@@ -534,9 +523,9 @@ async fn run_async(sc: &Scenario, seed: u64, work: &Path) -> Result<Outcome, Err
                 p2p_transport: Transport::Memory,
                 ..DaemonConfig::default()
             };
-            starting.push((kind, tokio::spawn(start_node(config, stop_rx.clone()))));
+            starting.push((ci, kind, tokio::spawn(start_node(config, stop_rx.clone()))));
         }
-        for (kind, s) in starting {
+        for (ci, kind, s) in starting {
             let (http, p2p, task) = s.await.map_err(real_err)??;
             if kind == Kind::Seed {
                 bootstrap.extend(p2p.iter().cloned());

@@ -40,14 +40,12 @@ pub struct Want {
 }
 
 /// Each node's class index, in the model's node order.
-pub fn node_classes(sc: &Scenario) -> Result<Vec<usize>, Error> {
-    let counts = crate::model::class_counts(sc)?;
-    let seeds = (0..sc.classes.len()).filter(|&i| sc.classes[i].kind == Kind::Seed);
-    let others = (0..sc.classes.len()).filter(|&i| sc.classes[i].kind != Kind::Seed);
-    Ok(seeds
-        .chain(others)
+pub fn node_classes(sc: &Scenario) -> Vec<usize> {
+    let counts = crate::model::class_counts(sc);
+    crate::model::class_order(sc)
+        .into_iter()
         .flat_map(|ci| std::iter::repeat_n(ci, counts[ci] as usize))
-        .collect())
+        .collect()
 }
 
 /// The fetches of `[trace]` (defaults if the scenario has none), sorted by time.
@@ -59,7 +57,7 @@ pub fn wants(sc: &Scenario, seed: u64) -> Result<Vec<Want>, Error> {
             msg: "trace.window_frac must be in (0, 1]".into(),
         });
     }
-    let classes = node_classes(sc)?;
+    let classes = node_classes(sc);
     let zipf = Discrete::zipf(sc.workload.closures as usize, sc.workload.zipf_s);
     let mut r = Rng::stream(seed, "trace");
     let window = sc.sim_hours * 3600.0 * cfg.window_frac;
@@ -96,7 +94,7 @@ mod tests {
         assert_eq!(a, wants(&sc, 7).unwrap());
         assert_ne!(a, wants(&sc, 8).unwrap());
         assert_eq!(a.len(), 32);
-        let classes = node_classes(&sc).unwrap();
+        let classes = node_classes(&sc);
         assert_eq!(classes.len(), 33);
         assert_eq!(sc.classes[classes[0]].kind, Kind::Seed, "seeds come first");
         let end = sc.sim_hours * 3600.0 * 0.8;
