@@ -356,16 +356,16 @@ async fn get_ok(client: &reqwest::Client, url: &str) -> Result<reqwest::Response
     Ok(resp)
 }
 
-/// Fetches one closure through `node`'s substituter, as Nix does (narinfo, then NAR); answers
-/// the NAR bytes received, or why it failed.
+/// Fetches one closure through `node`'s substituter, as Nix does (narinfo, then NAR, each NAR
+/// checked for its NarSize); answers why it failed.
 async fn fetch_closure(
     client: &reqwest::Client,
     node: SocketAddr,
     nars: &[(String, u64)],
     parallel: usize,
-) -> Result<u64, String> {
+) -> Result<(), String> {
     use futures_util::stream::{self, StreamExt as _, TryStreamExt as _};
-    let sizes: Vec<u64> = stream::iter(nars.iter().cloned())
+    stream::iter(nars.iter().cloned())
         .map(|(hash, size)| async move {
             let text = get_ok(client, &format!("http://{node}/{hash}.narinfo"))
                 .await?
@@ -382,12 +382,11 @@ async fn fetch_closure(
             if body.len() as u64 != size {
                 return Err(format!("{url}: {} bytes, NarSize {size}", body.len()));
             }
-            Ok(size)
+            Ok(())
         })
         .buffer_unordered(parallel.max(1))
-        .try_collect()
-        .await?;
-    Ok(sizes.iter().sum())
+        .try_collect::<()>()
+        .await
 }
 
 /// Runs `sc` in real mode with `seed`; `work` holds the nodes' data dirs.
@@ -573,7 +572,6 @@ async fn run_async(sc: &Scenario, seed: u64, work: &Path) -> Result<Outcome, Err
     let trace = crate::trace::wants(sc, seed)?;
 
     let before = all_status(&client, &nodes).await;
-    let delivered = Arc::new(AtomicU64::new(0));
     let results: Arc<std::sync::Mutex<Vec<(usize, f64)>>> = Arc::default();
     let failures = Arc::new(AtomicU64::new(0));
     let kinds: Vec<Kind> = nodes.iter().map(|n| n.kind).collect();
@@ -582,7 +580,7 @@ async fn run_async(sc: &Scenario, seed: u64, work: &Path) -> Result<Outcome, Err
     let mut fetches = tokio::task::JoinSet::new();
     let mut samples = Vec::new();
     let mut next_sample = sample_every;
-    let (mut last, mut last_delivered) = (before.clone(), 0u64);
+    let mut last = before.clone();
     let mut pending = trace.iter().peekable();
     let clock = Instant::now();
     loop {
@@ -592,14 +590,13 @@ async fn run_async(sc: &Scenario, seed: u64, work: &Path) -> Result<Outcome, Err
         {
             let (client, http) = (client.clone(), nodes[w.node as usize].http);
             let nars = wanted[w.closure as usize].clone();
-            let (delivered, results) = (delivered.clone(), results.clone());
+            let results = results.clone();
             let failures = failures.clone();
             let (node, parallel, scale) = (w.node as usize, cfg.parallel_nars, cfg.time_scale);
             fetches.spawn(async move {
                 let t = Instant::now();
                 match fetch_closure(&client, http, &nars, parallel).await {
-                    Ok(b) => {
-                        delivered.fetch_add(b, Ordering::Relaxed);
+                    Ok(_) => {
                         let took = t.elapsed().as_secs_f64() * scale;
                         let mut r = results.lock().unwrap_or_else(|e| e.into_inner());
                         r.push((node, took));
@@ -614,17 +611,15 @@ async fn run_async(sc: &Scenario, seed: u64, work: &Path) -> Result<Outcome, Err
         while fetches.try_join_next().is_some() {}
         if now >= next_sample {
             let cur = all_status(&client, &nodes).await;
-            let d = delivered.load(Ordering::Relaxed);
             let interval_s = sample_every.as_secs_f64() * cfg.time_scale;
             samples.push(sample_row(
                 &kinds,
                 [&before, &last, &cur],
-                d - last_delivered,
                 now.as_secs_f64() * cfg.time_scale,
                 interval_s,
                 fetches.len() as u64,
             ));
-            (last, last_delivered) = (cur, d);
+            last = cur;
             next_sample += sample_every;
             eprintln!(
                 "real mode: {:.1} h: {} of {} fetches started, {} running, {} done, {} failed",
@@ -760,7 +755,6 @@ fn delta(
 fn sample_row(
     kinds: &[Kind],
     [start, last, now]: [&[NodeNumbers]; 3],
-    delivered: u64,
     t_s: f64,
     interval_s: f64,
     active: u64,
@@ -784,7 +778,8 @@ fn sample_row(
         online_nodes: non_seed as u64,
         online_servers: servers as u64,
         active_fetches: active,
-        delivered_bytes: delivered,
+        // The same measure as the summary's: what the nodes received.
+        delivered_bytes: delta(last, now, |n| n.bytes_down, all),
         seed_bytes: seed_up,
         seed_share: ratio(seed_up, delta(last, now, |n| n.bytes_up, all)),
         seed_share_cum: ratio(

@@ -78,6 +78,26 @@ fn compare_runs_32_real_nodes_and_the_model() {
     ] {
         assert!(out.join(file).exists(), "{file} missing");
     }
+    // The time series counts what the summary counts: received bytes, interval by interval
+    // (the samples stop before the last reading).
+    let csv = std::fs::read_to_string(out.join("real/timeseries.csv")).unwrap();
+    let col = csv
+        .lines()
+        .next()
+        .unwrap()
+        .split(',')
+        .position(|c| c == "delivered_bytes")
+        .unwrap();
+    let series: u64 = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(col).unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert!(
+        series > 0 && series <= u("delivered_bytes"),
+        "{series} vs {}",
+        u("delivered_bytes")
+    );
     let c = read("compare.json");
     assert_eq!(c["rows"].as_array().unwrap().len(), 8);
     // The nodes' data dirs are removed after the run.
